@@ -1,0 +1,188 @@
+"""The typed config tree and its loader: dataclass defaults, then a YAML file, then `key=value` overrides.
+
+Every component receives only its own section (`cfg.model`, `cfg.data`, ...). `load_config` turns OmegaConf's
+errors into one-line `UserError`s that name the key and, for typos, the closest valid name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from gan_dist.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints, final weights, samples, metrics.jsonl and wandb/ go here
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"  # dcgan (seed 000, 28x28 images) | mlp (seed 001, 2-D points)
+    z_dim: int = 100
+    width: int = 64  # dcgan: D's first conv has `width` channels, G's first feature map 4 * width
+    channels: int = 1  # dcgan image channels
+    dropout: float = 0.2  # dcgan D dropout before the last layer, as in seed 000
+    hidden: int = 256  # mlp hidden units
+    depth: int = 1  # mlp hidden layers
+    out_act: str = "tanh"  # mlp G output: tanh (seed 001) | none (mixtures outside [-1, 1])
+
+
+@dataclass
+class OptimConfig:
+    lr_G: float = 2e-4
+    lr_D: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    eps: float = 1e-7  # Keras' Adam default, which both seeds used
+
+
+@dataclass
+class LossConfig:
+    label_noise: float = 0.05  # seed 000 adds U(0, label_noise) to D's 0/1 targets; 0 turns it off
+
+
+@dataclass
+class EMAConfig:
+    halflife_kimg: float = 10.0  # StyleGAN's ema_kimg: half-life of G_ema's weights, in thousands of images
+    rampup: float = 0.05  # half-life is at most rampup * images seen early on (StyleGAN's ema_rampup); 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 46800  # iterations; each is one D step and one G step
+    batch_size: int = 128  # global batch over all processes (and accumulation micro-steps)
+    grad_accum: int = 1  # micro-batches per step on each process
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only; accelerate's flag)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | gaussian (seed 001's N(0, I)) | ring8 | grid25
+    mnist_dir: str = "data/mnist"  # the four MNIST IDX files (downloaded here when missing and online)
+    cache_dir: str = "data/mnist-shards"  # prepared webdataset shards + manifest.json
+    download: bool = True
+    num_workers: int = 2
+    shuffle_buffer: int = 2000  # samples held by each loader worker's shuffle buffer
+    std: float = 0.05  # per-mode standard deviation for ring8 / grid25
+    radius: float = 2.0  # ring8 radius
+    spacing: float = 2.0  # grid25 distance between neighbouring modes
+
+
+@dataclass
+class CkptConfig:
+    every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # newest checkpoints kept
+    resume: str = "auto"  # auto (latest complete checkpoint in run.dir) | none | a checkpoint path
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "online"  # online | offline | disabled; online falls back to offline without a key or network
+    project: str = "gan-dist"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between scalar logs (the only host syncs of training metrics)
+    sample_every: int = 500  # steps between sample grids from G_ema
+    num_samples: int = 64  # fixed-noise samples in each grid
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.arch": ("dcgan", "mlp"),
+    "model.out_act": ("tanh", "none"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "data.dataset": ("mnist", "gaussian", "ring8", "grid25"),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
+            "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden")
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        keys.append(prefix + k)
+        if OmegaConf.is_dict(v):
+            keys += _all_keys(v, prefix + k + ".")
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema) -> UserError:
+    key = err.full_key or getattr(err, "key", "") or ""
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        close = difflib.get_close_matches(str(key), _all_keys(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return UserError(f"unknown config key '{key}'{hint} (keys are listed in the README)", code=2)
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return UserError(f"config key '{key}': {msg}", code=2)
+    return UserError(f"config: {str(err).splitlines()[0]}", code=2)
+
+
+def _check(cfg) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}", code=2)
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) < 1:
+            raise UserError(f"config key '{key}' must be at least 1, got {OmegaConf.select(cfg, key)}", code=2)
+
+
+def load_config(argv: list[str]) -> Config:
+    """Parse `[--config PATH] [key=value ...]` into a validated Config."""
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a GAN (see README for the config keys).")
+    parser.add_argument("--config", help="YAML file of overrides over the defaults")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500")
+    args = parser.parse_args(argv)
+    schema = OmegaConf.structured(Config)
+    try:
+        cfg = schema.copy()
+        if args.config:
+            path = Path(args.config)
+            if not path.is_file():
+                raise UserError(f"config file '{path}' not found; pass --config configs/<name>.yaml", code=2)
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in args.overrides:
+            if "=" not in item:
+                raise UserError(f"override '{item}' is not key=value (e.g. train.steps=500)", code=2)
+        cfg.merge_with_dotlist(args.overrides)
+        _check(cfg)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,10 @@
+"""The one exception type for mistakes a user can fix (bad config, missing or corrupt data, bad checkpoint path).
+
+`train.py` and the scripts print its message alone, without a traceback, and exit with its code.
+"""
+
+
+class UserError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,186 @@
+"""The training loop: `train(cfg)` sets up processes, data, networks and tracking, then alternates D and G steps.
+
+Every rank runs every collective (reduce, save_state, wait_for_everyone); only file and network I/O is gated on
+the main process. The GAN math lives in `losses.py`, the EMA in `ema.py`, checkpoint I/O in `checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, broadcast, set_seed
+from tqdm import tqdm
+
+from gan_dist import mnist
+from gan_dist.checkpoint import TrainState, export_final, find_resume, load_checkpoint, save_checkpoint
+from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
+from gan_dist.data import Batch, mixture_centers, point_batches, shard_batches, shard_urls
+from gan_dist.ema import EMA
+from gan_dist.errors import UserError
+from gan_dist.losses import d_step, g_step
+from gan_dist.models import build_models
+from gan_dist.tracking import Tracker
+from gan_dist.viz import image_grid, scatter_plot
+
+T = TypeVar("T")
+
+
+def micro_batch(cfg: TrainConfig, world: int) -> int:
+    """Images per process per micro-step; the global batch must split evenly."""
+    parts = world * cfg.grad_accum
+    if cfg.batch_size % parts:
+        raise UserError(f"train.batch_size={cfg.batch_size} does not split evenly over {world} processes x "
+                        f"{cfg.grad_accum} accumulation steps; use a multiple of {parts}", code=2)
+    return cfg.batch_size // parts
+
+
+def local_main_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
+    """Run `fn` on each node's main process, then on the others; if it fails there, every rank stops with the
+    failure instead of waiting for it forever."""
+    error = None
+    if accelerator.is_local_main_process:
+        try:
+            fn()
+        except UserError as err:
+            error = err
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise UserError("data preparation failed on a node's main process (its message is above)")
+    return fn()
+
+
+def make_batches(cfg: Config, accelerator: Accelerator, batch: int, start_batch: int) -> Iterator[Batch]:
+    seed, rank, world = cfg.seed, accelerator.process_index, accelerator.num_processes
+    if cfg.data.dataset != "mnist":
+        return point_batches(cfg.data, batch, seed, rank, start_batch)
+    manifest = local_main_first(
+        accelerator, lambda: mnist.ensure_shards(cfg.data.mnist_dir, cfg.data.cache_dir, cfg.data.download))
+    urls = shard_urls(cfg.data.cache_dir, manifest)
+    return shard_batches(urls, cfg.data, batch, seed, rank, world, start_batch,
+                         pin_memory=accelerator.device.type == "cuda")
+
+
+@torch.no_grad()
+def sample_picture(G_ema: torch.nn.Module, z: torch.Tensor, cfg: Config):
+    out = G_ema(z)
+    return image_grid(out) if out.ndim == 4 else scatter_plot(out, mixture_centers(cfg.data))
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    # BatchNorm statistics drift per rank between DDP's broadcasts; rank 0's copy is the one that counts.
+    for b in module.buffers():
+        b.copy_(broadcast(b, from_process=0))
+
+
+def train(cfg: Config) -> None:
+    # Set up processes. Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch
+    # --multi_gpu` starts ranks that each believe they are alone.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False))
+    device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    batch = micro_batch(cfg.train, world)
+    run_dir = Path(cfg.run.dir)
+    resume_from = find_resume(run_dir, cfg.ckpt.resume)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # Build networks, EMA and optimizers from one seed on every rank, so G_ema starts identical everywhere.
+    set_seed(cfg.seed)
+    G, D = build_models(cfg.model)
+    G, D = G.to(device), D.to(device)
+    ema = EMA(G, cfg.ema)
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, eps=cfg.optim.eps)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, eps=cfg.optim.eps)
+    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+    G_raw = accelerator.unwrap_model(G)
+    z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4))
+    accelerator.register_for_checkpointing(ema, state)
+
+    # Resume, or seed each rank's noise differently; load_state restores every rank's RNG exactly.
+    set_seed(cfg.seed, device_specific=True)
+    if resume_from is not None:
+        meta = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} (step {state.step}, {state.nimg} images, "
+                          f"saved with world size {meta['world_size']})")
+    z_fixed = state.z_fixed.to(device)
+
+    # Data: each rank reads its own slice of the shards, continuing at its saved position.
+    batches = make_batches(cfg, accelerator, batch, start_batch=state.batches)
+    tracker = Tracker(is_main, cfg.wandb, run_dir, state.wandb_id,
+                      to_dict(cfg) | {"world_size": world, "micro_batch": batch}, resumed_step=state.step)
+    accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type}), "
+                      f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "
+                      f"step {state.step} -> {cfg.train.steps}")
+
+    # Redrawn often on a terminal, every 30 s into a log file (SLURM output, CI).
+    progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main, unit="step", dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30)
+    sums: dict[str, torch.Tensor] = {}
+    tick_time, tick_nimg, tick_steps = time.perf_counter(), state.nimg, 0
+    while state.step < cfg.train.steps:
+        # One step: D then G on each micro-batch; optimizers step once every grad_accum micro-batches.
+        for _ in range(cfg.train.grad_accum):
+            real = next(batches)[0].to(device, non_blocking=True)
+            with accelerator.accumulate(G, D):
+                z = torch.randn(len(real), cfg.model.z_dim, device=device)
+                metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward)
+                z = torch.randn(len(real), cfg.model.z_dim, device=device)
+                metrics |= g_step(G, D, opt_G, z, accelerator.backward)
+            state.batches += 1
+            # Metrics stay on the device until the next log: no host sync per step.
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float()
+            tick_steps += 1
+        if not opt_G.step_was_skipped:
+            ema.update(G_raw, state.nimg, cfg.train.batch_size)
+        state.step += 1
+        state.nimg += cfg.train.batch_size
+        progress.update(1)
+        is_last = state.step == cfg.train.steps
+
+        # Log means over micro-steps and ranks (all ranks take part in the reduce).
+        if state.step % cfg.log.every == 0 or is_last:
+            keys = sorted(sums)
+            means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / tick_steps, "mean").tolist()
+            elapsed = time.perf_counter() - tick_time
+            row = {"train/step": state.step, "train/kimg": state.nimg / 1000}
+            row |= {f"train/{k}": v for k, v in zip(keys, means)}
+            row["perf/img_per_sec"] = (state.nimg - tick_nimg) / max(elapsed, 1e-9)
+            tracker.log(row)
+            progress.set_postfix(loss_d=f"{row['train/loss_d']:.3f}", loss_g=f"{row['train/loss_g']:.3f}",
+                                 img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
+            sums, tick_time, tick_nimg, tick_steps = {}, time.perf_counter(), state.nimg, 0
+
+        # Sample grid from G_ema on the fixed noise (the EMA copy is not DDP-wrapped, so main alone may call it).
+        if state.step % cfg.log.sample_every == 0 or is_last:
+            sync_buffers(ema.G_ema)
+            if is_main:
+                tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg), state.step)
+
+        # Checkpoint (all ranks).
+        if state.step % cfg.ckpt.every == 0 or is_last:
+            sync_buffers(ema.G_ema)
+            save_checkpoint(accelerator, run_dir, state, cfg.ckpt.keep)
+    progress.close()
+
+    # Export the final weights of the unwrapped modules.
+    if is_main:
+        final = export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
+                                       "discriminator": accelerator.unwrap_model(D)})
+        accelerator.print(f"done: step {state.step}, {state.nimg / 1000:.1f} kimg; final weights in {final}")
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

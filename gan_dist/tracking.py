@@ -1,0 +1,92 @@
+"""Run tracking on the main process: W&B (online, offline or disabled), `metrics.jsonl` and sample PNGs.
+
+Other ranks get a tracker whose calls do nothing, so the loop calls it unconditionally. W&B never crashes a run:
+without an API key or a network it falls back to offline and says how to sync later. A resumed run reuses the
+W&B id stored in its checkpoint, and `metrics.jsonl` is cut back to the resumed step, so both read as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gan_dist.config import WandbConfig
+
+
+def _say(msg: str) -> None:
+    print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
+
+
+def _trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after `last_step` by a run that died before its next checkpoint."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["train/step"] <= last_step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
+    import wandb
+
+    kwargs = dict(project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group, tags=cfg.tags or None,
+                  config=config, id=run_id, resume="allow", dir=str(run_dir))
+    mode = cfg.mode
+    if mode == "online" and os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        mode = os.environ["WANDB_MODE"]
+    try:
+        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off", quiet=True), **kwargs)
+    except Exception as err:  # no API key, no network, W&B down: the run matters more than the dashboard
+        if mode != "online":
+            raise
+        _say(f"W&B online init failed ({type(err).__name__}: {str(err).splitlines()[0]}); logging offline")
+        run = wandb.init(mode="offline", settings=wandb.Settings(console="off", quiet=True), **kwargs)
+    if run.settings.mode == "offline" or mode == "offline":
+        _say(f"W&B is offline; upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*")
+    run.define_metric("train/step")
+    run.define_metric("*", step_metric="train/step")
+    return run
+
+
+class Tracker:
+    def __init__(self, is_main: bool, cfg: WandbConfig, run_dir: str | Path, run_id: str, config: dict,
+                 resumed_step: int) -> None:
+        self.is_main = is_main
+        self.run_dir = Path(run_dir)
+        self.run = None
+        if not is_main:
+            return
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        _trim_jsonl(self.jsonl, resumed_step)
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        if cfg.mode != "disabled":
+            self.run = _init_wandb(cfg, self.run_dir, run_id, config)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """One row; `metrics` must hold 'train/step'."""
+        if not self.is_main:
+            return
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.run is not None:
+            self.run.log(metrics)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """Log an HxWx3 uint8 picture under `key` and keep it as samples/<key>_<step>.png."""
+        if not self.is_main:
+            return
+        Image.fromarray(image).save(self.run_dir / "samples" / f"{key.replace('/', '_')}_{step:08d}.png")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(image), "train/step": step})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
