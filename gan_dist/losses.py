@@ -2,12 +2,16 @@
 `backward` (accelerator.backward), so nothing here knows about processes or precision.
 
 Seed 000's losses: D is trained on one concatenated batch with binary cross-entropy against targets 1 (real) and
-0 (fake), each plus U(0, label_noise); G minimises the cross-entropy of D(G(z)) against 1 (non-saturating).
+0 (fake); G minimises the cross-entropy of D(G(z)) against 1 (non-saturating), with D frozen as Keras freezes it.
+The seed adds U(0, 0.05) to both targets, which puts real targets above 1, where cross-entropy has no minimum: D's
+loss then falls without bound (measured: -250 after 5k steps). The noise is kept, but moves each target towards
+the other class (real 1 - U(0, n), fake U(0, n)), so targets stay probabilities.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +25,7 @@ Backward = Callable[[torch.Tensor], None]
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, label_noise: float) -> torch.Tensor:
     target = torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)])
     if label_noise > 0:
-        target = target + label_noise * torch.rand_like(target)
+        target = (target - label_noise * torch.rand_like(target)).abs()
     return F.binary_cross_entropy_with_logits(torch.cat([logits_real, logits_fake]), target)
 
 
@@ -44,15 +48,30 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
             "d_fake": torch.sigmoid(logits_fake.detach()).mean()}
 
 
-def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor,
-           backward: Backward) -> dict[str, torch.Tensor]:
-    # Freeze all of D, not part of it: DDP's reducer must see either every D parameter or none in a backward.
+@contextmanager
+def frozen(D: nn.Module) -> Iterator[None]:
+    """D as a Keras model with `trainable=False` runs: no gradients, BatchNorm on its running statistics.
+
+    All of D is frozen, not part of it: DDP's reducer must see either every D parameter or none in a backward.
+    Batch statistics of an all-fake batch would differ from those of the mixed batch D is trained on, and G
+    would learn to exploit that difference instead of D's judgement."""
+    norms = [m for m in D.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     D.requires_grad_(False)
+    for m in norms:
+        m.eval()
     try:
-        loss = g_loss(D(G(z)))
-        backward(loss)
+        yield
     finally:
         D.requires_grad_(True)
+        for m in norms:
+            m.train()
+
+
+def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor,
+           backward: Backward) -> dict[str, torch.Tensor]:
+    with frozen(D):
+        loss = g_loss(D(G(z)))
+        backward(loss)
     opt_G.step()
     opt_G.zero_grad(set_to_none=True)
     return {"loss_g": loss.detach()}

@@ -1,0 +1,264 @@
+"""Tests for gan_dist.losses: the GAN losses of seed 000 and one D step / one G step.
+
+Covers: d_loss and g_loss values (binary cross-entropy with logits, computed here independently from the
+definition), their signs and gradient directions; the label noise U(0, label_noise) added to D's 1/0 targets
+(recovered exactly from the gradient, since BCE is linear in the target); g_loss staying finite for extreme
+logits; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
+changing only G (D's parameters unchanged, D's grads None), lowering G's loss, and restoring D.requires_grad even
+when backward raises.
+
+Run from the repo root:
+
+    . .venv/bin/activate && python -m pytest tests/test_losses.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gan_dist.config import LossConfig, ModelConfig
+from gan_dist.losses import d_loss, d_step, g_loss, g_step
+from gan_dist.models import MLPDiscriminator, MLPGenerator
+
+
+def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of sigmoid(logits) against targets, straight from the definition (float64)."""
+    p = torch.sigmoid(logits.double())
+    t = targets.double()
+    return -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
+
+
+def grads(fn, *xs):
+    xs = [x.clone().requires_grad_(True) for x in xs]
+    fn(*xs).backward()
+    return [x.grad for x in xs]
+
+
+REAL = torch.tensor([0.3, -1.2, 2.0, 0.0])
+FAKE = torch.tensor([-0.5, 1.1, -2.2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss values and directions
+
+
+def test_d_loss_without_noise_is_mean_bce_over_the_concatenated_batch():
+    expected = bce(torch.cat([REAL, FAKE]), torch.cat([torch.ones(4), torch.zeros(3)]))
+    assert d_loss(REAL, FAKE, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    # mean over all 7 logits, not the average of a real mean and a fake mean
+    halves = (bce(REAL, torch.ones(4)) + bce(FAKE, torch.zeros(3))) / 2
+    assert d_loss(REAL, FAKE, 0.0).item() != pytest.approx(halves.item(), rel=1e-3)
+
+
+def test_d_loss_gradients_push_real_up_and_fake_down():
+    for noise in (0.0, 0.05):
+        torch.manual_seed(0)
+        g_real, g_fake = grads(lambda r, f: d_loss(r, f, noise), REAL, FAKE)
+        assert (g_real < 0).all(), "raising a real logit must lower D's loss"
+        assert (g_fake > 0).all(), "lowering a fake logit must lower D's loss"
+
+
+def test_d_loss_decreases_when_d_gets_more_confident():
+    base = d_loss(REAL, FAKE, 0.0)
+    assert d_loss(REAL + 1, FAKE, 0.0) < base
+    assert d_loss(REAL, FAKE - 1, 0.0) < base
+    assert d_loss(REAL - 1, FAKE + 1, 0.0) > base
+    # a perfect D approaches zero loss; the ideal equilibrium D(x) = 1/2 costs log 2
+    assert d_loss(torch.full((4,), 30.0), torch.full((3,), -30.0), 0.0) < 1e-6
+    assert d_loss(torch.zeros(4), torch.zeros(3), 0.0).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_g_loss_is_bce_against_ones_and_decreases_as_fake_logits_rise():
+    assert g_loss(FAKE).item() == pytest.approx(bce(FAKE, torch.ones(3)).item(), rel=1e-6)
+    (g_fake,) = grads(g_loss, FAKE)
+    assert (g_fake < 0).all()
+    assert g_loss(FAKE + 1) < g_loss(FAKE)
+    # non-saturating: at a confident D (fake logit -10) the gradient is still about -1/B, not vanishing
+    (g_conf,) = grads(g_loss, torch.full((4,), -10.0))
+    assert torch.allclose(g_conf, torch.full((4,), -0.25), atol=1e-4)
+
+
+def test_g_loss_stays_finite_for_extreme_logits():
+    extreme = torch.tensor([-1000.0, 1000.0])
+    loss = g_loss(extreme)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(1000.0 / 2, rel=1e-6)  # softplus(1000) = 1000, softplus(-1000) = 0
+    (g,) = grads(g_loss, extreme)
+    assert torch.isfinite(g).all()
+
+
+def _targets(real: torch.Tensor, fake: torch.Tensor, noise: float) -> torch.Tensor:
+    # d/dx_i of mean BCE-with-logits = (sigmoid(x_i) - t_i) / N, so t_i = sigmoid(x_i) - N * grad_i.
+    x = torch.cat([real, fake]).double()
+    g_real, g_fake = grads(lambda r, f: d_loss(r, f, noise), real.double(), fake.double())
+    return torch.sigmoid(x) - len(x) * torch.cat([g_real, g_fake])
+
+
+def test_label_noise_moves_targets_towards_the_other_class():
+    # The seed's U(0, n) noise, applied so that targets stay probabilities: real in [1-n, 1], fake in [0, n].
+    n, noise = 2000, 0.05
+    real, fake = torch.linspace(-3, 3, n), torch.linspace(-3, 3, n)
+    torch.manual_seed(0)
+    t = _targets(real, fake, noise)
+    t_real, t_fake = t[:n], t[n:]
+    eps = 1e-9
+    assert t_real.min() >= 1 - noise - eps and t_real.max() <= 1 + eps
+    assert t_fake.min() >= -eps and t_fake.max() <= noise + eps
+    # uniform noise: mean n/2, spread over the whole interval, different for every target
+    for part in (1 - t_real, t_fake):
+        assert part.mean().item() == pytest.approx(noise / 2, abs=0.003)
+        assert part.min() < 0.05 * noise and part.max() > 0.95 * noise
+    assert len(torch.unique(t)) > 0.99 * 2 * n
+
+
+def test_label_noise_zero_gives_exact_targets():
+    t = _targets(REAL, FAKE, 0.0)
+    assert torch.allclose(t, torch.cat([torch.ones(4), torch.zeros(3)]).double(), atol=1e-9)
+
+
+def test_label_noise_draws_from_the_global_rng():
+    # Resume restores torch's RNG, so the noise must come from it to be reproducible.
+    torch.manual_seed(5)
+    a = d_loss(REAL, FAKE, 0.05)
+    torch.manual_seed(5)
+    b = d_loss(REAL, FAKE, 0.05)
+    c = d_loss(REAL, FAKE, 0.05)
+    assert a == b and b != c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# d_step / g_step
+
+
+def backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def nets() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mlp", z_dim=8, hidden=16, out_act="none")
+    return MLPGenerator(cfg), MLPDiscriminator(cfg)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(module: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in module.state_dict().items())
+
+
+def test_d_step_updates_only_d():
+    G, D = nets()
+    opt_D = torch.optim.SGD(D.parameters(), lr=0.1)
+    real, z = torch.randn(16, 2), torch.randn(16, 8)
+    g0, d0 = snapshot(G), snapshot(D)
+    out = d_step(G, D, opt_D, real, z, LossConfig(label_noise=0.0), backward)
+    assert same(G, g0), "d_step must not change G"
+    assert all(p.grad is None for p in G.parameters()), "d_step must not leave gradients on G"
+    assert all(p.grad is None for p in D.parameters()), "D's gradients are cleared after its step"
+    changed = [k for k, v in D.state_dict().items() if not torch.equal(v, d0[k])]
+    assert changed == list(d0), "every D parameter moves"
+    assert set(out) == {"loss_d", "d_real", "d_fake"} and not out["loss_d"].requires_grad
+
+
+def test_d_step_lowers_d_loss_and_reports_its_metrics():
+    G, D = nets()
+    opt_D = torch.optim.SGD(D.parameters(), lr=1e-3)
+    real, z = torch.randn(16, 2) + 3, torch.randn(16, 8)
+    with torch.no_grad():
+        fake = G(z)
+        before_real, before_fake = D(real), D(fake)
+    out = d_step(G, D, opt_D, real, z, LossConfig(label_noise=0.0), backward)
+    assert out["loss_d"].item() == pytest.approx(bce(torch.cat([before_real, before_fake]),
+                                                     torch.cat([torch.ones(16), torch.zeros(16)])).item(), rel=1e-5)
+    assert out["d_real"].item() == pytest.approx(torch.sigmoid(before_real).mean().item(), rel=1e-5)
+    assert out["d_fake"].item() == pytest.approx(torch.sigmoid(before_fake).mean().item(), rel=1e-5)
+    with torch.no_grad():
+        after = d_loss(D(real), D(fake), 0.0)
+    assert after < out["loss_d"]
+
+
+def test_g_step_updates_only_g_and_lowers_g_loss():
+    G, D = nets()
+    opt_G = torch.optim.SGD(G.parameters(), lr=1e-3)
+    z = torch.randn(16, 8)
+    g0, d0 = snapshot(G), snapshot(D)
+    with torch.no_grad():
+        before = g_loss(D(G(z)))
+    out = g_step(G, D, opt_G, z, backward)
+    assert same(D, d0), "g_step must not change D"
+    assert all(p.grad is None for p in D.parameters()), "g_step must not leave gradients on D"
+    assert all(p.requires_grad for p in D.parameters()), "D is trainable again after the G step"
+    assert all(p.grad is None for p in G.parameters()), "G's gradients are cleared after its step"
+    assert not same(G, g0)
+    assert out["loss_g"].item() == pytest.approx(before.item(), rel=1e-6)
+    with torch.no_grad():
+        assert g_loss(D(G(z))) < before
+
+
+def test_g_step_gradient_reaches_g_through_frozen_d():
+    # With D frozen, G must still get the full gradient: compare with a hand-made copy of the step.
+    G, D = nets()
+    z = torch.randn(16, 8)
+    G_ref = MLPGenerator(ModelConfig(arch="mlp", z_dim=8, hidden=16, out_act="none"))
+    G_ref.load_state_dict(G.state_dict())
+    g_loss(D(G_ref(z))).backward()
+    expected = [p.detach() - 0.01 * p.grad for p in G_ref.parameters()]
+    g_step(G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, backward)
+    for p, e in zip(G.parameters(), expected):
+        assert torch.allclose(p, e, atol=1e-6)
+
+
+def test_g_step_restores_d_requires_grad_when_backward_raises():
+    G, D = nets()
+    opt_G = torch.optim.SGD(G.parameters(), lr=0.1)
+    g0 = snapshot(G)
+
+    def failing_backward(loss):
+        assert not any(p.requires_grad for p in D.parameters()), "D is frozen during G's backward"
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        g_step(G, D, opt_G, torch.randn(4, 8), failing_backward)
+    assert all(p.requires_grad for p in D.parameters())
+    assert same(G, g0), "no optimizer step after a failed backward"
+
+
+def test_d_step_then_g_step_leave_no_stale_gradients():
+    G, D = nets()
+    opt_G = torch.optim.SGD(G.parameters(), lr=0.1)
+    opt_D = torch.optim.SGD(D.parameters(), lr=0.1)
+    for _ in range(2):
+        d_step(G, D, opt_D, torch.randn(8, 2), torch.randn(8, 8), LossConfig(), backward)
+        g_step(G, D, opt_G, torch.randn(8, 8), backward)
+        assert all(p.grad is None for p in list(G.parameters()) + list(D.parameters()))
+        assert all(p.requires_grad for p in list(G.parameters()) + list(D.parameters()))
+
+
+def test_d_loss_with_label_noise_is_bounded_below():
+    # Targets above 1 (the seed's literal rule) let D's loss fall without bound as real logits grow.
+    torch.manual_seed(0)
+    huge = torch.full((64,), 1e4)
+    assert d_loss(huge, -huge, 0.05).item() >= 0
+
+
+def test_g_step_runs_d_batchnorm_on_running_statistics():
+    # As Keras runs a frozen D: BatchNorm uses its running statistics in the G step and does not update them.
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="dcgan", z_dim=8, width=4)
+    from gan_dist.models import DCGANDiscriminator, DCGANGenerator
+    G, D = DCGANGenerator(cfg), DCGANDiscriminator(cfg)
+    opt_G = torch.optim.Adam(G.parameters())
+    before = {k: v.clone() for k, v in D.state_dict().items() if "running" in k}
+    seen = []
+    hook = D.net[2].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    g_step(G, D, opt_G, torch.randn(6, 8), backward)
+    hook.remove()
+    assert seen == [False]
+    assert all(torch.equal(D.state_dict()[k], v) for k, v in before.items())
+    assert all(m.training for m in D.modules()), "D is back in training mode after the G step"
