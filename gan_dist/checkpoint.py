@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from gan_dist.errors import UserError
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
+STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
 
 
 @dataclass
@@ -48,7 +48,8 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def find_resume(run_dir: str | Path, resume: str) -> Path | None:

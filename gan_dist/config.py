@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -121,6 +122,9 @@ CHOICES = {
     "data.dataset": ("mnist", "gaussian", "ring8", "grid25"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
+NON_NEGATIVE = ("data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std")
+POSITIVE_FLOAT = ("optim.lr_G", "optim.lr_D", "optim.eps")
+UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
             "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden")
 
@@ -151,9 +155,12 @@ def _check(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}", code=2)
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) < 1:
-            raise UserError(f"config key '{key}' must be at least 1, got {OmegaConf.select(cfg, key)}", code=2)
+    rules = [(POSITIVE, lambda v: v >= 1, "at least 1"), (NON_NEGATIVE, lambda v: v >= 0, "at least 0"),
+             (POSITIVE_FLOAT, lambda v: v > 0, "greater than 0"), (UNIT_INTERVAL, lambda v: 0 <= v < 1, "in [0, 1)")]
+    for keys, ok, what in rules:
+        for key in keys:
+            if not ok(OmegaConf.select(cfg, key)):
+                raise UserError(f"config key '{key}' must be {what}, got {OmegaConf.select(cfg, key)}", code=2)
 
 
 def load_config(argv: list[str]) -> Config:
@@ -169,7 +176,14 @@ def load_config(argv: list[str]) -> Config:
             path = Path(args.config)
             if not path.is_file():
                 raise UserError(f"config file '{path}' not found; pass --config configs/<name>.yaml", code=2)
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as err:
+                raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}", code=2) from None
+            if not OmegaConf.is_dict(loaded):
+                raise UserError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{steps: 500}}')",
+                                code=2)
+            cfg = OmegaConf.merge(cfg, loaded)
         for item in args.overrides:
             if "=" not in item:
                 raise UserError(f"override '{item}' is not key=value (e.g. train.steps=500)", code=2)

@@ -1,0 +1,262 @@
+"""Tests for gan_dist.config.load_config and the command-line error path of train.py.
+
+Covers: the defaults reproduce seed 000's settings (z of 100, Adam 2e-4 with beta1 0.5, batch 128, label noise 0.05);
+every YAML in configs/ loads and says what its header promises; key=value overrides win over the YAML; every
+mistake a user can make on the command line (unknown key, wrong type, bad choice, missing file, non-positive count)
+comes back as a UserError with code 2 whose message names the key; and `python train.py train.stepz=3` prints one
+`error:` line and exits with status 2 without a traceback and without importing torch.
+
+Run from the repo root:
+
+    . .venv/bin/activate && python -m pytest tests/test_config.py -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gan_dist.config import Config, load_config
+from gan_dist.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def user_error(argv: list[str]) -> UserError:
+    with pytest.raises(UserError) as info:
+        load_config(argv)
+    return info.value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults: seed 000 (Keras DCGAN on MNIST)
+
+
+def test_defaults_are_seed_000_settings():
+    cfg = load_config([])
+    assert isinstance(cfg, Config)
+    # generator input: np.random.normal(size=(batch_size, 100))
+    assert cfg.model.arch == "dcgan" and cfg.model.z_dim == 100 and cfg.model.channels == 1
+    # keras.optimizers.Adam(lr=0.0002, beta_1=0.5) for both networks; Keras' other Adam defaults
+    assert cfg.optim.lr_G == pytest.approx(2e-4) and cfg.optim.lr_D == pytest.approx(2e-4)
+    assert cfg.optim.beta1 == 0.5 and cfg.optim.beta2 == 0.999 and cfg.optim.eps == pytest.approx(1e-7)
+    # train_gan(epochs=100, batch_size=128) over 60,000 images: 100 * (60000 // 128) = 46,800 steps
+    assert cfg.train.batch_size == 128
+    assert cfg.train.steps == 100 * (60000 // 128)
+    # labels += 0.05 * np.random.rand(2 * batch_size)
+    assert cfg.loss.label_noise == pytest.approx(0.05)
+    # Dropout(0.2) before D's last layer
+    assert cfg.model.dropout == pytest.approx(0.2)
+    assert cfg.data.dataset == "mnist"
+
+
+def test_load_config_returns_independent_objects():
+    a = load_config([])
+    a.train.steps = 7
+    assert load_config([]).train.steps != 7
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped YAML files
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(["--config", str(path)])
+    assert cfg.run.dir == f"runs/{path.stem}", "each config writes to its own run directory"
+    assert cfg.model.arch == ("mlp" if cfg.data.dataset != "mnist" else "dcgan")
+
+
+def test_shipped_configs_exist():
+    assert {p.stem for p in CONFIGS} >= {"debug", "mnist_dcgan", "toy2d", "ring8", "grid25"}
+
+
+def test_mnist_dcgan_yaml_matches_seed_000():
+    cfg = load_config(["--config", str(REPO / "configs" / "mnist_dcgan.yaml")])
+    assert (cfg.model.z_dim, cfg.model.width, cfg.train.batch_size, cfg.train.steps) == (100, 64, 128, 46800)
+    assert (cfg.optim.lr_G, cfg.optim.lr_D, cfg.optim.beta1) == (2e-4, 2e-4, 0.5)
+    assert cfg.loss.label_noise == 0.05
+
+
+def test_toy2d_yaml_matches_seed_001():
+    # seed 001: Dense(256, relu) -> Dense(2, tanh), z of 100, Adam(1e-4), batch 64, 10,000 epochs, N(0, I) target
+    cfg = load_config(["--config", str(REPO / "configs" / "toy2d.yaml")])
+    m = cfg.model
+    assert (m.arch, m.z_dim, m.hidden, m.depth, m.out_act) == ("mlp", 100, 256, 1, "tanh")
+    assert (cfg.optim.lr_G, cfg.optim.lr_D) == (1e-4, 1e-4)
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.data.dataset) == (64, 10000, "gaussian")
+
+
+def test_yaml_values_override_defaults_and_keep_the_rest():
+    cfg = load_config(["--config", str(REPO / "configs" / "debug.yaml")])
+    assert (cfg.model.z_dim, cfg.model.width, cfg.train.steps, cfg.train.batch_size) == (32, 8, 40, 32)
+    assert cfg.optim.lr_G == 2e-4, "keys the YAML does not mention keep their defaults"
+
+
+def test_dotlist_overrides_win_over_yaml():
+    cfg = load_config(["--config", str(REPO / "configs" / "debug.yaml"), "train.steps=7", "model.width=4",
+                       "run.dir=/tmp/x", "wandb.mode=disabled"])
+    assert (cfg.train.steps, cfg.model.width, cfg.run.dir, cfg.wandb.mode) == (7, 4, "/tmp/x", "disabled")
+    assert cfg.train.batch_size == 32, "the YAML still applies to keys not overridden"
+
+
+def test_later_override_wins_and_types_are_converted():
+    cfg = load_config(["train.steps=3", "train.steps=4", "optim.lr_G=1e-3", "data.download=false",
+                       "wandb.tags=[a,b]"])
+    assert cfg.train.steps == 4
+    assert cfg.optim.lr_G == pytest.approx(1e-3) and isinstance(cfg.optim.lr_G, float)
+    assert cfg.data.download is False
+    assert cfg.wandb.tags == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mistakes: one-line UserErrors with code 2 that name the key
+
+
+def test_unknown_key_suggests_the_closest_one():
+    err = user_error(["train.stepz=3"])
+    assert err.code == 2
+    assert "train.stepz" in str(err)
+    assert "did you mean 'train.steps'" in str(err)
+    assert "\n" not in str(err)
+
+
+def test_unknown_key_in_yaml_is_reported_too(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("train: {batch_sise: 64}\n")
+    err = user_error(["--config", str(path)])
+    assert err.code == 2 and "train.batch_sise" in str(err) and "train.batch_size" in str(err)
+
+
+def test_unknown_section_suggests_the_closest_section():
+    err = user_error(["trian.steps=3"])
+    assert err.code == 2 and "did you mean 'train'" in str(err)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("model.width=2.5", "model.width"),
+    ("optim.lr_G=fast", "optim.lr_G"),
+    ("data.download=maybe", "data.download"),
+])
+def test_wrong_type_names_the_key(override, key):
+    err = user_error([override])
+    assert err.code == 2
+    assert f"'{key}'" in str(err)
+    assert "\n" not in str(err)
+
+
+def test_wrong_type_in_yaml_names_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: many\n")
+    err = user_error(["--config", str(path)])
+    assert err.code == 2 and "'train.steps'" in str(err)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.arch=x", "model.arch"),
+    ("model.out_act=linear", "model.out_act"),
+    ("data.dataset=cifar", "data.dataset"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("wandb.mode=maybe", "wandb.mode"),
+])
+def test_bad_choice_names_the_key_and_the_choices(override, key):
+    err = user_error([override])
+    assert err.code == 2
+    assert f"'{key}'" in str(err)
+    value = override.split("=", 1)[1]
+    assert f"'{value}'" in str(err)
+
+
+def test_bad_choice_lists_the_valid_choices():
+    message = str(user_error(["model.arch=x"]))
+    assert "dcgan" in message and "mlp" in message
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    err = user_error(["--config", str(missing)])
+    assert err.code == 2 and str(missing) in str(err)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=0", "train.steps"),
+    ("train.batch_size=-4", "train.batch_size"),
+    ("ckpt.keep=0", "ckpt.keep"),
+    ("model.z_dim=0", "model.z_dim"),
+])
+def test_non_positive_counts_are_rejected(override, key):
+    err = user_error([override])
+    assert err.code == 2 and f"'{key}'" in str(err)
+
+
+def test_override_without_equals_sign():
+    err = user_error(["train.steps"])
+    assert err.code == 2 and "train.steps" in str(err)
+
+
+def test_malformed_yaml_is_a_user_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: {steps: [1\n")
+    err = user_error(["--config", str(path)])
+    assert err.code == 2 and str(path) in str(err)
+
+
+def test_yaml_that_is_not_a_mapping_is_a_user_error(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train.steps=3\n")
+    err = user_error(["--config", str(path)])
+    assert err.code == 2 and str(path) in str(err)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.num_workers=-1", "data.num_workers"),
+    ("optim.lr_G=-0.001", "optim.lr_G"),
+    ("optim.beta1=1.5", "optim.beta1"),
+    ("loss.label_noise=-0.1", "loss.label_noise"),
+])
+def test_values_torch_rejects_are_config_errors(override, key):
+    err = user_error([override])
+    assert err.code == 2 and f"'{key}'" in str(err)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py on the command line
+
+# Runs train.py's main as `python train.py train.stepz=3` would, then reports whether torch got imported.
+_PROBE = """
+import runpy, sys
+sys.argv = ["train.py", "train.stepz=3"]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("torch imported:", "torch" in sys.modules, file=sys.stdout)
+sys.exit(code)
+"""
+
+
+def test_train_py_config_error_exits_2_with_one_line():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "train.py", "train.stepz=3"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and "train.steps" in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    # Config errors come back before torch is loaded (see the next test); generous bound for a slow CI machine.
+    assert time.perf_counter() - start < 20
+
+
+def test_train_py_config_error_does_not_import_torch():
+    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "torch imported: False" in proc.stdout
