@@ -91,9 +91,6 @@ def train(cfg: Config) -> None:
     batch = micro_batch(cfg.train, world)
     run_dir = Path(cfg.run.dir)
     resume_from = find_resume(run_dir, cfg.ckpt.resume)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # Build networks, EMA and optimizers from one seed on every rank, so G_ema starts identical everywhere.
     set_seed(cfg.seed)
@@ -119,6 +116,9 @@ def train(cfg: Config) -> None:
 
     # Data: each rank reads its own slice of the shards, continuing at its saved position.
     batches = make_batches(cfg, accelerator, batch, start_batch=state.batches)
+    if is_main:  # only now, so that a run stopped by bad input has written nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(is_main, cfg.wandb, run_dir, state.wandb_id,
                       to_dict(cfg) | {"world_size": world, "micro_batch": batch}, resumed_step=state.step)
     accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type}), "
