@@ -37,10 +37,9 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+def finished_run(tmp_path_factory, shards) -> tuple[Path, Path]:
     """A completed short run whose files the failing commands below must leave alone."""
     run_dir = tmp_path_factory.mktemp("run")
-    shards = tmp_path_factory.mktemp("data") / "shards"
     proc = train(f"run.dir={run_dir}", f"data.mnist_dir={MNIST}", f"data.cache_dir={shards}", "train.steps=10")
     assert proc.returncode == 0, proc.stderr
     return run_dir, shards

@@ -23,18 +23,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from wandb_records import history, run_id  # noqa: E402
 
-from gan_dist import mnist  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 WEIGHTS = ("generator", "generator_ema", "discriminator")
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "mnist-shards"
-    mnist.write_shards(MNIST, out)
-    return out
 
 
 def _free_port() -> int:
