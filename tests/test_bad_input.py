@@ -107,3 +107,15 @@ def test_fresh_start_over_existing_checkpoints_is_refused(finished_run):
     proc = train(f"run.dir={run_dir}", f"data.cache_dir={shards}", "ckpt.resume=none", "train.steps=20")
     assert_clean_failure(proc, str(run_dir), "ckpt.resume=auto")
     assert tree_digest(run_dir) == before
+
+
+def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, shards):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"OMP_NUM_THREADS": "1", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "NETRC": str(tmp_path / "n")}
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.yaml", "wandb.mode=online",
+                           f"run.dir={tmp_path / 'run'}", f"data.cache_dir={shards}", "train.steps=10"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "logging offline" in proc.stderr and "wandb sync" in proc.stderr
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (tmp_path / "run" / "final" / "generator_ema.safetensors").exists()
