@@ -12,7 +12,6 @@ This module knows the rank and world size only as numbers it is given; it does n
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import random
@@ -22,10 +21,10 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from gan_dist.config import DataConfig
+from gan_dist.mnist import decode_png
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) in [-1, 1] or points (B, 2); labels (B,)
 
@@ -35,10 +34,7 @@ def _seed(*parts: int) -> int:
 
 
 def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
-    image = np.asarray(Image.open(io.BytesIO(sample["png"])))
-    if image.ndim == 2:
-        image = image[:, :, None]
-    return image, int(sample["cls"])
+    return decode_png(sample["png"]), int(sample["cls"])
 
 
 def _collate(items: list[tuple[np.ndarray, int]]) -> Batch:
