@@ -34,6 +34,7 @@ class TrainState:
     nimg: int = 0  # real images seen, over all ranks
     batches: int = 0  # micro-batches this rank has taken from its data stream: the data position
     z_fixed: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # noise behind every sample grid
+    data_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))  # see data.py
     wandb_id: str = ""
 
     def state_dict(self) -> dict:

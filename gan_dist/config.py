@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import II, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gan_dist.errors import UserError
@@ -25,10 +25,11 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan (seed 000, 28x28 images) | mlp (seed 001, 2-D points)
+    arch: str = "dcgan"  # dcgan (seed 000) | radford (Radford et al.'s DCGAN) | mlp (seed 001, 2-D points)
     z_dim: int = 100
-    width: int = 64  # dcgan: D's first conv has `width` channels, G's first feature map 4 * width
-    channels: int = 1  # dcgan image channels
+    width: int = 64  # D's first conv has `width` channels; dcgan G's first feature map 4 * width
+    channels: int = 1  # image channels; in the config tree it follows data.channels
+    resolution: int = 28  # image side; in the config tree it follows data.resolution
     dropout: float = 0.2  # dcgan D dropout before the last layer, as in seed 000
     hidden: int = 256  # mlp hidden units
     depth: int = 1  # mlp hidden layers
@@ -65,7 +66,14 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | gaussian (seed 001's N(0, I)) | ring8 | grid25
+    dataset: str = "mnist"  # mnist | webdataset (data.shards) | gaussian (seed 001's N(0, I)) | ring8 | grid25
+    shards: str = ""  # webdataset URLs: paths, folders, brace patterns, pipe: commands, http(s); '::' or a list joins
+    manifest: str = ""  # the shards' manifest.json; default: the one beside local shards
+    mode: str = "epoch"  # epoch (exact epochs) | resampled (endless random shard draws)
+    resolution: int = 28  # images are resized (shorter side) and centre-cropped to this square size
+    channels: int = 1  # 1 (grayscale) | 3 (RGB)
+    hflip: bool = False  # random horizontal flips
+    on_error: str = "warn"  # a bad image or truncated shard: warn (skip it, count data/skipped) | raise
     mnist_dir: str = "data/mnist"  # the four MNIST IDX files (downloaded here when missing and online)
     cache_dir: str = "data/mnist-shards"  # prepared webdataset shards + manifest.json
     download: bool = True
@@ -104,7 +112,8 @@ class LogConfig:
 class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=II("data.channels"),
+                                                                   resolution=II("data.resolution")))
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -116,17 +125,21 @@ class Config:
 
 
 CHOICES = {
-    "model.arch": ("dcgan", "mlp"),
+    "model.arch": ("dcgan", "radford", "mlp"),
     "model.out_act": ("tanh", "none"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "data.dataset": ("mnist", "gaussian", "ring8", "grid25"),
+    "data.dataset": ("mnist", "webdataset", "gaussian", "ring8", "grid25"),
+    "data.mode": ("epoch", "resampled"),
+    "data.channels": (1, 3),
+    "data.on_error": ("warn", "raise"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 NON_NEGATIVE = ("data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std")
 POSITIVE_FLOAT = ("optim.lr_G", "optim.lr_D", "optim.eps")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
-            "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden")
+            "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden",
+            "data.resolution", "data.shuffle_buffer")
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
@@ -154,13 +167,44 @@ def _check(cfg) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}", code=2)
+            raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(map(str, allowed))}", code=2)
     rules = [(POSITIVE, lambda v: v >= 1, "at least 1"), (NON_NEGATIVE, lambda v: v >= 0, "at least 0"),
              (POSITIVE_FLOAT, lambda v: v > 0, "greater than 0"), (UNIT_INTERVAL, lambda v: 0 <= v < 1, "in [0, 1)")]
     for keys, ok, what in rules:
         for key in keys:
             if not ok(OmegaConf.select(cfg, key)):
                 raise UserError(f"config key '{key}' must be {what}, got {OmegaConf.select(cfg, key)}", code=2)
+    _check_images(cfg)
+
+
+def _check_images(cfg) -> None:
+    data, model = cfg.data, cfg.model
+    if (data.dataset == "webdataset") != bool(data.shards):
+        fix = ("set data.shards to shard URLs" if data.shards == "" else
+               f"set data.dataset=webdataset to train on them (data.dataset is '{data.dataset}')")
+        raise UserError(f"data.shards is {'empty' if data.shards == '' else 'set'}; {fix}", code=2)
+    if data.dataset not in ("mnist", "webdataset"):
+        return
+    for key in ("channels", "resolution"):
+        if model[key] != data[key]:
+            raise UserError(f"model.{key}={model[key]} differs from data.{key}={data[key]}; set data.{key} "
+                            f"alone (model.{key} follows it)", code=2)
+    side = data.resolution
+    if model.arch == "mlp":
+        raise UserError(f"model.arch=mlp draws 2-D points, but data.dataset={data.dataset} holds images; use "
+                        "model.arch=dcgan or radford", code=2)
+    if model.arch == "dcgan" and side % 4:
+        raise UserError(f"model.arch=dcgan needs data.resolution divisible by 4 (28, 32, 64), got {side}", code=2)
+    if model.arch == "radford" and (side < 16 or side & (side - 1)):
+        raise UserError(f"model.arch=radford needs data.resolution a power of two >= 16 (32, 64, 128), got {side}",
+                        code=2)
+
+
+def _shards_as_string(node) -> None:
+    """Let `data.shards` be written as a list too; it is stored '::'-joined (webdataset's own list syntax)."""
+    data = node.get("data") if OmegaConf.is_dict(node) else None
+    if OmegaConf.is_dict(data) and OmegaConf.is_list(data.get("shards")):
+        data.shards = "::".join(str(u) for u in data.shards)
 
 
 def load_config(argv: list[str]) -> Config:
@@ -183,11 +227,14 @@ def load_config(argv: list[str]) -> Config:
             if not OmegaConf.is_dict(loaded):
                 raise UserError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{steps: 500}}')",
                                 code=2)
+            _shards_as_string(loaded)
             cfg = OmegaConf.merge(cfg, loaded)
         for item in args.overrides:
             if "=" not in item:
                 raise UserError(f"override '{item}' is not key=value (e.g. train.steps=500)", code=2)
-        cfg.merge_with_dotlist(args.overrides)
+        overrides = OmegaConf.from_dotlist(args.overrides)
+        _shards_as_string(overrides)
+        cfg = OmegaConf.merge(cfg, overrides)
         _check(cfg)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -1,11 +1,22 @@
-"""Training data as an endless, deterministic stream of batches for one rank.
+"""Training data as an endless, deterministic, resumable stream of batches for one rank.
 
-Images come from webdataset tar shards. Every rank x loader-worker pair is a "slot". In each pass over the data
-the shards are permuted with a seed all ranks share and dealt out to the slots, so within a pass no two slots read
-the same shard; a slot that finishes its shards starts its next pass. No slot ever runs dry, so every rank gets the
-same number of batches whatever the shard count, and nothing hangs in DDP. The order depends only on
-(seed, rank, worker), and resuming after `start_batch` batches skips the consumed samples as raw bytes before they
-are decoded. 2-D mixtures are drawn per batch from a generator seeded by (seed, rank, batch index).
+Images come from webdataset shards (see `shards.py`). Every rank x loader-worker pair is a "slot", and each slot
+reads its stream in chunks:
+
+- `data.mode=epoch`: chunk e is the slot's share of epoch e. The shards are permuted with a seed all ranks share,
+  laid end to end, and cut into `slots` contiguous ranges of equal sample count (within one), so every sample is
+  read by exactly one slot per epoch and all ranks get the same number of batches. A range may start or end inside
+  a shard; the slot then skips or stops reading that shard there. A slot's last batch of an epoch is completed with
+  the first samples of its next epoch (the remainder rule: no sample is dropped or repeated within an epoch).
+- `data.mode=resampled`: chunk k is `RESAMPLED_CHUNK` shards drawn with replacement by the slot's own RNG, seeded
+  by (seed, chunk, rank, worker). Streams never end, whatever the shard count.
+
+Samples of a chunk are shuffled with a buffer seeded by (seed, chunk, rank, worker), flushed at the chunk's end, and
+decoded only after shuffling. A slot's position is (chunk, samples taken from it, samples skipped so far); the loop
+saves every slot's position with each checkpoint, and a resumed slot re-reads its chunk as raw bytes up to there
+without decoding any of it. Bad images and truncated shards are skipped with a warning (or stop the run with
+`data.on_error=raise`); the skip count travels with the position. 2-D mixtures are drawn per batch from a generator
+seeded by (seed, rank, batch index).
 
 This module knows the rank and world size only as numbers it is given; it does not touch the Accelerator.
 """
@@ -15,8 +26,11 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,62 +38,262 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from gan_dist.config import DataConfig
-from gan_dist.mnist import decode_png
+from gan_dist.errors import UserError
+from gan_dist.images import BadImage, decode_image, sample_label
+from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, open_shard, read_manifest_file, \
+    sample_counts, tar_samples
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) in [-1, 1] or points (B, 2); labels (B,)
+RESAMPLED_CHUNK = 4  # shards per resampled chunk: a resumed worker re-reads at most this many
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) uint8, or points (B, 2) float; labels (B,)
+Position = list[int]  # [chunk, samples taken from it, samples skipped so far]
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
-    return decode_png(sample["png"]), int(sample["cls"])
+@dataclass
+class Source:
+    """The shards of a run: URLs and, when a manifest lists them, each one's sample count."""
+
+    urls: list[str]
+    counts: list[int] | None
 
 
-def _collate(items: list[tuple[np.ndarray, int]]) -> Batch:
-    images = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
-    labels = torch.tensor([label for _, label in items])
-    return images.float().div_(127.5).sub_(1.0), labels
+def open_source(cfg: DataConfig) -> Source:
+    """`data.shards` (and its manifest) as a Source; UserError naming the problem and the fix."""
+    urls = expand_urls(cfg.shards)
+    if not urls:
+        raise UserError("data.shards is empty; set it to shard URLs, e.g. data.shards=/data/train-{00000..00009}.tar")
+    check_local(urls)
+    manifest_path = cfg.manifest
+    if not manifest_path and not is_remote(urls[0]):
+        beside = Path(urls[0].removeprefix("file:")).parent / "manifest.json"
+        manifest_path = str(beside) if beside.is_file() else ""
+    counts = sample_counts(urls, read_manifest_file(manifest_path), manifest_path) if manifest_path else None
+    if cfg.mode == "epoch" and counts is None:
+        raise UserError(f"data.mode=epoch needs each shard's sample count, but no manifest.json was found for "
+                        f"{urls[0]}; write one with `python scripts/make_shards.py --index SHARD_FOLDER`, point "
+                        f"data.manifest at it, or use data.mode=resampled")
+    return Source(urls, counts)
+
+
+def chunk_plan(source: Source, mode: str, seed: int, chunk: int, rank: int, worker: int, slot: int,
+               slots: int) -> list[tuple[int, int, int | None]]:
+    """The shards chunk `chunk` of a slot reads, as (shard index, samples to skip first, samples to take)."""
+    n = len(source.urls)
+    if mode == "resampled":
+        rng = random.Random(_seed(seed, chunk, rank, worker))
+        return [(rng.randrange(n), 0, None) for _ in range(RESAMPLED_CHUNK)]
+    order = list(range(n))
+    random.Random(_seed(seed, chunk)).shuffle(order)
+    total = sum(source.counts)
+    lo, hi = slot * total // slots, (slot + 1) * total // slots
+    plan, start = [], 0
+    for i in order:
+        a, b = max(lo, start), min(hi, start + source.counts[i])
+        if a < b:
+            plan.append((i, a - start, b - a))
+        start += source.counts[i]
+    return plan
+
+
+def buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle through a buffer of `size` items (webdataset's scheme), emptied in random order at the end."""
+    buf: list[dict] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buf[k]
+        buf[k] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class FatalDataError(Exception):
+    pass
+
+
+def _say(msg: str) -> None:
+    print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
 
 
 class ShardStream(IterableDataset):
-    """Batches of `batch` decoded images for one rank, endless; batch i comes from loader worker i % num_workers."""
+    """Endless batches for one rank; batch i comes from logical worker i % workers (see `ShardBatches`)."""
 
-    def __init__(self, urls: list[str], batch: int, seed: int, rank: int, world: int, num_workers: int,
-                 shuffle_buffer: int, start_batch: int = 0) -> None:
-        self.urls, self.batch, self.seed = urls, batch, seed
-        self.rank, self.world, self.workers = rank, world, max(num_workers, 1)
-        self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
+    def __init__(self, source: Source, cfg: DataConfig, batch: int, seed: int, rank: int, world: int,
+                 start_batch: int, positions: list[Position]) -> None:
+        self.source, self.cfg, self.batch, self.seed = source, cfg, batch, seed
+        self.rank, self.world, self.workers = rank, world, max(cfg.num_workers, 1)
+        self.start_batch, self.positions = start_batch, positions
+        self.quiet = False  # set while a resumed slot re-reads samples it had already taken
+        self.skipped = 0
 
-    def _shards(self, slot: int) -> Iterator[dict]:
-        n, slots = len(self.urls), self.world * self.workers
-        for epoch in itertools.count():
-            order = list(range(n))
-            random.Random(_seed(self.seed, epoch)).shuffle(order)
-            mine = order[slot::slots] if n >= slots else [order[slot % n]]
-            yield from ({"url": self.urls[i]} for i in mine)
+    def _skip(self, what: str, lost: int, raise_now: bool = False) -> None:
+        if self.quiet:
+            return
+        self.skipped += lost
+        if raise_now or self.cfg.on_error == "raise":
+            raise FatalDataError(what)
+        _say(f"warning: rank {self.rank}: {what}; skipped {lost} sample(s) (data.on_error=raise stops instead)")
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _read(self, url: str, first: int, take: int | None, expected: int | None) -> Iterator[dict]:
+        """Raw samples [first, first + take) of one shard; a fault skips the rest of the shard."""
+        try:
+            stream = open_shard(url)
+        except ShardError as err:
+            raise FatalDataError(f"{err}; check data.shards") from None
+        got = 0
+        try:
+            for i, sample in enumerate(tar_samples(stream, url)):
+                if i < first:
+                    continue
+                yield sample
+                got += 1
+                if take is not None and got >= take:
+                    break
+        except ShardError as err:
+            if err.key is None and is_remote(url) and first == 0:
+                raise FatalDataError(f"{err}: nothing could be read (does it exist?); check data.shards") from None
+            missing = (take if take is not None else expected or 0) - got
+            self._skip(str(err), max(missing, 1))
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass  # a pipe: command closed early by us exits on SIGPIPE
+
+    def _chunk(self, chunk: int, worker: int) -> Iterator[dict]:
+        slot, slots = self.rank * self.workers + worker, self.world * self.workers
+        plan = chunk_plan(self.source, self.cfg.mode, self.seed, chunk, self.rank, worker, slot, slots)
+        counts = self.source.counts
+        raw = itertools.chain.from_iterable(
+            self._read(self.source.urls[i], first, take, counts[i] if counts else None) for i, first, take in plan)
+        return buffer_shuffle(raw, self.cfg.shuffle_buffer, random.Random(_seed(self.seed, chunk, self.rank, worker)))
+
+    def _decode(self, sample: dict, chunk: int) -> tuple[np.ndarray, int]:
+        # The flip depends on the sample and epoch alone, so a resumed stream flips exactly as the original did.
+        flip = self.cfg.hflip and zlib.crc32(f"{self.seed}/{chunk}/{sample['__url__']}/{sample['__key__']}".encode()) & 1
+        return decode_image(sample, self.cfg.resolution, self.cfg.channels, bool(flip)), sample_label(sample)
+
+    def _batches(self, worker: int) -> Iterator[tuple]:
+        chunk, offset, self.skipped = self.positions[worker]
+        items = []
+        for chunk in itertools.count(chunk):
+            self.quiet = offset > 0
+            for taken, sample in enumerate(self._chunk(chunk, worker), start=1):
+                self.quiet = taken < offset  # the next read happens while fetching sample `taken`
+                if taken <= offset:
+                    continue  # consumed before the checkpoint: raw bytes only, never decoded
+                try:
+                    items.append(self._decode(sample, chunk))
+                except BadImage as err:
+                    self._skip(f"sample '{sample['__key__']}' of shard {sample['__url__']}: {err}", 1)
+                    continue
+                if len(items) == self.batch:
+                    images = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)
+                    labels = torch.tensor([label for _, label in items])
+                    yield images, labels, torch.tensor([worker, chunk, taken, self.skipped])
+                    items = []
+            offset = 0
+
+    def __iter__(self) -> Iterator[tuple | dict]:
         info = get_worker_info()
         # A resumed loader starts again at worker 0, so worker ids are rotated to continue the interleaving.
         worker = ((info.id if info else 0) + self.start_batch) % self.workers
-        done = self.start_batch // self.workers + (worker < self.start_batch % self.workers)
-        slot = self.rank * self.workers + worker
-        samples = wds.tarfile_to_samples()(self._shards(slot))
-        samples = wds.shuffle(self.shuffle_buffer, rng=random.Random(_seed(self.seed, self.rank, worker)))(samples)
-        samples = itertools.islice(samples, done * self.batch, None)  # raw bytes: skipped samples are not decoded
-        while True:
-            yield _collate([decode_sample(s) for s in itertools.islice(samples, self.batch)])
+        try:
+            yield from self._batches(worker)
+        except FatalDataError as err:
+            # Handed to the main process as data, so it stops with this message rather than a worker traceback.
+            yield {"error": str(err)}
 
 
-def shard_batches(urls: list[str], cfg: DataConfig, batch: int, seed: int, rank: int, world: int,
-                  start_batch: int, pin_memory: bool = False) -> Iterator[Batch]:
-    stream = ShardStream(urls, batch, seed, rank, world, cfg.num_workers, cfg.shuffle_buffer, start_batch)
-    # A private generator: creating the loader must not draw from the global RNG that resume restores.
-    loader = wds.WebLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                           generator=torch.Generator(), prefetch_factor=4 if cfg.num_workers else None)
-    return iter(loader)
+class ShardBatches:
+    """The main process's side of a ShardStream: batches in order, and every logical worker's position."""
+
+    def __init__(self, stream: ShardStream, pin_memory: bool = False) -> None:
+        workers = stream.cfg.num_workers
+        # A private generator: creating the loader must not draw from the global RNG that resume restores.
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                               generator=torch.Generator(), prefetch_factor=4 if workers else None,
+                               persistent_workers=False)
+        self.loader = iter(loader)
+        self.positions = [list(p) for p in stream.positions]
+        counts = stream.source.counts
+        self.epoch_size = sum(counts) if stream.cfg.mode == "epoch" and counts else 0  # samples per epoch
+
+    def __iter__(self) -> ShardBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        item = next(self.loader)
+        if isinstance(item, dict):
+            raise UserError(item["error"])
+        images, labels, info = item
+        worker, *position = info.tolist()
+        self.positions[worker] = position
+        return images, labels
+
+    def state(self) -> torch.Tensor:
+        """(workers, 3) int64: each logical worker's [chunk, taken, skipped] after the last batch handed out."""
+        return torch.tensor(self.positions, dtype=torch.int64)
+
+    @property
+    def skipped(self) -> int:
+        return sum(p[2] for p in self.positions)
+
+
+def start_positions(saved: torch.Tensor, mode: str, rank: int, world: int, workers: int, epoch: int,
+                    say: Callable[[str], None]) -> list[Position]:
+    """Each logical worker's starting position: its saved one when the run resumes on the same world size and
+    worker count; otherwise the start of epoch `epoch` (epoch mode) or of fresh draws (resampled mode)."""
+    if saved.numel() and saved.shape[0] == world * workers:
+        return saved[rank * workers:(rank + 1) * workers].tolist()
+    if saved.numel() == 0:
+        return [[0, 0, 0] for _ in range(workers)]
+    chunk = epoch if mode == "epoch" else int(saved[:, 0].max()) + 1
+    say(f"data: the checkpoint holds positions for {saved.shape[0]} rank x worker slots, this run has "
+        f"{world * workers}; restarting at the start of chunk {chunk} ({'epoch' if mode == 'epoch' else 'draw'}). "
+        f"Exact resume needs the same world size and data.num_workers.")
+    return [[chunk, 0, 0] for _ in range(workers)]
+
+
+def shard_batches(source: Source, cfg: DataConfig, batch: int, seed: int, rank: int, world: int,
+                  start_batch: int = 0, positions: list[Position] | None = None,
+                  pin_memory: bool = False) -> ShardBatches:
+    workers = max(cfg.num_workers, 1)
+    if cfg.mode == "epoch" and len(source.urls) < world * workers:
+        raise UserError(f"data.mode=epoch needs at least one shard per rank x loader worker, but there are "
+                        f"{len(source.urls)} shards for {world} ranks x {workers} workers = {world * workers}; "
+                        f"write more, smaller shards (scripts/make_shards.py --max-count N), lower "
+                        f"data.num_workers, or use data.mode=resampled")
+    positions = positions or [[0, 0, 0] for _ in range(workers)]
+    return ShardBatches(ShardStream(source, cfg, batch, seed, rank, world, start_batch, positions), pin_memory)
+
+
+class PointBatches:
+    """Batches of 2-D points, drawn per batch from a generator seeded by (seed, rank, batch index)."""
+
+    def __init__(self, cfg: DataConfig, batch: int, seed: int, rank: int, start_batch: int) -> None:
+        self.centers = mixture_centers(cfg)
+        self.std = 1.0 if cfg.dataset == "gaussian" else cfg.std
+        self.batch, self.seed, self.rank, self.index = batch, seed, rank, start_batch
+        self.skipped, self.epoch_size = 0, 0
+
+    def __iter__(self) -> PointBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        rng = np.random.default_rng([self.seed, self.rank, self.index])
+        self.index += 1
+        labels = rng.integers(len(self.centers), size=self.batch)
+        points = self.centers[labels] + self.std * rng.standard_normal((self.batch, 2))
+        return torch.from_numpy(points.astype(np.float32)), torch.from_numpy(labels)
+
+    def state(self) -> torch.Tensor:
+        return torch.tensor([[self.index, 0, 0]], dtype=torch.int64)
 
 
 def mixture_centers(cfg: DataConfig) -> np.ndarray:
@@ -93,15 +307,7 @@ def mixture_centers(cfg: DataConfig) -> np.ndarray:
     return np.zeros((1, 2))
 
 
-def point_batches(cfg: DataConfig, batch: int, seed: int, rank: int, start_batch: int) -> Iterator[Batch]:
-    centers = mixture_centers(cfg)
-    std = 1.0 if cfg.dataset == "gaussian" else cfg.std
-    for i in itertools.count(start_batch):
-        rng = np.random.default_rng([seed, rank, i])
-        labels = rng.integers(len(centers), size=batch)
-        points = centers[labels] + std * rng.standard_normal((batch, 2))
-        yield torch.from_numpy(points.astype(np.float32)), torch.from_numpy(labels)
-
-
-def shard_urls(cache_dir: str | Path, manifest: dict, split: str = "train") -> list[str]:
-    return [str(Path(cache_dir) / s["name"]) for s in manifest["splits"][split]["shards"]]
+def to_real(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device` as the float input D sees: uint8 images scaled to [-1, 1] (x / 127.5 - 1, as seed 000)."""
+    batch = batch.to(device, non_blocking=True)
+    return batch.float().div_(127.5).sub_(1.0) if batch.dtype == torch.uint8 else batch

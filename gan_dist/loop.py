@@ -10,7 +10,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +20,8 @@ from tqdm import tqdm
 from gan_dist import mnist
 from gan_dist.checkpoint import TrainState, export_final, find_resume, load_checkpoint, save_checkpoint
 from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
-from gan_dist.data import Batch, mixture_centers, point_batches, shard_batches, shard_urls
+from gan_dist.data import PointBatches, ShardBatches, Source, mixture_centers, open_source, shard_batches, \
+    start_positions, to_real
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
@@ -57,14 +58,22 @@ def local_main_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def make_batches(cfg: Config, accelerator: Accelerator, batch: int, start_batch: int) -> Iterator[Batch]:
+def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: TrainState) -> PointBatches | ShardBatches:
+    """This rank's batches, continuing at the data position saved in `state`."""
     seed, rank, world = cfg.seed, accelerator.process_index, accelerator.num_processes
-    if cfg.data.dataset != "mnist":
-        return point_batches(cfg.data, batch, seed, rank, start_batch)
-    manifest = local_main_first(
-        accelerator, lambda: mnist.ensure_shards(cfg.data.mnist_dir, cfg.data.cache_dir, cfg.data.download))
-    urls = shard_urls(cfg.data.cache_dir, manifest)
-    return shard_batches(urls, cfg.data, batch, seed, rank, world, start_batch,
+    if cfg.data.dataset not in ("mnist", "webdataset"):
+        return PointBatches(cfg.data, batch, seed, rank, state.batches)
+    if cfg.data.dataset == "mnist":
+        manifest = local_main_first(
+            accelerator, lambda: mnist.ensure_shards(cfg.data.mnist_dir, cfg.data.cache_dir, cfg.data.download))
+        shards = manifest["splits"]["train"]["shards"]
+        source = Source([str(Path(cfg.data.cache_dir) / s["name"]) for s in shards], [s["num_samples"] for s in shards])
+    else:
+        source = open_source(cfg.data)
+    epoch = state.nimg // sum(source.counts) if source.counts else 0
+    positions = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1), epoch,
+                                accelerator.print)
+    return shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
                          pin_memory=accelerator.device.type == "cuda")
 
 
@@ -115,7 +124,7 @@ def train(cfg: Config) -> None:
     z_fixed = state.z_fixed.to(device)
 
     # Data: each rank reads its own slice of the shards, continuing at its saved position.
-    batches = make_batches(cfg, accelerator, batch, start_batch=state.batches)
+    batches = make_batches(cfg, accelerator, batch, state)
     if is_main:  # only now, so that a run stopped by bad input has written nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -129,11 +138,14 @@ def train(cfg: Config) -> None:
     progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main, unit="step", dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30)
     sums: dict[str, torch.Tensor] = {}
-    tick_time, tick_nimg, tick_steps = time.perf_counter(), state.nimg, 0
+    tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, 0, 0.0
     while state.step < cfg.train.steps:
         # One step: D then G on each micro-batch; optimizers step once every grad_accum micro-batches.
         for _ in range(cfg.train.grad_accum):
-            real = next(batches)[0].to(device, non_blocking=True)
+            wait_start = time.perf_counter()
+            images = next(batches)[0]
+            data_wait += time.perf_counter() - wait_start
+            real = to_real(images, device)
             with accelerator.accumulate(G, D):
                 z = torch.randn(len(real), cfg.model.z_dim, device=device)
                 metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward)
@@ -154,15 +166,21 @@ def train(cfg: Config) -> None:
         # Log means over micro-steps and ranks (all ranks take part in the reduce).
         if state.step % cfg.log.every == 0 or is_last:
             keys = sorted(sums)
-            means = accelerator.reduce(torch.stack([sums[k] for k in keys]) / tick_steps, "mean").tolist()
             elapsed = time.perf_counter() - tick_time
+            local = [sums[k] / tick_steps for k in keys] + [torch.tensor(data_wait / max(elapsed, 1e-9)),
+                                                            torch.tensor(float(batches.skipped))]
+            *means, wait_frac, skipped = accelerator.reduce(torch.stack(local).to(device), "mean").tolist()
             row = {"train/step": state.step, "train/kimg": state.nimg / 1000}
             row |= {f"train/{k}": v for k, v in zip(keys, means)}
             row["perf/img_per_sec"] = (state.nimg - tick_nimg) / max(elapsed, 1e-9)
+            row["perf/data_wait_frac"] = wait_frac  # of wall time spent waiting in next(batches), mean over ranks
+            row["data/skipped"] = round(skipped * world)  # bad samples and lost shard tails so far, all ranks
+            if batches.epoch_size:
+                row["data/epoch"] = state.nimg / batches.epoch_size
             tracker.log(row)
             progress.set_postfix(loss_d=f"{row['train/loss_d']:.3f}", loss_g=f"{row['train/loss_g']:.3f}",
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
-            sums, tick_time, tick_nimg, tick_steps = {}, time.perf_counter(), state.nimg, 0
+            sums, tick_time, tick_nimg, tick_steps, data_wait = {}, time.perf_counter(), state.nimg, 0, 0.0
 
         # Sample grid from G_ema on the fixed noise (the EMA copy is not DDP-wrapped, so main alone may call it).
         if state.step % cfg.log.sample_every == 0 or is_last:
@@ -170,9 +188,10 @@ def train(cfg: Config) -> None:
             if is_main:
                 tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg), state.step)
 
-        # Checkpoint (all ranks).
+        # Checkpoint (all ranks), with every rank's data position gathered into the saved state.
         if state.step % cfg.ckpt.every == 0 or is_last:
             sync_buffers(ema.G_ema)
+            state.data_pos = accelerator.gather(batches.state().to(device)).cpu()
             save_checkpoint(accelerator, run_dir, state, cfg.ckpt.keep)
     progress.close()
 

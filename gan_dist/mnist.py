@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import io
 import json
 import os
 import re
@@ -26,9 +25,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from gan_dist.errors import UserError
+from gan_dist.shards import MANIFEST_FORMAT
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -41,11 +40,11 @@ MIRRORS = [
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 ]
 
-MANIFEST_FORMAT = "gan-dist-shards/1"
-
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801
 _SIZE = 28
+# 120 training shards: enough for data.mode=epoch on up to 120 ranks x loader workers.
+SHARD_SIZE = 500
 
 _FIX_SOURCE = (
     "set data.mnist_dir=DIR (or --src DIR) to a folder with the four MNIST files, "
@@ -219,18 +218,6 @@ def _encode_png(image: np.ndarray) -> bytes:
     )
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to a uint8 array (H, W, C); C is 1 for grayscale."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode not in ("L", "LA", "RGB", "RGBA"):
-                img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"a shard holds an unreadable PNG ({e}); delete the shard folder so it is rebuilt") from None
-    return array[:, :, None] if array.ndim == 2 else array
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -262,7 +249,7 @@ def _check_output_dir(out: Path) -> None:
         )
 
 
-def write_shards(src: str | Path, out: str | Path, shard_size: int = 5000, *, progress: bool = False) -> dict:
+def write_shards(src: str | Path, out: str | Path, shard_size: int = SHARD_SIZE, *, progress: bool = False) -> dict:
     """Write MNIST from `src` as webdataset shards plus manifest.json into `out`, atomically; returns the manifest."""
     src, out = Path(src), Path(out)
     if not isinstance(shard_size, int) or shard_size < 1:

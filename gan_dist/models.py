@@ -2,7 +2,10 @@
 
 - DCGAN for 28x28 MNIST (seed 000, a Keras Sequential): Keras' BatchNorm defaults (momentum 0.99, eps 1e-3),
   LeakyReLU(0.2), 5x5 kernels, 'same' padding, glorot-uniform kernels and zero biases. D returns logits; the loss
-  applies the sigmoid that the seed put in its last layer.
+  applies the sigmoid that the seed put in its last layer. Other sides divisible by 4 (32, 64) start G at side / 4.
+- Radford et al.'s DCGAN (2015) for square images of side 2^k >= 16 (32x32, 64x64 RGB): G grows 4x4 by stride-2
+  4x4 transposed convolutions with BatchNorm and ReLU, halving channels from `width * side / 8`; D mirrors it with
+  LeakyReLU(0.2), no BatchNorm on its first layer, and a 4x4 valid convolution to one logit; N(0, 0.02) init.
 - MLP for 2-D points (seed 001): G z -> 256 -> 2 (tanh), D 2 -> 256 -> 1, ReLU, logits out.
 """
 
@@ -31,11 +34,11 @@ def _glorot_init(module: nn.Module) -> None:
 class DCGANGenerator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        c = 4 * cfg.width
-        self.c = c
-        self.fc = nn.Sequential(nn.Linear(cfg.z_dim, 7 * 7 * c, bias=False), _keras_bn(7 * 7 * c, 1), nn.LeakyReLU(0.2))
+        c, s = 4 * cfg.width, cfg.resolution // 4
+        self.c, self.s = c, s
+        self.fc = nn.Sequential(nn.Linear(cfg.z_dim, s * s * c, bias=False), _keras_bn(s * s * c, 1), nn.LeakyReLU(0.2))
         self.conv = nn.Sequential(
-            nn.ConvTranspose2d(c, c // 2, 5, stride=1, padding=2, bias=False),  # 7x7
+            nn.ConvTranspose2d(c, c // 2, 5, stride=1, padding=2, bias=False),  # 7x7 for MNIST
             _keras_bn(c // 2, 2), nn.LeakyReLU(0.2),
             nn.ConvTranspose2d(c // 2, c // 4, 5, stride=2, padding=2, output_padding=1, bias=False),  # 14x14
             _keras_bn(c // 4, 2), nn.LeakyReLU(0.2),
@@ -45,19 +48,61 @@ class DCGANGenerator(nn.Module):
         _glorot_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.fc(z).view(-1, self.c, 7, 7))  # (B, C, 28, 28) in [-1, 1]
+        return self.conv(self.fc(z).view(-1, self.c, self.s, self.s))  # (B, C, side, side) in [-1, 1]
 
 
 class DCGANDiscriminator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        w = cfg.width
+        w, s = cfg.width, cfg.resolution // 4
         self.net = nn.Sequential(
             nn.Conv2d(cfg.channels, w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), _keras_bn(w, 2),  # 14x14
             nn.Conv2d(w, 2 * w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), _keras_bn(2 * w, 2),  # 7x7
-            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * w * 7 * 7, 1),
+            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * w * s * s, 1),
         )
         _glorot_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)  # (B,) logits
+
+
+def _radford_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class RadfordGenerator(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.width * cfg.resolution // 8  # 512 at 64x64, 256 at 32x32 (width 64)
+        layers: list[nn.Module] = [nn.Unflatten(1, (cfg.z_dim, 1, 1)),
+                                   nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        while c > cfg.width:  # 4x4 -> side / 2
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            c //= 2
+        layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        _radford_init(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)  # (B, C, side, side) in [-1, 1]
+
+
+class RadfordDiscriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.width
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, c, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+        for _ in range(cfg.resolution.bit_length() - 4):  # side / 2 -> 4x4
+            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
+            c *= 2
+        layers += [nn.Conv2d(c, 1, 4, 1, 0, bias=False), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        _radford_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(1)  # (B,) logits
@@ -98,4 +143,6 @@ class MLPDiscriminator(nn.Module):
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.arch == "dcgan":
         return DCGANGenerator(cfg), DCGANDiscriminator(cfg)
+    if cfg.arch == "radford":
+        return RadfordGenerator(cfg), RadfordDiscriminator(cfg)
     return MLPGenerator(cfg), MLPDiscriminator(cfg)

@@ -4,7 +4,7 @@ Usage (from the repo root, no install needed):
 
     python scripts/prepare_mnist.py --src ../shared/data/mnist --out data/mnist-shards
     python scripts/prepare_mnist.py --out data/mnist-shards              # downloads into data/mnist-raw first
-    python scripts/prepare_mnist.py --src DIR --out DIR --shard-size 5000
+    python scripts/prepare_mnist.py --src DIR --out DIR --shard-size 500
 
 --src is a folder with the four MNIST files (train-images-idx3-ubyte, train-labels-idx1-ubyte,
 t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each gzipped or raw). Without --src the files are
@@ -25,14 +25,15 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.mnist import download_mnist, write_shards  # noqa: E402
+from gan_dist.mnist import SHARD_SIZE, download_mnist, write_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert MNIST to webdataset tar shards for gan-dist.")
     parser.add_argument("--src", type=Path, help="folder with the four MNIST files (default: download them)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the shards and manifest.json")
-    parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default: 5000)")
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+                        help=f"samples per shard (default: {SHARD_SIZE})")
     args = parser.parse_args(argv)
 
     try:

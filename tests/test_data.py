@@ -1,27 +1,19 @@
-"""Tests for gan_dist.data: the endless, deterministic, resumable shard stream and the 2-D mixture batches.
+"""Tests for gan_dist.data: exact epochs and resampled streams over uneven shards, resume, faults, 2-D mixtures.
 
-The shards are written here with webdataset.TarWriter: 5 shards of uneven sizes (7, 13, 10, 4, 9 samples), each
-sample a 4x4 grayscale PNG whose every pixel equals the sample's global index (0..42), with class b"3". A batch's
-images therefore name the samples in it.
-
-Covers: decoding and scaling to [-1, 1] as in seed 000 (x / 127.5 - 1); determinism of the stream; resuming at
-`start_batch=k` giving exactly batches k, k+1, ... of a fresh stream, in-process (with and without emulated loader
-workers) and through `shard_batches` with 2 real worker processes; skipped samples never being decoded; 2 ranks x
-2 workers all streaming forever, dealing each pass's shards out disjointly to the (rank, worker) slots, and
-covering every sample; `point_batches` being deterministic per (seed, rank, batch), different across ranks,
-resumable, and drawing around `mixture_centers` (ring8, grid25) or from N(0, I) (gaussian).
-
-Run from the repo root:
-
-    . .venv/bin/activate && python -m pytest tests/test_data.py -q
+The shards are written here: 5 shards of uneven sizes (7, 13, 10, 4, 9 samples, 43 in all) with a manifest, each
+sample a 4x4 grayscale PNG whose every pixel equals the sample's global index, keyed `sample_{index}`. A batch's
+images therefore name the samples in it. "Slot" = one rank x loader-worker pair; `ShardStream._batches(w)` is what
+loader worker w of a rank yields, so ranks and workers can be checked in-process, and `ShardBatches` with
+`num_workers=2` runs real worker processes.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
-from types import SimpleNamespace
+import random
 
 import numpy as np
 import pytest
@@ -31,7 +23,9 @@ from PIL import Image
 
 from gan_dist import data
 from gan_dist.config import DataConfig
-from gan_dist.data import ShardStream, mixture_centers, point_batches, shard_batches
+from gan_dist.data import PointBatches, ShardBatches, ShardStream, Source, mixture_centers, open_source, \
+    shard_batches, start_positions, to_real
+from gan_dist.errors import UserError
 
 SIZES = [7, 13, 10, 4, 9]
 TOTAL = sum(SIZES)
@@ -39,156 +33,232 @@ BATCH = 4
 BUFFER = 8
 
 
-@pytest.fixture(scope="module")
-def urls(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("shards")
-    out, index = [], 0
-    for s, n in enumerate(SIZES):
+def png(value: int, size: int = 4) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8), mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_shards(root, sizes=SIZES, corrupt: set[int] = frozenset()) -> list[str]:
+    """Shards with a manifest; samples whose index is in `corrupt` hold bytes that are not a PNG."""
+    root.mkdir(parents=True, exist_ok=True)
+    urls, index, listed = [], 0, []
+    for s, n in enumerate(sizes):
         path = root / f"train-{s:05d}.tar"
         with wds.TarWriter(str(path)) as writer:
             for _ in range(n):
-                png = io.BytesIO()
-                Image.fromarray(np.full((4, 4), index, np.uint8), mode="L").save(png, format="PNG")
-                writer.write({"__key__": f"sample_{index:05d}", "png": png.getvalue(), "cls": b"3"})
+                image = b"not a png" if index in corrupt else png(index)
+                writer.write({"__key__": f"sample_{index:05d}", "png": image, "cls": b"3"})
                 index += 1
-        out.append(str(path))
-    return out
+        urls.append(str(path))
+        listed.append({"name": path.name, "num_samples": n, "sha256": ""})
+    manifest = {"format": "gan-dist-shards/1", "dataset": "test", "splits": {"train": {"num_samples": index,
+                                                                                       "shards": listed}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return urls
 
 
-def ids(batch) -> list[int]:
-    """The global sample indices of a batch, read back from the pixels."""
-    images, _ = batch
-    return [round(v) for v in ((images[:, 0, 0, 0] + 1) * 127.5).tolist()]
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Source:
+    return Source(write_shards(tmp_path_factory.mktemp("shards")), list(SIZES))
 
 
-def take(iterator, n: int) -> list[list[int]]:
-    return [ids(next(iterator)) for _ in range(n)]
-
-
-def stream(urls, **kw) -> ShardStream:
-    args = dict(batch=BATCH, seed=0, rank=0, world=1, num_workers=0, shuffle_buffer=BUFFER, start_batch=0)
+def cfg(**kw) -> DataConfig:
+    args = dict(dataset="webdataset", shards="x", num_workers=0, shuffle_buffer=BUFFER, resolution=4, channels=1)
     args.update(kw)
-    return ShardStream(urls, **args)
+    return DataConfig(**args)
 
 
-def shard_of(index: int) -> int:
-    return int(np.searchsorted(np.cumsum(SIZES), index, side="right"))
+def stream(source, rank=0, world=1, start_batch=0, positions=None, seed=0, **kw) -> ShardStream:
+    c = cfg(**kw)
+    positions = positions or [[0, 0, 0]] * max(c.num_workers, 1)
+    return ShardStream(source, c, BATCH, seed, rank, world, start_batch, positions)
+
+
+def ids(images: torch.Tensor) -> list[int]:
+    """The global sample indices of a batch, read back from the pixels."""
+    return images[:, 0, 0, 0].tolist()
+
+
+def key_ids(samples) -> list[int]:
+    return [int(s["__key__"].split("_")[1]) for s in samples]
+
+
+def rank_batches(s: ShardStream, n: int) -> list[list[int]]:
+    """What a rank's loader hands out: batch i from logical worker i % workers."""
+    its = [s._batches(w) for w in range(s.workers)]
+    return [ids(next(its[i % s.workers])[0]) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding
 
 
-def test_batches_are_decoded_and_scaled_like_the_seed(urls):
-    images, labels = next(iter(stream(urls)))
-    assert images.shape == (BATCH, 1, 4, 4) and images.dtype == torch.float32
+def test_batches_are_uint8_and_scale_like_the_seed(source):
+    images, labels, _ = next(stream(source)._batches(0))
+    assert images.shape == (BATCH, 1, 4, 4) and images.dtype == torch.uint8
     assert labels.tolist() == [3] * BATCH
-    for image in images:
-        value = int(round((image[0, 0, 0].item() + 1) * 127.5))
-        # seed 000: x_train.astype(float32) / 127.5 - 1, every pixel of the sample
-        assert torch.equal(image, torch.full((1, 4, 4), np.float32(value) / np.float32(127.5) - 1))
-        assert 0 <= value < TOTAL
-    assert len(set(ids((images, labels)))) == BATCH, "no duplicates within one batch of the first pass"
+    real = to_real(images, torch.device("cpu"))
+    # seed 000: x_train.astype(float32) / 127.5 - 1, every pixel
+    assert torch.equal(real, images.float() / np.float32(127.5) - 1)
+    assert to_real(torch.tensor([[0, 255]], dtype=torch.uint8), torch.device("cpu")).tolist() == [[-1.0, 1.0]]
 
 
-def test_full_range_pixels_map_to_minus_one_and_one(tmp_path):
-    path = tmp_path / "edge.tar"
+def test_horizontal_flip_is_per_sample_and_deterministic(tmp_path):
+    arrow = np.zeros((4, 4), np.uint8)
+    arrow[:, 0] = 255  # a left edge: flipped, it is a right edge
+    path = tmp_path / "train-00000.tar"
     with wds.TarWriter(str(path)) as writer:
-        for key, value in (("lo", 0), ("hi", 255)):
-            png = io.BytesIO()
-            Image.fromarray(np.full((2, 2), value, np.uint8), mode="L").save(png, format="PNG")
-            writer.write({"__key__": key, "png": png.getvalue(), "cls": b"7"})
-    images, labels = next(iter(ShardStream([str(path)], 2, 0, 0, 1, 0, 1)))
-    assert sorted(images.flatten().unique().tolist()) == [-1.0, 1.0]
-    assert labels.tolist() == [7, 7]
+        for i in range(64):
+            out = io.BytesIO()
+            Image.fromarray(arrow).save(out, format="PNG")
+            writer.write({"__key__": f"s{i:03d}", "png": out.getvalue()})
+    src = Source([str(path)], [64])
+
+    def right_edges(chunk_seed: int) -> list[bool]:
+        s = stream(src, hflip=True, seed=chunk_seed)
+        return [bool(im[0, 0, 3] == 255) for b in itertools.islice(s._batches(0), 16) for im in b[0]]
+
+    flips = right_edges(0)
+    assert 16 < sum(flips) < 48, "about half the samples are flipped"
+    assert right_edges(0) == flips
+    assert not any(bool(im[0, 0, 3] == 255) for im in next(stream(src)._batches(0))[0]), "no flips unless asked"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Determinism and resume
+# Exact epochs
 
 
-def test_same_arguments_give_identical_batches(urls):
-    for kw in ({}, {"seed": 3, "rank": 1, "world": 2, "num_workers": 2, "start_batch": 5}):
-        a, b = iter(stream(urls, **kw)), iter(stream(urls, **kw))
-        for _ in range(25):
-            x, y = next(a), next(b)
-            assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+@pytest.mark.parametrize("world, workers, seed", [(2, 2, 0), (2, 2, 5), (1, 3, 1), (2, 1, 2)])
+def test_epoch_mode_reads_every_sample_exactly_once_per_epoch(source, world, workers, seed):
+    epochs = []
+    for epoch in range(3):
+        seen = []
+        shares = []
+        for rank in range(world):
+            s = stream(source, rank=rank, world=world, num_workers=workers, seed=seed)
+            for w in range(workers):
+                share = key_ids(s._chunk(epoch, w))
+                shares.append(len(share))
+                seen += share
+        assert sorted(seen) == list(range(TOTAL)), f"epoch {epoch}: every sample exactly once"
+        # Shares are equal within one sample, so every rank gets the same number of batches per epoch (+-1 sample).
+        assert max(shares) - min(shares) <= 1
+        epochs.append(seen)
+    assert epochs[0] != epochs[1] != epochs[2], "each epoch is shuffled anew"
 
 
-def test_seed_changes_the_order(urls):
-    assert take(iter(stream(urls, seed=0)), 10) != take(iter(stream(urls, seed=1)), 10)
+def test_epoch_batches_carry_over_the_remainder_without_dropping_or_repeating(source):
+    # Rank 1 of 2, two workers: each slot's batches are its epoch shares back to back, cut into batches of 4.
+    s = stream(source, rank=1, world=2, num_workers=2)
+    for w in range(2):
+        expected = [i for e in range(4) for i in key_ids(s._chunk(e, w))]
+        got = [i for b in itertools.islice(s._batches(w), len(expected) // BATCH) for i in ids(b[0])]
+        assert got == expected[:len(got)] and len(got) >= len(expected) - BATCH + 1
 
 
-@pytest.mark.parametrize("k", [1, 4, 11, 23])
-def test_resume_in_process_continues_exactly(urls, k):
-    fresh = take(iter(stream(urls)), k + 15)
-    resumed = take(iter(stream(urls, start_batch=k)), 15)
-    assert resumed == fresh[k:]
+def test_two_ranks_two_worker_processes_cover_each_epoch_and_never_run_dry(source):
+    # 43 samples over 4 slots: shares of 11, 11, 11, 10. 12 batches per rank span a little over two epochs.
+    streams = [shard_batches(source, cfg(num_workers=2), BATCH, seed=0, rank=r, world=2) for r in range(2)]
+    taken = [[ids(next(b)[0]) for _ in range(12)] for b in streams]
+    state = [b.state() for b in streams]
+    del streams
+    assert all(len(t) == 12 for t in taken), "equal batch counts on both ranks"
+    # Positions say how far each slot got: 24 samples each, two whole shares (10 or 11) and into epoch 2's.
+    for st in state:
+        assert st[:, 0].tolist() == [2, 2] and st[:, 2].tolist() == [0, 0]
+    # Re-derive each slot's epochs from the in-process stream: the processes read exactly that.
+    for rank in range(2):
+        s = stream(source, rank=rank, world=2, num_workers=2)
+        assert taken[rank] == rank_batches(s, 12)
+    counts = np.bincount([i for t in taken for b in t for i in b], minlength=TOTAL)
+    assert counts.min() >= 2 and counts.max() <= 3, "96 samples: every sample twice, none more than thrice"
 
 
-def _emulated_loader(monkeypatch, urls, workers: int, start_batch: int, n: int, rank: int = 0, world: int = 1):
-    """What a DataLoader with `workers` processes yields: worker j's own iterator, round robin from worker 0."""
-    current = SimpleNamespace(id=0)
-    monkeypatch.setattr(data, "get_worker_info", lambda: SimpleNamespace(id=current.id, num_workers=workers))
-    its = []
-    firsts = []
-    for j in range(workers):
-        current.id = j
-        it = iter(stream(urls, num_workers=workers, start_batch=start_batch, rank=rank, world=world))
-        firsts.append(next(it))  # the generator reads its worker id on the first next()
-        its.append(itertools.chain([firsts[-1]], it))
-    out = [ids(next(its[i % workers])) for i in range(n)]
-    monkeypatch.undo()
-    return out
+def test_epoch_mode_refuses_fewer_shards_than_slots(source):
+    with pytest.raises(UserError, match=r"5 shards for 3 ranks x 2 workers = 6.*data.mode=resampled"):
+        shard_batches(source, cfg(num_workers=2), BATCH, seed=0, rank=0, world=3)
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_resume_with_loader_workers_continues_exactly(monkeypatch, urls, workers):
-    fresh = _emulated_loader(monkeypatch, urls, workers, 0, 20)
-    for k in range(1, 2 * workers + 2):
-        assert _emulated_loader(monkeypatch, urls, workers, k, 20 - k) == fresh[k:], f"start_batch={k}"
+# ----------------------------------------------------------------------------------------------------------------
+# Resampled
 
 
-def test_resume_through_shard_batches_with_two_worker_processes(urls):
-    cfg = DataConfig(num_workers=2, shuffle_buffer=BUFFER)
-    k, n = 5, 12
-    fresh_it = shard_batches(urls, cfg, BATCH, seed=0, rank=1, world=2, start_batch=0)
-    fresh = take(fresh_it, k + n)
-    resumed_it = shard_batches(urls, cfg, BATCH, seed=0, rank=1, world=2, start_batch=k)
-    resumed = take(resumed_it, n)
-    del fresh_it, resumed_it
-    assert resumed == fresh[k:]
-    # the real loader interleaves exactly like the in-process emulation (same data for the same position)
-    in_process = [take(iter(stream(urls, rank=1, world=2, num_workers=2, start_batch=w)), 1)[0] for w in (0, 1)]
-    assert fresh[:2] == in_process
+def test_resampled_streams_are_endless_seeded_per_slot_and_differ(tmp_path):
+    one = Source(write_shards(tmp_path, sizes=[6]), [6])  # 1 shard for 2 ranks x 2 workers: never runs dry
+    batches = {}
+    for rank in range(2):
+        s = stream(one, rank=rank, world=2, num_workers=2, mode="resampled")
+        batches[rank] = rank_batches(s, 40)
+        assert batches[rank] == rank_batches(stream(one, rank=rank, world=2, num_workers=2, mode="resampled"), 40)
+    assert batches[0] != batches[1]
+    # Each slot draws its own shards: (seed, chunk, rank, worker) seeds the draws.
+    many = Source([f"shard-{i}.tar" for i in range(50)], None)
+    plans = [data.chunk_plan(many, "resampled", 3, 0, r, w, 0, 4) for r in range(2) for w in range(2)]
+    assert all(len(p) == data.RESAMPLED_CHUNK for p in plans) and len({str(p) for p in plans}) == 4
+    assert plans[0] == data.chunk_plan(many, "resampled", 3, 0, 0, 0, 0, 4)
 
 
-def test_skipped_samples_are_not_decoded(monkeypatch, urls):
-    k, n = 6, 3
-    skipped = set(itertools.chain.from_iterable(take(iter(stream(urls)), k)))
+def test_resampled_draws_cover_all_shards(source):
+    s = stream(source, rank=1, world=2, num_workers=2, mode="resampled")
+    seen = {i for b in rank_batches(s, 60) for i in b}
+    assert seen == set(range(TOTAL))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_saved_positions_continues_exactly(source, mode, workers):
+    c = cfg(num_workers=workers, mode=mode)
+    for k in (3, 7):  # mid-epoch: 7 batches of rank 1 are 28 samples of its 2 x 11-sample shares
+        fresh = shard_batches(source, c, BATCH, seed=0, rank=1, world=2)
+        head = [ids(next(fresh)[0]) for _ in range(k)]
+        saved = fresh.state()
+        tail = [ids(next(fresh)[0]) for _ in range(6)]
+        del fresh
+        assert head
+        resumed = shard_batches(source, c, BATCH, seed=0, rank=1, world=2, start_batch=k, positions=saved.tolist())
+        assert [ids(next(resumed)[0]) for _ in range(6)] == tail, f"k={k}"
+        del resumed
+
+
+def test_resume_decodes_none_of_the_skipped_samples(monkeypatch, source):
+    k, n = 9, 3  # 36 samples into a 43-sample epoch, and on into the next
+    s = stream(source)
+    it = s._batches(0)
+    for _ in range(k):
+        position = next(it)[2][1:].tolist()
     decoded = []
-    original = data.decode_sample
 
-    def counting(sample):
-        image, label = original(sample)
-        decoded.append(int(image[0, 0, 0]))
-        return image, label
+    def counting(sample, *args):
+        decoded.append(int(sample["__key__"].split("_")[1]))
+        return original(sample, *args)
 
-    monkeypatch.setattr(data, "decode_sample", counting)
-    it = iter(stream(urls, start_batch=k))
-    yielded = [i for batch in take(it, n) for i in batch]
-    assert len(decoded) == n * BATCH, "only the samples of the batches taken are decoded"
-    assert decoded == yielded
-    # The first pass holds each sample once, so the batches read after the skip are different samples.
-    assert k * BATCH + n * BATCH <= TOTAL
-    assert not skipped & set(decoded)
+    original = data.decode_image
+    monkeypatch.setattr(data, "decode_image", counting)
+    resumed = stream(source, start_batch=k, positions=[position])._batches(0)
+    yielded = [i for _ in range(n) for i in ids(next(resumed)[0])]
+    assert decoded == yielded, "only the samples of the batches handed out are decoded"
+    assert len(decoded) == n * BATCH
+
+
+def test_start_positions_on_a_different_world_size_restart_the_epoch():
+    said = []
+    saved = torch.tensor([[3, 5, 1], [3, 7, 0], [4, 1, 2], [3, 9, 0]])
+    assert start_positions(saved, "epoch", 1, 2, 2, 3, said.append) == [[4, 1, 2], [3, 9, 0]]
+    assert not said
+    assert start_positions(saved, "epoch", 0, 1, 2, 3, said.append) == [[3, 0, 0]] * 2
+    assert start_positions(saved, "resampled", 0, 3, 1, 3, said.append) == [[5, 0, 0]]
+    assert len(said) == 2 and "Exact resume needs the same world size" in said[0]
+    assert start_positions(torch.empty(0, 3), "epoch", 0, 2, 2, 0, said.append) == [[0, 0, 0]] * 2
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_loading_does_not_touch_the_global_rngs(urls, workers):
+def test_loading_does_not_touch_the_global_rngs(source, workers):
     # Resume restores the global RNGs; building and reading the loader must not draw from them.
-    import random
-
     def seed_all():
         torch.manual_seed(0)
         np.random.seed(0)
@@ -197,89 +267,101 @@ def test_loading_does_not_touch_the_global_rngs(urls, workers):
     seed_all()
     expected = (torch.rand(3), np.random.rand(3), random.random())
     seed_all()
-    it = shard_batches(urls, DataConfig(num_workers=workers, shuffle_buffer=BUFFER), BATCH, seed=0, rank=0,
-                       world=1, start_batch=2)
-    take(it, 4)
+    it = shard_batches(source, cfg(num_workers=workers, hflip=True), BATCH, seed=0, rank=0, world=1)
+    [next(it) for _ in range(4)]
     del it
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ranks x workers: endless, disjoint within a pass, covering
+# Faults
 
 
-def first_pass(s: ShardStream, slot: int, slots: int) -> list[str]:
-    # Dealing 5 shards out to 4 slots: slot s gets shards s, s + 4, ... of the pass's permutation (at least one).
-    count = max(len(range(slot, len(s.urls), slots)), 1)
-    return list(itertools.islice((d["url"] for d in s._shards(slot)), count))
+def test_bad_image_is_skipped_with_a_warning_naming_shard_and_key(tmp_path, capsys):
+    urls = write_shards(tmp_path, sizes=[6, 6], corrupt={2})
+    b = shard_batches(Source(urls, [6, 6]), cfg(), BATCH, seed=0, rank=0, world=1)
+    seen = [i for _ in range(5) for i in ids(next(b)[0])]
+    assert b.skipped >= 1 and 2 not in seen
+    err = capsys.readouterr().err
+    assert "sample 'sample_00002'" in err and "train-00000.tar" in err and "skipped 1 sample" in err
 
 
-@pytest.mark.parametrize("world, workers, seed", [(2, 2, 0), (2, 2, 7), (1, 3, 1), (2, 1, 2)])
-def test_each_pass_deals_shards_out_disjointly(urls, world, workers, seed):
-    slots = world * workers
-    s = stream(urls, world=world, num_workers=workers, seed=seed)
-    passes = [first_pass(s, slot, slots) for slot in range(slots)]
-    flat = [u for p in passes for u in p]
-    assert len(flat) == len(set(flat)), f"two slots read the same shard in the first pass: {passes}"
-    assert sorted(flat) == sorted(urls), "every shard is read in the first pass"
-    assert max(map(len, passes)) - min(map(len, passes)) <= 1
+def test_bad_image_stops_the_run_with_on_error_raise(tmp_path):
+    urls = write_shards(tmp_path, sizes=[6, 6], corrupt={2})
+    b = shard_batches(Source(urls, [6, 6]), cfg(num_workers=2, on_error="raise"), BATCH, seed=0, rank=0, world=1)
+    with pytest.raises(UserError, match=r"sample 'sample_00002' of shard .*train-00000.tar"):
+        for _ in range(10):
+            next(b)
 
 
-def test_slots_read_different_shards_in_later_passes(urls):
-    s = stream(urls, world=2, num_workers=2)
-    seen = {u for u in itertools.islice((d["url"] for d in s._shards(1)), 20)}
-    assert len(seen) > 1, "a slot must not read the same shard in every pass"
+def truncate(path, keep: float) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
 
 
-def test_more_slots_than_shards_still_streams(urls):
-    # 3 ranks x 2 workers = 6 slots for 5 shards: every slot still gets data
-    s = stream(urls, world=3, num_workers=2)
-    for slot in range(6):
-        assert list(itertools.islice(s._shards(slot), 3))
-    for rank in range(3):
-        it = iter(stream(urls, world=3, num_workers=2, rank=rank))
-        assert len(take(it, 12)) == 12
+def test_truncated_shard_is_skipped_and_counted_once_across_resume(tmp_path, capsys):
+    urls = write_shards(tmp_path, sizes=[10, 10, 10, 10])
+    truncate(tmp_path / "train-00002.tar", 0.5)  # about 5 of its 10 samples survive
+    src = Source(urls, [10] * 4)
+    s = stream(src)
+    from_2 = [i for i in key_ids(s._chunk(0, 0)) if 20 <= i < 30]
+    assert 3 <= len(from_2) <= 6 and sorted(from_2) == list(range(20, 20 + len(from_2))), "the intact head is read"
+    lost = 10 - len(from_2)
+    assert s.skipped == lost
+    assert "train-00002.tar: is truncated or corrupt" in capsys.readouterr().err
+    b = shard_batches(src, cfg(), BATCH, seed=0, rank=0, world=1)
+    first = [i for _ in range(10) for i in ids(next(b)[0])]  # epoch 0 (40 - lost samples) and into epoch 1
+    assert b.skipped == lost and len(set(first[:40 - lost])) == 40 - lost
+    # Resuming mid-epoch re-reads the truncated shard quietly: the skip is not counted twice.
+    b = shard_batches(src, cfg(), BATCH, seed=0, rank=0, world=1)
+    [next(b) for _ in range(3)]
+    saved = b.state().tolist()
+    resumed = shard_batches(src, cfg(), BATCH, seed=0, rank=0, world=1, start_batch=3, positions=saved)
+    [next(resumed) for _ in range(6)]
+    assert resumed.skipped == lost
 
 
-def test_two_ranks_two_workers_stream_forever_and_cover_everything(urls):
-    cfg = DataConfig(num_workers=2, shuffle_buffer=BUFFER)
-    n = 50  # 200 samples per rank, ~4.7 passes over the 43 samples
-    per_rank = []
-    for rank in range(2):
-        it = shard_batches(urls, cfg, BATCH, seed=0, rank=rank, world=2, start_batch=0)
-        batches = take(it, n)  # StopIteration here would fail the test
-        del it
-        assert all(len(b) == BATCH for b in batches)
-        per_rank.append(batches)
-    assert per_rank[0] != per_rank[1], "ranks must read different data"
-    seen = {i for batches in per_rank for b in batches for i in b}
-    assert seen == set(range(TOTAL))
-    # every shard feeds both ranks over several passes (the deal changes from pass to pass)
-    for batches in per_rank:
-        assert {shard_of(i) for b in batches for i in b} == set(range(len(SIZES)))
+def test_missing_local_shard_fails_fast_naming_it(tmp_path):
+    write_shards(tmp_path, sizes=[3, 3])
+    with pytest.raises(UserError, match=r"shard .*train-00007.tar does not exist"):
+        open_source(cfg(shards=str(tmp_path / "train-{00000..00001}.tar") + "::" + str(tmp_path / "train-00007.tar")))
 
 
-def test_first_batches_of_different_slots_come_from_their_own_shards(urls):
-    # Within the first pass a slot's samples come only from the shards dealt to it.
-    slots, checked = 4, 0
-    for rank in range(2):
-        for worker in range(2):
-            slot = rank * 2 + worker
-            # start_batch=worker emulates loader worker `worker` in-process; a small buffer reads ahead little
-            s = stream(urls, world=2, num_workers=2, rank=rank, start_batch=worker, shuffle_buffer=2)
-            mine = {urls.index(u) for u in first_pass(s, slot, slots)}
-            size = sum(SIZES[i] for i in mine)
-            # take only as many samples as the first pass of this slot holds, minus what the buffer may read ahead
-            usable = max((size - 2) // BATCH, 0)
-            got = take(iter(s), usable)
-            assert all(shard_of(i) in mine for b in got for i in b), (slot, mine, got)
-            checked += usable
-    assert checked >= 5, "the shard sizes leave too little to check"
+def test_missing_pipe_shard_stops_the_run_naming_the_url(tmp_path):
+    src = Source([f"pipe:cat {tmp_path}/nowhere.tar"], None)
+    b = shard_batches(src, cfg(mode="resampled"), BATCH, seed=0, rank=0, world=1)
+    with pytest.raises(UserError, match=r"pipe:cat .*nowhere.tar.*nothing could be read"):
+        next(b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def test_sources_brace_patterns_lists_folders_pipes_and_manifest(tmp_path):
+    urls = write_shards(tmp_path / "s")
+    pattern = str(tmp_path / "s" / "train-{00000..00004}.tar")
+    for spec in (pattern, str(tmp_path / "s"), "::".join(urls)):
+        src = open_source(cfg(shards=spec))
+        assert src.urls == urls and src.counts == SIZES
+    piped = open_source(cfg(shards="::".join(f"pipe:cat {u}" for u in urls), manifest=str(tmp_path / "s" /
+                                                                                         "manifest.json")))
+    assert piped.counts == SIZES
+    s = stream(piped)
+    assert sorted(key_ids(s._chunk(0, 0))) == list(range(TOTAL)), "pipe: shards read like local ones"
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="make_shards.py --index"):
+        open_source(cfg(shards=pattern))
+    assert open_source(cfg(shards=pattern, mode="resampled")).counts is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2-D mixtures
+
+
+def points(cfg_: DataConfig, n: int, seed=0, rank=0, start_batch=0, count=1):
+    return list(itertools.islice(PointBatches(cfg_, n, seed, rank, start_batch), count))
 
 
 def test_mixture_centers_geometry():
@@ -294,60 +376,48 @@ def test_mixture_centers_geometry():
 
 
 def test_point_batches_deterministic_per_seed_rank_and_index():
-    cfg = DataConfig(dataset="ring8", std=0.02)
-    a = list(itertools.islice(point_batches(cfg, 16, seed=1, rank=0, start_batch=0), 5))
-    b = list(itertools.islice(point_batches(cfg, 16, seed=1, rank=0, start_batch=0), 5))
+    c = DataConfig(dataset="ring8", std=0.02)
+    a, b = points(c, 16, seed=1, count=5), points(c, 16, seed=1, count=5)
     for (pa, la), (pb, lb) in zip(a, b):
         assert torch.equal(pa, pb) and torch.equal(la, lb)
         assert pa.shape == (16, 2) and pa.dtype == torch.float32
     assert not torch.equal(a[0][0], a[1][0]), "consecutive batches differ"
-    other_rank = next(point_batches(cfg, 16, seed=1, rank=1, start_batch=0))
-    other_seed = next(point_batches(cfg, 16, seed=2, rank=0, start_batch=0))
-    assert not torch.equal(a[0][0], other_rank[0])
-    assert not torch.equal(a[0][0], other_seed[0])
+    assert not torch.equal(a[0][0], points(c, 16, seed=1, rank=1)[0][0])
+    assert not torch.equal(a[0][0], points(c, 16, seed=2)[0][0])
 
 
-def test_point_batches_do_not_touch_the_global_rng():
-    cfg = DataConfig(dataset="grid25")
+def test_point_batches_do_not_touch_the_global_rng_and_resume_exactly():
+    c = DataConfig(dataset="grid25")
     torch.manual_seed(0)
     np.random.seed(0)
-    next(point_batches(cfg, 8, seed=0, rank=0, start_batch=0))
+    fresh = points(c, 8, rank=1, count=10)
     t, n = torch.rand(1), np.random.rand()
     torch.manual_seed(0)
     np.random.seed(0)
     assert torch.equal(t, torch.rand(1)) and n == np.random.rand()
-
-
-def test_point_batches_resume_exactly():
-    cfg = DataConfig(dataset="grid25")
-    fresh = list(itertools.islice(point_batches(cfg, 8, seed=0, rank=1, start_batch=0), 10))
-    resumed = list(itertools.islice(point_batches(cfg, 8, seed=0, rank=1, start_batch=7), 3))
-    for (pa, la), (pb, lb) in zip(fresh[7:], resumed):
+    for (pa, la), (pb, lb) in zip(fresh[7:], points(c, 8, rank=1, start_batch=7, count=3)):
         assert torch.equal(pa, pb) and torch.equal(la, lb)
 
 
 @pytest.mark.parametrize("dataset, std", [("ring8", 0.02), ("grid25", 0.05)])
 def test_mixture_points_lie_near_their_centres(dataset, std):
-    cfg = DataConfig(dataset=dataset, std=std)
-    centers = mixture_centers(cfg)
-    points, labels = next(point_batches(cfg, 4000, seed=0, rank=0, start_batch=0))
-    p = points.numpy().astype(np.float64)
+    c = DataConfig(dataset=dataset, std=std)
+    centers = mixture_centers(c)
+    (pts, labels), = points(c, 4000)
+    p = pts.numpy().astype(np.float64)
     dist = np.linalg.norm(p[:, None, :] - centers[None], axis=2)
     assert (dist.min(axis=1) < 5 * std).all()
     # the label is the mode the point was drawn from, i.e. its nearest centre
     assert np.array_equal(dist.argmin(axis=1), labels.numpy())
-    # every mode is used, about equally often
     counts = np.bincount(labels.numpy(), minlength=len(centers))
     expected = 4000 / len(centers)
     assert counts.min() > 0.6 * expected and counts.max() < 1.4 * expected
-    # spread around each mode is the configured std
-    offsets = p - centers[labels.numpy()]
-    assert offsets.std() == pytest.approx(std, rel=0.1)
+    assert (p - centers[labels.numpy()]).std() == pytest.approx(std, rel=0.1)
 
 
 def test_gaussian_is_standard_normal():
-    points, labels = next(point_batches(DataConfig(dataset="gaussian"), 8000, seed=0, rank=0, start_batch=0))
-    p = points.numpy().astype(np.float64)
+    (pts, labels), = points(DataConfig(dataset="gaussian"), 8000)
+    p = pts.numpy().astype(np.float64)
     assert np.abs(p.mean(axis=0)).max() < 0.05  # standard error ~0.011
     assert np.abs(p.std(axis=0) - 1).max() < 0.05
     assert abs(np.corrcoef(p.T)[0, 1]) < 0.05

@@ -27,9 +27,10 @@ import pytest
 
 from gan_dist import mnist
 from gan_dist.errors import UserError
+from gan_dist.images import decode_image
 from gan_dist.mnist import (
+    SHARD_SIZE,
     FILES,
-    decode_png,
     download_mnist,
     ensure_shards,
     load_mnist,
@@ -119,7 +120,7 @@ def test_real_mnist_manifest_counts_and_checksums(real):
     assert manifest["dataset"] == "mnist"
     assert manifest["image"] == {"height": 28, "width": 28, "channels": 1}
     assert manifest["num_classes"] == 10
-    for split, total, shard_count in (("train", 60000, 12), ("test", 10000, 2)):
+    for split, total, shard_count in (("train", 60000, 120), ("test", 10000, 20)):
         info = manifest["splits"][split]
         assert info["num_samples"] == total
         assert sum(s["num_samples"] for s in info["shards"]) == total
@@ -136,11 +137,11 @@ def test_real_mnist_manifest_counts_and_checksums(real):
 def test_real_shard_decodes_to_exact_source_pixels_and_labels(real):
     images, labels = real.arrays["train"]
     samples = read_shard(real.dir / "train-00003.tar")
-    assert len(samples) == 5000
+    assert len(samples) == SHARD_SIZE
     for offset, sample in enumerate(samples):
-        index = 3 * 5000 + offset
+        index = 3 * SHARD_SIZE + offset
         assert sample["__key__"] == f"train_{index:05d}"
-        pixels = decode_png(sample["png"])
+        pixels = decode_image(sample, 28, 1)
         assert pixels.shape == (28, 28, 1) and pixels.dtype == np.uint8
         np.testing.assert_array_equal(pixels[:, :, 0], images[index])
         assert sample["cls"] == str(labels[index]).encode()
@@ -277,7 +278,7 @@ def test_shards_split_at_shard_size_with_a_smaller_last_one(tmp_path):
     shards = manifest["splits"]["train"]["shards"]
     samples = [s for shard in shards for s in read_shard(tmp_path / "out" / shard["name"])]
     assert [s["__key__"] for s in samples] == [f"train_{i:05d}" for i in range(23)]
-    np.testing.assert_array_equal(np.stack([decode_png(s["png"])[:, :, 0] for s in samples]), images)
+    np.testing.assert_array_equal(np.stack([decode_image(s, 28, 1)[:, :, 0] for s in samples]), images)
     assert [int(s["cls"]) for s in samples] == labels.tolist()
 
 
