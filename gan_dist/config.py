@@ -179,10 +179,12 @@ def _check(cfg) -> None:
 
 def _check_images(cfg) -> None:
     data, model = cfg.data, cfg.model
-    if (data.dataset == "webdataset") != bool(data.shards):
-        fix = ("set data.shards to shard URLs" if data.shards == "" else
-               f"set data.dataset=webdataset to train on them (data.dataset is '{data.dataset}')")
-        raise UserError(f"data.shards is {'empty' if data.shards == '' else 'set'}; {fix}", code=2)
+    if data.dataset == "webdataset" and data.shards in ("", None):
+        raise UserError("data.dataset=webdataset needs data.shards: a shard folder, a brace pattern such as "
+                        "data.shards=/data/train-{00000..00127}.tar, or URLs", code=2)
+    if data.dataset != "webdataset" and data.shards:
+        raise UserError(f"data.shards is set but data.dataset is '{data.dataset}'; set data.dataset=webdataset to "
+                        "train on the shards", code=2)
     if data.dataset not in ("mnist", "webdataset"):
         return
     for key in ("channels", "resolution"):

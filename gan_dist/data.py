@@ -37,6 +37,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from gan_dist import mnist
 from gan_dist.config import DataConfig
 from gan_dist.errors import UserError
 from gan_dist.images import BadImage, decode_image, sample_label
@@ -61,7 +62,12 @@ class Source:
 
 
 def open_source(cfg: DataConfig) -> Source:
-    """`data.shards` (and its manifest) as a Source; UserError naming the problem and the fix."""
+    """The shards of `data.dataset` (MNIST's, written on first use, or `data.shards` with its manifest) as a
+    Source; UserError naming the problem and the fix."""
+    if cfg.dataset == "mnist":
+        manifest = mnist.ensure_shards(cfg.mnist_dir, cfg.cache_dir, cfg.download)
+        shards = manifest["splits"]["train"]["shards"]
+        return Source([str(Path(cfg.cache_dir) / s["name"]) for s in shards], [s["num_samples"] for s in shards])
     urls = expand_urls(cfg.shards)
     if not urls:
         raise UserError("data.shards is empty; set it to shard URLs, e.g. data.shards=/data/train-{00000..00009}.tar")
@@ -113,7 +119,7 @@ def buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iter
 
 
 class FatalDataError(Exception):
-    pass
+    """A data fault that stops the run: a shard that cannot be opened, or any fault with data.on_error=raise."""
 
 
 def _say(msg: str) -> None:
@@ -131,11 +137,11 @@ class ShardStream(IterableDataset):
         self.quiet = False  # set while a resumed slot re-reads samples it had already taken
         self.skipped = 0
 
-    def _skip(self, what: str, lost: int, raise_now: bool = False) -> None:
+    def _skip(self, what: str, lost: int) -> None:
         if self.quiet:
             return
         self.skipped += lost
-        if raise_now or self.cfg.on_error == "raise":
+        if self.cfg.on_error == "raise":
             raise FatalDataError(what)
         _say(f"warning: rank {self.rank}: {what}; skipped {lost} sample(s) (data.on_error=raise stops instead)")
 
@@ -156,7 +162,8 @@ class ShardStream(IterableDataset):
                     break
         except ShardError as err:
             if err.key is None and is_remote(url) and first == 0:
-                raise FatalDataError(f"{err}: nothing could be read (does it exist?); check data.shards") from None
+                raise FatalDataError(f"shard {url}: nothing could be read (missing, or the command failed); check "
+                                     f"data.shards") from None
             missing = (take if take is not None else expected or 0) - got
             self._skip(str(err), max(missing, 1))
         finally:
@@ -175,14 +182,16 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict, chunk: int) -> tuple[np.ndarray, int]:
         # The flip depends on the sample and epoch alone, so a resumed stream flips exactly as the original did.
-        flip = self.cfg.hflip and zlib.crc32(f"{self.seed}/{chunk}/{sample['__url__']}/{sample['__key__']}".encode()) & 1
+        name = f"{self.seed}/{chunk}/{sample['__url__']}/{sample['__key__']}"
+        flip = self.cfg.hflip and zlib.crc32(name.encode()) & 1
         return decode_image(sample, self.cfg.resolution, self.cfg.channels, bool(flip)), sample_label(sample)
 
     def _batches(self, worker: int) -> Iterator[tuple]:
         chunk, offset, self.skipped = self.positions[worker]
-        items = []
+        items, empty = [], 0
         for chunk in itertools.count(chunk):
             self.quiet = offset > 0
+            taken = 0
             for taken, sample in enumerate(self._chunk(chunk, worker), start=1):
                 self.quiet = taken < offset  # the next read happens while fetching sample `taken`
                 if taken <= offset:
@@ -198,6 +207,10 @@ class ShardStream(IterableDataset):
                     yield images, labels, torch.tensor([worker, chunk, taken, self.skipped])
                     items = []
             offset = 0
+            empty = 0 if taken else empty + 1
+            if empty == 100:  # rather than spin forever on shards that hold nothing
+                raise FatalDataError(f"rank {self.rank}: 100 chunks in a row yielded no sample; check that the "
+                                     f"shards in data.shards hold samples")
 
     def __iter__(self) -> Iterator[tuple | dict]:
         info = get_worker_info()
@@ -264,9 +277,10 @@ def shard_batches(source: Source, cfg: DataConfig, batch: int, seed: int, rank: 
                   start_batch: int = 0, positions: list[Position] | None = None,
                   pin_memory: bool = False) -> ShardBatches:
     workers = max(cfg.num_workers, 1)
-    if cfg.mode == "epoch" and len(source.urls) < world * workers:
+    if cfg.mode == "epoch" and min(len(source.urls), sum(source.counts)) < world * workers:
         raise UserError(f"data.mode=epoch needs at least one shard per rank x loader worker, but there are "
-                        f"{len(source.urls)} shards for {world} ranks x {workers} workers = {world * workers}; "
+                        f"{len(source.urls)} shards ({sum(source.counts)} samples) for {world} ranks x {workers} "
+                        f"workers = {world * workers}; "
                         f"write more, smaller shards (scripts/make_shards.py --max-count N), lower "
                         f"data.num_workers, or use data.mode=resampled")
     positions = positions or [[0, 0, 0] for _ in range(workers)]

@@ -17,10 +17,9 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, broadcast, set_seed
 from tqdm import tqdm
 
-from gan_dist import mnist
 from gan_dist.checkpoint import TrainState, export_final, find_resume, load_checkpoint, save_checkpoint
 from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
-from gan_dist.data import PointBatches, ShardBatches, Source, mixture_centers, open_source, shard_batches, \
+from gan_dist.data import PointBatches, ShardBatches, mixture_centers, open_source, shard_batches, \
     start_positions, to_real
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
@@ -63,13 +62,8 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
     seed, rank, world = cfg.seed, accelerator.process_index, accelerator.num_processes
     if cfg.data.dataset not in ("mnist", "webdataset"):
         return PointBatches(cfg.data, batch, seed, rank, state.batches)
-    if cfg.data.dataset == "mnist":
-        manifest = local_main_first(
-            accelerator, lambda: mnist.ensure_shards(cfg.data.mnist_dir, cfg.data.cache_dir, cfg.data.download))
-        shards = manifest["splits"]["train"]["shards"]
-        source = Source([str(Path(cfg.data.cache_dir) / s["name"]) for s in shards], [s["num_samples"] for s in shards])
-    else:
-        source = open_source(cfg.data)
+    # Each node's main process writes MNIST's shards on first use while the other ranks wait.
+    source = local_main_first(accelerator, lambda: open_source(cfg.data))
     epoch = state.nimg // sum(source.counts) if source.counts else 0
     positions = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1), epoch,
                                 accelerator.print)

@@ -12,7 +12,6 @@ importing it pulls in torch and torch.distributed, which tools that only read or
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gan_dist.errors import UserError
-from gan_dist.shards import MANIFEST_FORMAT
+from gan_dist.shards import MANIFEST_FORMAT, sha256_file
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -218,14 +217,6 @@ def _encode_png(image: np.ndarray) -> bytes:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_output_dir(out: Path) -> None:
     if not out.exists():
         return
@@ -289,7 +280,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = SHARD_SIZE,
                                     "cls": str(int(labels[i])).encode("ascii"),
                                 }
                             )
-                shards.append({"name": name, "num_samples": stop - start, "sha256": _sha256(tmp / name)})
+                shards.append({"name": name, "num_samples": stop - start, "sha256": sha256_file(tmp / name)})
                 if bar is not None:
                     bar.update(stop - start)
             splits[split] = {"num_samples": int(len(labels)), "shards": shards}

@@ -11,6 +11,7 @@ Reading here yields raw bytes only: nothing is decoded, and no member is ever un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -85,13 +86,38 @@ def split_key(name: str) -> tuple[str | None, str]:
     return (match.group(1), match.group(2).lower()) if match else (None, "")
 
 
+class _Counting:
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.count = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+
+def _check_end(tar: tarfile.TarFile, raw: _Counting) -> None:
+    # tarfile ends a stream quietly at a missing header, so a tar cut at a member boundary would pass for a short
+    # one. An intact uncompressed tar has end-of-archive zero blocks after its last member; a cut one does not.
+    if tar.fileobj.comptype != "tar":
+        return  # compressed streams report truncation themselves
+    while raw.read(1 << 16):
+        pass
+    if raw.count < tar.offset + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("it ends without the end-of-archive blocks")
+
+
 def tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
     """Samples of one tar stream as dicts of raw bytes (`__key__`, `__url__`, one entry per extension).
 
-    A truncated or corrupt tar raises ShardError after yielding every sample before the fault."""
+    A truncated or corrupt tar raises ShardError after yielding every sample before the fault; the sample being
+    read at the fault is dropped."""
     sample: dict | None = None
+    raw = _Counting(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=raw, mode="r|*") as tar:
             for member in tar:
                 if not member.isreg():
                     continue
@@ -106,11 +132,20 @@ def tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
                         yield sample
                     sample = {"__key__": key, "__url__": url}
                 sample[ext] = data
+            _check_end(tar, raw)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise ShardError(url, f"is truncated or corrupt ({err or type(err).__name__})",
                          sample["__key__"] if sample else None) from None
     if sample is not None:
         yield sample
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest_file(path_or_url: str) -> dict:

@@ -17,7 +17,6 @@ importing it pulls in torch.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -36,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from gan_dist.errors import UserError
-from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, tar_samples
+from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, sha256_file, tar_samples
 
 DEFAULT_MAX_COUNT = 1000
 MB = 1_000_000
@@ -264,7 +263,7 @@ def _write_shard(job: tuple[str, str, int, int, list[_Item]]) -> _Written:
                 skipped.append(f"{Path(src, item.rel)} ({_reason(err)})")
                 continue
             writer.write({"__key__": f"{key:08d}", _image_ext(item.rel): data, **_extras(item.rel, item.cls)})
-    return _Written(shard, sum(shapes.values()), shapes, skipped, _sha256(path))
+    return _Written(shard, sum(shapes.values()), shapes, skipped, sha256_file(path))
 
 
 def _scan_shard(url: str) -> _Scanned:
@@ -281,7 +280,7 @@ def _scan_shard(url: str) -> _Scanned:
     except ShardError as err:
         # Raised as UserError here: ShardError's constructor does not survive the pickling back to the parent.
         raise UserError(f"{err}; re-write this shard or remove it from the folder, then index again") from None
-    return _Scanned(Path(url).name, count, shapes, classes, _sha256(Path(url)))
+    return _Scanned(Path(url).name, count, shapes, classes, sha256_file(Path(url)))
 
 
 def _header_shape(data: bytes, url: str, key: str) -> tuple[int, int, int]:
@@ -312,14 +311,6 @@ def _imap(fn: Callable, jobs: list, workers: int | None) -> Iterator:
     """`fn` over `jobs` in worker processes, results as they finish."""
     with Pool(min(workers or min(8, os.cpu_count() or 1), len(jobs))) as pool:
         yield from pool.imap_unordered(fn, jobs)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finish(tmp: Path, src: Path, classes: list[str], split: str, results: list[_Written]) -> dict:

@@ -67,9 +67,16 @@ def test_load_config_returns_independent_objects():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = load_config(["--config", str(path)])
+    if "???" in path.read_text():  # configs for the user's own shards leave data.shards for the command line
+        with pytest.raises(UserError, match="needs data.shards"):
+            load_config(["--config", str(path)])
+        cfg = load_config(["--config", str(path), "data.shards=/data/train-{00000..00009}.tar"])
+        assert cfg.data.dataset == "webdataset" and cfg.model.arch == "radford"
+        assert cfg.model.resolution == cfg.data.resolution == int(path.stem[-2:]) and cfg.model.channels == 3
+    else:
+        cfg = load_config(["--config", str(path)])
+        assert cfg.model.arch == ("mlp" if cfg.data.dataset != "mnist" else "dcgan")
     assert cfg.run.dir == f"runs/{path.stem}", "each config writes to its own run directory"
-    assert cfg.model.arch == ("mlp" if cfg.data.dataset != "mnist" else "dcgan")
 
 
 def test_shipped_configs_exist():
@@ -260,3 +267,31 @@ def test_train_py_config_error_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "torch imported: False" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.shards=/d/x.tar"], "set data.dataset=webdataset"),
+    (["data.dataset=webdataset"], "needs data.shards"),
+    (["model.channels=3"], "model.channels=3 differs from data.channels=1"),
+    (["data.resolution=30"], "dcgan needs data.resolution divisible by 4"),
+    (["model.arch=radford", "data.resolution=48"], "power of two"),
+    (["data.mode=epochs"], "choose one of epoch, resampled"),
+    (["data.channels=4"], "choose one of 1, 3"),
+    (["data.on_error=ignore"], "choose one of warn, raise"),
+    (["model.arch=mlp"], "model.arch=mlp draws 2-D points"),
+])
+def test_bad_data_settings_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_config(overrides)
+    assert err.value.code == 2
+
+
+def test_image_size_follows_data_and_shards_take_lists(tmp_path):
+    cfg = load_config(["data.channels=3", "data.resolution=32"])
+    assert (cfg.model.channels, cfg.model.resolution) == (3, 32)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data:\n  dataset: webdataset\n  shards:\n    - /a/train-{0..3}.tar\n"
+                         "    - pipe:cat /b/x.tar\n")
+    assert load_config(["--config", str(yaml_file)]).data.shards == "/a/train-{0..3}.tar::pipe:cat /b/x.tar"
+    assert load_config(["data.dataset=webdataset", "data.shards=/a/train-{00000..00004}.tar"]).data.shards == \
+        "/a/train-{00000..00004}.tar"

@@ -9,11 +9,15 @@ loader worker w of a rank yields, so ranks and workers can be checked in-process
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import itertools
 import json
 import math
 import random
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -23,7 +27,7 @@ from PIL import Image
 
 from gan_dist import data
 from gan_dist.config import DataConfig
-from gan_dist.data import PointBatches, ShardBatches, ShardStream, Source, mixture_centers, open_source, \
+from gan_dist.data import PointBatches, ShardStream, Source, mixture_centers, open_source, \
     shard_batches, start_positions, to_real
 from gan_dist.errors import UserError
 
@@ -176,7 +180,7 @@ def test_two_ranks_two_worker_processes_cover_each_epoch_and_never_run_dry(sourc
 
 
 def test_epoch_mode_refuses_fewer_shards_than_slots(source):
-    with pytest.raises(UserError, match=r"5 shards for 3 ranks x 2 workers = 6.*data.mode=resampled"):
+    with pytest.raises(UserError, match=r"5 shards \(43 samples\) for 3 ranks x 2 workers = 6.*mode=resampled"):
         shard_batches(source, cfg(num_workers=2), BATCH, seed=0, rank=0, world=3)
 
 
@@ -322,6 +326,15 @@ def test_truncated_shard_is_skipped_and_counted_once_across_resume(tmp_path, cap
     assert resumed.skipped == lost
 
 
+def test_shards_without_samples_stop_the_run_instead_of_spinning(tmp_path):
+    urls = write_shards(tmp_path, sizes=[0, 0])
+    b = shard_batches(Source(urls, None), cfg(mode="resampled"), BATCH, seed=0, rank=0, world=1)
+    with pytest.raises(UserError, match="100 chunks in a row yielded no sample"):
+        next(b)
+    with pytest.raises(UserError, match=r"2 shards \(0 samples\) for 1 ranks x 1 workers"):
+        shard_batches(Source(urls, [0, 0]), cfg(), BATCH, seed=0, rank=0, world=1)
+
+
 def test_missing_local_shard_fails_fast_naming_it(tmp_path):
     write_shards(tmp_path, sizes=[3, 3])
     with pytest.raises(UserError, match=r"shard .*train-00007.tar does not exist"):
@@ -354,6 +367,24 @@ def test_sources_brace_patterns_lists_folders_pipes_and_manifest(tmp_path):
     with pytest.raises(UserError, match="make_shards.py --index"):
         open_source(cfg(shards=pattern))
     assert open_source(cfg(shards=pattern, mode="resampled")).counts is None
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http(s) shards through curl")
+def test_http_shards_and_manifest_from_a_loopback_server(tmp_path):
+    write_shards(tmp_path)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        src = open_source(cfg(shards=f"{base}/train-{{00000..00004}}.tar", manifest=f"{base}/manifest.json"))
+        assert src.counts == SIZES
+        assert sorted(key_ids(stream(src)._chunk(0, 0))) == list(range(TOTAL))
+        missing = shard_batches(Source([f"{base}/gone.tar"], None), cfg(mode="resampled"), BATCH, 0, 0, 1)
+        with pytest.raises(UserError, match=r"shard http://127.0.0.1:\d+/gone.tar: nothing could be read"):
+            next(missing)
+    finally:
+        server.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------------------------

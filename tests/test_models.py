@@ -1,4 +1,5 @@
-"""Tests for gan_dist.models: the DCGAN of seed 000 (Keras, MNIST) and the MLP GAN of seed 001 (2-D points).
+"""Tests for gan_dist.models: the DCGAN of seed 000 (Keras, MNIST), the MLP GAN of seed 001 (2-D points), and
+Radford et al.'s DCGAN for 32x32 and 64x64 RGB.
 
 Covers: shapes and ranges (G: (B, z) -> (B, 1, 28, 28) in [-1, 1]; D: images -> (B,) logits); trainable and
 non-trainable parameter counts equal those of the seed's Keras models, computed here from the seed's layer list;
@@ -297,3 +298,32 @@ def test_mlp_discriminator_returns_logits():
     D = MLPDiscriminator(ModelConfig(arch="mlp"))
     _force_output(D, -4.0)
     assert torch.allclose(D(torch.randn(7, 2)), torch.full((7,), -4.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image sizes beyond MNIST: the seed DCGAN at other sides, Radford et al.'s DCGAN at 32x32 and 64x64 RGB
+
+
+@pytest.mark.parametrize("arch, side, channels", [("dcgan", 32, 3), ("dcgan", 64, 3), ("radford", 32, 3),
+                                                  ("radford", 64, 3), ("radford", 16, 1)])
+def test_image_models_follow_resolution_and_channels(arch, side, channels):
+    G, D = build_models(ModelConfig(arch=arch, z_dim=16, width=8, resolution=side, channels=channels))
+    fake = G(torch.randn(3, 16))
+    assert fake.shape == (3, channels, side, side)
+    assert fake.abs().max() <= 1
+    assert D(fake).shape == (3,)
+
+
+def test_radford_dcgan_64_has_the_published_layers_and_size():
+    G, D = build_models(ModelConfig(arch="radford", z_dim=100, width=64, resolution=64, channels=3))
+    # The sizes of the reference PyTorch DCGAN (ngf = ndf = 64, nz = 100, nc = 3).
+    assert sum(p.numel() for p in G.parameters()) == 3_576_704
+    assert sum(p.numel() for p in D.parameters()) == 2_765_568
+    g_convs = [m for m in G.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [m.out_channels for m in g_convs] == [512, 256, 128, 64, 3]
+    assert all(m.kernel_size == (4, 4) for m in g_convs)
+    d_convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in d_convs] == [64, 128, 256, 512, 1]
+    # No BatchNorm on D's first layer; N(0, 0.02) conv weights.
+    assert not isinstance(list(D.net)[1], nn.BatchNorm2d) and isinstance(list(D.net)[3], nn.BatchNorm2d)
+    assert d_convs[1].weight.detach().std().item() == pytest.approx(0.02, rel=0.05)

@@ -1,5 +1,6 @@
 """End-to-end runs of the real `accelerate launch train.py` on CPU (gloo): outputs, W&B offline logs, kill -9 and
-bit-exact resume with 1 and 2 processes and 0 and 2 loader workers.
+bit-exact resume with 1 and 2 processes, 0 and 2 loader workers, in both data modes; RGB shards written by
+scripts/make_shards.py from a folder of PNG and JPEG files, trained at 32x32, also with a truncated shard.
 
 Run: python -m pytest tests/test_train.py -q   (about 3 minutes on 2 cores)
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,12 +38,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False):
+def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
+           config: str = "configs/debug.yaml"):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--num_processes", str(nproc)]
     if nproc > 1:
         cmd.append("--multi_gpu")
-    cmd += ["train.py", "--config", "configs/debug.yaml", f"run.dir={run_dir}", f"data.cache_dir={shards}",
+    cmd += ["train.py", "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
             f"data.mnist_dir={MNIST}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     env.pop("WANDB_MODE", None)
@@ -101,9 +106,11 @@ def test_two_process_run_writes_outputs_and_wandb_log(tmp_path, shards):
         "samples_ema_00000010.png", "samples_ema_00000020.png"]
 
 
-@pytest.mark.parametrize("nproc,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
-def test_kill9_then_rerun_is_bit_identical(tmp_path, shards, nproc, workers):
-    args = (f"data.num_workers={workers}", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
+@pytest.mark.parametrize("nproc,workers,mode", [(1, 0, "epoch"), (1, 2, "epoch"), (2, 0, "epoch"), (2, 2, "epoch"),
+                                               (2, 2, "resampled")])
+def test_kill9_then_rerun_is_bit_identical(tmp_path, shards, nproc, workers, mode):
+    # 60 steps of 32 images stop mid-epoch (MNIST has 60,000), so resume continues inside an epoch.
+    args = (f"data.num_workers={workers}", f"data.mode={mode}", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
     reference = tmp_path / "reference"
     launch(reference, shards, nproc, *args)
 
@@ -133,3 +140,56 @@ def test_kill9_then_rerun_is_bit_identical(tmp_path, shards, nproc, workers):
     # (The killed run's file may hold no run record yet: its id is read from the name W&B gave it.)
     killed_file, resumed_file = wandb_files(run_dir)
     assert run_id(resumed_file) == killed_file.stem.removeprefix("run-")
+
+
+@pytest.fixture(scope="module")
+def rgb_shards(tmp_path_factory) -> Path:
+    """120 RGB images of mixed sizes and formats in 2 class folders, written as 5 shards (25, 25, 25, 25, 20)."""
+    root = tmp_path_factory.mktemp("rgb")
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        folder = root / "images" / ("red" if i % 2 else "blue")
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = [(32, 32), (40, 36), (48, 64)][i % 3]
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"im{i:03d}.{'png' if i % 4 else 'jpg'}")
+    out = root / "shards"
+    made = subprocess.run([sys.executable, "scripts/make_shards.py", "--src", str(root / "images"), "--out", str(out),
+                           "--max-count", "25", "--workers", "2"], cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert [s["num_samples"] for s in json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]] \
+        == [25, 25, 25, 25, 20]
+    return out
+
+
+RGB_ARGS = ("model.width=8", "model.z_dim=16", "train.batch_size=16", "data.num_workers=2", "data.shuffle_buffer=40",
+            "ckpt.every=10", "log.every=10", "log.sample_every=10", "log.num_samples=16", "wandb.mode=offline")
+
+
+def test_shards_from_an_image_folder_train_rgb32_on_two_processes(tmp_path, shards, rgb_shards):
+    run_dir = tmp_path / "run"
+    log = launch(run_dir, shards, 2, *RGB_ARGS, "train.steps=20", f"data.shards={rgb_shards}",
+                 config="configs/cifar32.yaml")
+    assert "world size 2" in log
+    G = load_file(run_dir / "final" / "generator.safetensors")
+    assert G["net.10.weight"].shape == (8, 3, 4, 4), "G ends in 3 channels (RGB): 4x4 up to 32x32"
+    rows = jsonl(run_dir)
+    # 20 steps x 16 images of a 120-image epoch; nothing skipped.
+    assert rows[-1]["data/epoch"] == pytest.approx(20 * 16 / 120) and rows[-1]["data/skipped"] == 0
+    grid = np.asarray(Image.open(run_dir / "samples" / "samples_ema_00000020.png"))
+    assert grid.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
+
+
+def test_resampled_run_over_a_truncated_shard_finishes_and_reports_the_skip(tmp_path, shards, rgb_shards):
+    broken = tmp_path / "broken"
+    shutil.copytree(rgb_shards, broken)
+    raw = (broken / "train-00002.tar").read_bytes()
+    (broken / "train-00002.tar").write_bytes(raw[: len(raw) // 3])
+    run_dir = tmp_path / "run"
+    # 40 steps x 8 images per rank: each of the 4 slots draws about 10 shards, so the broken one is met.
+    log = launch(run_dir, shards, 2, *RGB_ARGS, "train.steps=40", "data.mode=resampled", f"data.shards={broken}",
+                 config="configs/cifar32.yaml")
+    assert "train-00002.tar: is truncated or corrupt" in log and "skipped" in log, log
+    rows = jsonl(run_dir)
+    assert rows[-1]["data/skipped"] > 0 and "data/epoch" not in rows[-1]
+    assert (run_dir / "final" / "generator_ema.safetensors").exists()

@@ -1,0 +1,140 @@
+"""Measure the data path: loader images/s next to what the trainer consumes, and the data wait of a real run.
+
+Usage (from the repo root):
+
+    python scripts/benchmark_data.py --config configs/mnist_dcgan.yaml data.mnist_dir=../shared/data/mnist
+    python scripts/benchmark_data.py --config configs/celeba64.yaml data.shards=data/celeba-shards --workers 0,4,8
+
+Three numbers, each for the config's model, batch and data settings, on one process:
+1. loader: images/s of the real loader (read + decode + augment + batch) with each worker count in --workers,
+   after its first batch (worker start-up is reported apart);
+2. trainer: images/s the training step consumes (D step + G step of the configured model, data already in memory);
+3. a real run of `train.py` for --steps steps with the first worker count: `perf/data_wait_frac`, the share of
+   wall time the loop spent waiting for the next batch, per log interval after the first, and overall.
+Prints a markdown table and writes the numbers as JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import gan_dist  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gan_dist.config import Config, load_config  # noqa: E402
+from gan_dist.data import open_source, shard_batches, to_real  # noqa: E402
+from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.losses import d_step, g_step  # noqa: E402
+from gan_dist.models import build_models  # noqa: E402
+
+
+def loader_rate(cfg: Config, workers: int, batches: int) -> dict:
+    data = dataclasses.replace(cfg.data, num_workers=workers)
+    start = time.perf_counter()
+    it = shard_batches(open_source(data), data, cfg.train.batch_size, cfg.seed, rank=0, world=1)
+    next(it)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    del it
+    return {"workers": workers, "img_per_sec": batches * cfg.train.batch_size / elapsed, "first_batch_s": first}
+
+
+def trainer_rate(cfg: Config, steps: int) -> float:
+    """Images/s of D + G steps on one in-memory batch: what the loop asks of the loader."""
+    torch.manual_seed(0)
+    G, D = build_models(cfg.model)
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, eps=cfg.optim.eps)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, eps=cfg.optim.eps)
+    real = to_real(torch.randint(0, 256, (cfg.train.batch_size, cfg.model.channels, cfg.model.resolution,
+                                          cfg.model.resolution), dtype=torch.uint8), torch.device("cpu"))
+
+    def step() -> None:
+        d_step(G, D, opt_D, real, torch.randn(len(real), cfg.model.z_dim), cfg.loss, torch.Tensor.backward)
+        g_step(G, D, opt_G, torch.randn(len(real), cfg.model.z_dim), torch.Tensor.backward)
+
+    step()  # warm-up: first-call allocations
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * cfg.train.batch_size / (time.perf_counter() - start)
+
+
+def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
+    from gan_dist.loop import train  # noqa: PLC0415 - creates an Accelerator; only needed here
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(argv + [f"run.dir={tmp}", f"train.steps={steps}", f"data.num_workers={workers}",
+                                  f"log.every={log_every}", f"ckpt.every={steps}", f"log.sample_every={steps}",
+                                  "wandb.mode=disabled"])
+        start = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - start
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["perf/data_wait_frac"] for r in rows]
+    rates = [r["perf/img_per_sec"] for r in rows]
+    steady = waits[1:] or waits
+    return {"workers": workers, "steps": steps, "wall_s": wall, "wait_frac_first_interval": waits[0],
+            "wait_frac_steady": sum(steady) / len(steady), "wait_frac_max_steady": max(steady),
+            "train_img_per_sec_steady": sum(rates[1:] or rates) / len(rates[1:] or rates)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="training config YAML (default: the defaults, i.e. the seed DCGAN)")
+    parser.add_argument("--workers", default="0,2", help="loader worker counts to measure (default 0,2)")
+    parser.add_argument("--batches", type=int, default=100, help="loader batches timed per worker count")
+    parser.add_argument("--train-steps", type=int, default=10, help="in-memory training steps timed")
+    parser.add_argument("--steps", type=int, default=60, help="steps of the real run (0 skips it)")
+    parser.add_argument("--log-every", type=int, default=10, help="log interval of the real run")
+    parser.add_argument("--run-workers", type=int, default=2, help="loader workers of the real run (default 2)")
+    parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args()
+    argv = (["--config", args.config] if args.config else []) + args.overrides
+    try:
+        cfg = load_config(argv)
+        if cfg.data.dataset not in ("mnist", "webdataset"):
+            raise UserError("benchmark_data.py measures image data; give a config with data.dataset mnist or "
+                            "webdataset")
+        loaders = [loader_rate(cfg, int(w), args.batches) for w in args.workers.split(",")]
+        consumed = trainer_rate(cfg, args.train_steps)
+        run = run_wait(argv, args.run_workers, args.steps, args.log_every) if args.steps else None
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    result = {"date": time.strftime("%Y-%m-%d"), "host": f"{platform.machine()}, {torch.get_num_threads()} torch "
+              f"threads", "command": " ".join(["python", "scripts/benchmark_data.py"] + sys.argv[1:]),
+              "batch": cfg.train.batch_size, "model": f"{cfg.model.arch} width {cfg.model.width}",
+              "trainer_img_per_sec": consumed, "loaders": loaders, "run": run}
+    print("\n| measure | value |\n| --- | --- |")
+    print(f"| trainer consumes (in-memory D+G steps, batch {cfg.train.batch_size}) | {consumed:,.0f} img/s |")
+    for r in loaders:
+        print(f"| loader, {r['workers']} workers | {r['img_per_sec']:,.0f} img/s "
+              f"({r['img_per_sec'] / consumed:.1f}x the trainer; first batch {r['first_batch_s']:.2f} s) |")
+    if run:
+        print(f"| real run, {run['workers']} workers, {run['steps']} steps: data wait | "
+              f"{100 * run['wait_frac_steady']:.2f}% of step time after the first interval (max "
+              f"{100 * run['wait_frac_max_steady']:.2f}%), {100 * run['wait_frac_first_interval']:.1f}% in the first "
+              f"(worker start-up); {run['train_img_per_sec_steady']:,.0f} img/s |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
