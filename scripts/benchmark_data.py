@@ -10,7 +10,7 @@ Three numbers, each for the config's model, batch and data settings, on one proc
    after its first batch (worker start-up is reported apart);
 2. trainer: images/s the training step consumes (D step + G step of the configured model, data already in memory);
 3. a real run of `train.py` for --steps steps with the first worker count: `perf/data_wait_frac`, the share of
-   wall time the loop spent waiting for the next batch, per log interval after the first, and overall.
+   wall time the loop spent waiting for the next batch, over the whole run and per log interval after the first.
 Prints a markdown table and writes the numbers as JSON with --out.
 """
 
@@ -88,7 +88,8 @@ def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
     waits = [r["perf/data_wait_frac"] for r in rows]
     rates = [r["perf/img_per_sec"] for r in rows]
     steady = waits[1:] or waits
-    return {"workers": workers, "steps": steps, "wall_s": wall, "wait_frac_first_interval": waits[0],
+    return {"workers": workers, "steps": steps, "wall_s": wall, "wait_frac_run": sum(waits) / len(waits),
+            "wait_frac_first_interval": waits[0],
             "wait_frac_steady": sum(steady) / len(steady), "wait_frac_max_steady": max(steady),
             "train_img_per_sec_steady": sum(rates[1:] or rates) / len(rates[1:] or rates)}
 
@@ -128,7 +129,8 @@ def main() -> int:
               f"({r['img_per_sec'] / consumed:.1f}x the trainer; first batch {r['first_batch_s']:.2f} s) |")
     if run:
         print(f"| real run, {run['workers']} workers, {run['steps']} steps: data wait | "
-              f"{100 * run['wait_frac_steady']:.2f}% of step time after the first interval (max "
+              f"{100 * run['wait_frac_run']:.2f}% of step time over the run; "
+              f"{100 * run['wait_frac_steady']:.2f}% after the first interval (max "
               f"{100 * run['wait_frac_max_steady']:.2f}%), {100 * run['wait_frac_first_interval']:.1f}% in the first "
               f"(worker start-up); {run['train_img_per_sec_steady']:,.0f} img/s |")
     if args.out:

@@ -29,6 +29,6 @@ def test_benchmark_reports_loader_trainer_and_data_wait(tmp_path, shards):
     assert result["trainer_img_per_sec"] > 0 and result["batch"] == 32
     run = result["run"]
     assert run["workers"] == 2 and run["steps"] == 6
-    assert 0 <= run["wait_frac_steady"] <= run["wait_frac_max_steady"] <= 1
+    assert 0 <= run["wait_frac_steady"] <= run["wait_frac_max_steady"] <= 1 and 0 <= run["wait_frac_run"] <= 1
     for row in ("trainer consumes", "loader, 0 workers", "loader, 2 workers", "data wait"):
         assert row in proc.stdout, row
