@@ -85,6 +85,13 @@ class DataConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: int = 600  # process-group timeout: a collective waiting on a dead rank fails after this long
+    stop_check_every: int = 1  # steps between the all-rank check for stop signals (one 2-element all-reduce)
+    requeue: bool = True  # under SLURM, SIGUSR1/SIGUSR2 save a checkpoint and requeue the job (scontrol requeue)
+
+
+@dataclass
 class CkptConfig:
     every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # newest checkpoints kept
@@ -119,6 +126,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -139,7 +147,7 @@ POSITIVE_FLOAT = ("optim.lr_G", "optim.lr_D", "optim.eps")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
             "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden",
-            "data.resolution", "data.shuffle_buffer")
+            "data.resolution", "data.shuffle_buffer", "dist.timeout_s", "dist.stop_check_every")
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:

@@ -43,6 +43,7 @@ from gan_dist.errors import UserError
 from gan_dist.images import BadImage, decode_image, sample_label
 from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, open_shard, read_manifest_file, \
     sample_counts, tar_samples
+from gan_dist.signals import ignore_in_worker
 
 RESAMPLED_CHUNK = 4  # shards per resampled chunk: a resumed worker re-reads at most this many
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) uint8, or points (B, 2) float; labels (B,)
@@ -231,7 +232,7 @@ class ShardBatches:
         # A private generator: creating the loader must not draw from the global RNG that resume restores.
         loader = wds.WebLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                generator=torch.Generator(), prefetch_factor=4 if workers else None,
-                               persistent_workers=False)
+                               worker_init_fn=ignore_in_worker if workers else None)
         self.loader = iter(loader)
         self.positions = [list(p) for p in stream.positions]
         counts = stream.source.counts

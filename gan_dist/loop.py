@@ -9,12 +9,13 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, broadcast, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast, set_seed
 from tqdm import tqdm
 
 from gan_dist.checkpoint import TrainState, export_final, find_resume, load_checkpoint, save_checkpoint
@@ -25,6 +26,7 @@ from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models
+from gan_dist.signals import StopFlag, requeue, slurm_job_id
 from gan_dist.tracking import Tracker
 from gan_dist.viz import image_grid, scatter_plot
 
@@ -84,12 +86,20 @@ def sync_buffers(module: torch.nn.Module) -> None:
 
 
 def train(cfg: Config) -> None:
+    # Stop signals only set a flag while training runs; after it (or a crash) they act as usual again.
+    with StopFlag() as flag:
+        run(cfg, flag)
+
+
+def run(cfg: Config, flag: StopFlag) -> None:
     # Set up processes. Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch
     # --multi_gpu` starts ranks that each believe they are alone.
+    # A collective waiting on a dead rank fails after dist.timeout_s, so the whole job ends instead of hanging.
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.train.grad_accum, sync_with_dataloader=False))
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))])
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     batch = micro_batch(cfg.train, world)
     run_dir = Path(cfg.run.dir)
@@ -115,6 +125,9 @@ def train(cfg: Config) -> None:
         meta = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resumed from {resume_from} (step {state.step}, {state.nimg} images, "
                           f"saved with world size {meta['world_size']})")
+        if meta["world_size"] != world:
+            accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from "
+                              f"the checkpoint, but not bit-exactly (per-rank noise and data order differ)")
     z_fixed = state.z_fixed.to(device)
 
     # Data: each rank reads its own slice of the shards, continuing at its saved position.
@@ -133,6 +146,7 @@ def train(cfg: Config) -> None:
                     mininterval=0.5 if sys.stderr.isatty() else 30)
     sums: dict[str, torch.Tensor] = {}
     tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, 0, 0.0
+    stop = requeue_asked = False
     while state.step < cfg.train.steps:
         # One step: D then G on each micro-batch; optimizers step once every grad_accum micro-batches.
         for _ in range(cfg.train.grad_accum):
@@ -182,18 +196,33 @@ def train(cfg: Config) -> None:
             if is_main:
                 tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg), state.step)
 
+        # Stop signals: all ranks agree in one collective, so all of them checkpoint and stop at the same step.
+        if state.step % cfg.dist.stop_check_every == 0:
+            asked = torch.tensor([flag.requested > 0, flag.requested == 2], dtype=torch.float32, device=device)
+            stop, requeue_asked = (accelerator.reduce(asked, "sum") > 0).tolist()
+
         # Checkpoint (all ranks), with every rank's data position gathered into the saved state.
-        if state.step % cfg.ckpt.every == 0 or is_last:
+        if state.step % cfg.ckpt.every == 0 or is_last or stop:
             sync_buffers(ema.G_ema)
             state.data_pos = accelerator.gather(batches.state().to(device)).cpu()
             save_checkpoint(accelerator, run_dir, state, cfg.ckpt.keep)
+        if stop:
+            break
     progress.close()
 
-    # Export the final weights of the unwrapped modules.
-    if is_main:
+    # Export the final weights of the unwrapped modules, unless a signal stopped the run early.
+    if stop:
+        accelerator.print(f"stopped at step {state.step} by {flag.name or 'a signal to another rank'}; "
+                          "checkpoint saved")
+    elif is_main:
         final = export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
                                        "discriminator": accelerator.unwrap_model(D)})
         accelerator.print(f"done: step {state.step}, {state.nimg / 1000:.1f} kimg; final weights in {final}")
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+    # Requeue last, once everything is written: SLURM cancels the job's processes at once.
+    if stop and is_main:
+        job = slurm_job_id() if requeue_asked and cfg.dist.requeue else None
+        print(requeue(job) if job else "rerun the same command to continue from it", flush=True)
