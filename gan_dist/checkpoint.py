@@ -35,6 +35,8 @@ class TrainState:
     batches: int = 0  # micro-batches this rank has taken from its data stream: the data position
     z_fixed: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # noise behind every sample grid
     data_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))  # see data.py
+    log_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (world,) sums of the cut interval
+    log_steps: int = 0  # micro-steps in those sums
     wandb_id: str = ""
 
     def state_dict(self) -> dict:

@@ -93,8 +93,8 @@ def train(cfg: Config) -> None:
 
 def run(cfg: Config, flag: StopFlag) -> None:
     # Set up processes. Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch
-    # --multi_gpu` starts ranks that each believe they are alone.
-    # A collective waiting on a dead rank fails after dist.timeout_s, so the whole job ends instead of hanging.
+    # --multi_gpu` starts ranks that each believe they are alone. A collective waiting on a dead rank fails after
+    # dist.timeout_s, so the whole job ends instead of hanging.
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -144,8 +144,9 @@ def run(cfg: Config, flag: StopFlag) -> None:
     # Redrawn often on a terminal, every 30 s into a log file (SLURM output, CI).
     progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main, unit="step", dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30)
-    sums: dict[str, torch.Tensor] = {}
-    tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, 0, 0.0
+    # Metric sums of the log interval the checkpoint cut, restored per rank so the interval logs as if never cut.
+    sums = {k: v[accelerator.process_index].to(device) for k, v in state.log_sums.items() if len(v) == world}
+    tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, state.log_steps if sums else 0, 0.0
     stop = requeue_asked = False
     while state.step < cfg.train.steps:
         # One step: D then G on each micro-batch; optimizers step once every grad_accum micro-batches.
@@ -205,6 +206,9 @@ def run(cfg: Config, flag: StopFlag) -> None:
         if state.step % cfg.ckpt.every == 0 or is_last or stop:
             sync_buffers(ema.G_ema)
             state.data_pos = accelerator.gather(batches.state().to(device)).cpu()
+            keys = sorted(sums)
+            rows = accelerator.gather(torch.stack([sums[k] for k in keys])[None]).cpu() if keys else None
+            state.log_sums, state.log_steps = {k: rows[:, i] for i, k in enumerate(keys)}, tick_steps
             save_checkpoint(accelerator, run_dir, state, cfg.ckpt.keep)
         if stop:
             break

@@ -295,3 +295,10 @@ def test_image_size_follows_data_and_shards_take_lists(tmp_path):
     assert load_config(["--config", str(yaml_file)]).data.shards == "/a/train-{0..3}.tar::pipe:cat /b/x.tar"
     assert load_config(["data.dataset=webdataset", "data.shards=/a/train-{00000..00004}.tar"]).data.shards == \
         "/a/train-{00000..00004}.tar"
+
+
+@pytest.mark.parametrize("key", ["dist.timeout_s", "dist.stop_check_every"])
+def test_dist_settings_must_be_positive(key):
+    with pytest.raises(UserError, match=f"config key '{key}' must be at least 1"):
+        load_config([f"{key}=0"])
+    assert load_config(["dist.requeue=false"]).dist.requeue is False

@@ -39,12 +39,16 @@ def cluster():
         pytest.skip("SLURM is not installed and cannot be installed here (needs root and apt-get)")
     up = subprocess.run(["bash", "scripts/local_slurm.sh", "up"], cwd=REPO, capture_output=True, text=True,
                         timeout=300, env=dict(os.environ, SLURM_LOCAL_NODES="2"))
+    if up.returncode and shutil.which("sbatch") is None:
+        pytest.skip(f"SLURM could not be installed here: {up.stderr.strip().splitlines()[-1:]}")
     assert up.returncode == 0, f"the local SLURM cluster did not come up:\n{up.stderr}"
 
 
-def submit(script: str, run_dir: Path, shards: Path, *overrides: str, nodes: int | None = None) -> str:
+def submit(script: str, run_dir: Path, shards: Path, *overrides: str, wait: bool = False) -> str:
+    """Submit the debug config; the job id. With `wait`, `sbatch --wait` returns when the job has ended and fails
+    unless it completed."""
     sbatch = ["sbatch", "--parsable", f"--output={run_dir.parent / (run_dir.name + '-%j.out')}"]
-    sbatch += [f"--nodes={nodes}"] if nodes else []
+    sbatch += ["--wait"] if wait else []
     args = ["--config", "configs/debug.yaml", f"run.dir={run_dir}", f"data.cache_dir={shards}",
             f"data.mnist_dir={MNIST}", f"train.steps={STEPS}", "ckpt.every=50", "ckpt.keep=10", "data.num_workers=2",
             *overrides]
@@ -52,8 +56,10 @@ def submit(script: str, run_dir: Path, shards: Path, *overrides: str, nodes: int
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", OMP_NUM_THREADS="1",
                WANDB_SILENT="true")
     env.pop("WANDB_MODE", None)
-    done = subprocess.run([*sbatch, script, *args], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    return done.stdout.strip().split(";")[0]
+    done = subprocess.run([*sbatch, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    job_id = done.stdout.strip().split(";")[0]
+    assert done.returncode == 0, f"sbatch exited {done.returncode}: {done.stderr}\n{log_of(run_dir, job_id)}"
+    return job_id
 
 
 def job(job_id: str) -> dict[str, str]:
@@ -72,7 +78,8 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def log_of(run_dir: Path, job_id: str) -> str:
-    return (run_dir.parent / f"{run_dir.name}-{job_id}.out").read_text()
+    path = run_dir.parent / f"{run_dir.name}-{job_id}.out"
+    return path.read_text() if path.is_file() else f"(no output file {path})"
 
 
 def finished(job_id: str, timeout: float = 240) -> dict[str, str]:
@@ -91,10 +98,8 @@ def first_checkpoint(run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(cluster, shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("slurm") / "reference"
-    job_id = submit("slurm/train_multinode.sbatch", run_dir, shards)
-    info = finished(job_id)
-    log = log_of(run_dir, job_id)
-    assert info["JobState"] == "COMPLETED", log
+    job_id = submit("slurm/train_multinode.sbatch", run_dir, shards, wait=True)
+    assert job(job_id)["JobState"] == "COMPLETED"
     return run_dir
 
 

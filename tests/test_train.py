@@ -106,27 +106,37 @@ def test_two_process_run_writes_outputs_and_wandb_log(tmp_path, shards):
         "samples_ema_00000010.png", "samples_ema_00000020.png"]
 
 
-@pytest.mark.parametrize("nproc,workers,mode", [(1, 0, "epoch"), (1, 2, "epoch"), (2, 0, "epoch"), (2, 2, "epoch"),
-                                               (2, 2, "resampled")])
-def test_kill9_then_rerun_is_bit_identical(tmp_path, shards, nproc, workers, mode):
+@pytest.mark.parametrize("nproc,workers,mode,stop", [(1, 0, "epoch", "kill"), (1, 2, "epoch", "kill"),
+                                                    (2, 0, "epoch", "kill"), (2, 2, "epoch", "kill"),
+                                                    (2, 2, "resampled", "kill"), (2, 2, "epoch", "sigterm")])
+def test_stopped_then_rerun_is_bit_identical(tmp_path, shards, nproc, workers, mode, stop):
+    """`kill -9` of the whole launch, or SIGTERM to the launcher alone (which then checkpoints at once)."""
     # 60 steps of 32 images stop mid-epoch (MNIST has 60,000), so resume continues inside an epoch.
     args = (f"data.num_workers={workers}", f"data.mode={mode}", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
     reference = tmp_path / "reference"
     launch(reference, shards, nproc, *args)
 
-    # Kill the whole launch (launcher, ranks, loader workers) with SIGKILL once a checkpoint is complete.
+    # Stop the launch once a checkpoint is complete.
     run_dir = tmp_path / "killed"
     proc = launch(run_dir, shards, nproc, *args, background=True)
     deadline = time.time() + 240
     while not list(run_dir.glob("checkpoints/step_*/meta.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    # torchrun starts each rank in a session of its own, so the process tree is killed, not the group.
-    tree = psutil.Process(proc.pid)
-    for p in [tree, *tree.children(recursive=True)]:
-        p.send_signal(signal.SIGKILL)
-    output = proc.communicate()[0]
+    if stop == "kill":
+        # torchrun starts each rank in a session of its own, so the process tree is killed, not the group.
+        tree = psutil.Process(proc.pid)
+        for p in [tree, *tree.children(recursive=True)]:
+            p.send_signal(signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
     assert list(run_dir.glob("checkpoints/step_*/meta.json")), f"the run wrote no checkpoint:\n{output}"
-    assert not (run_dir / "final").exists(), "the run finished before it could be killed"
+    assert not (run_dir / "final").exists(), "the run finished before it could be stopped"
+    if stop == "sigterm":
+        (line,) = [x for x in output.splitlines() if x.startswith("stopped at step")]
+        step = int(line.split()[3])
+        assert line.endswith("by SIGTERM; checkpoint saved") and (run_dir / "checkpoints" / f"step_{step:08d}").is_dir()
+        assert "rerun the same command to continue from it" in output
 
     log = launch(run_dir, shards, nproc, *args)
     assert "resumed from" in log
