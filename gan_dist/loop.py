@@ -176,9 +176,10 @@ def run(cfg: Config, flag: StopFlag) -> None:
         if state.step % cfg.log.every == 0 or is_last:
             keys = sorted(sums)
             elapsed = time.perf_counter() - tick_time
-            local = [sums[k] / tick_steps for k in keys] + [torch.tensor(data_wait / max(elapsed, 1e-9)),
-                                                            torch.tensor(float(batches.skipped))]
-            *means, wait_frac, skipped = accelerator.reduce(torch.stack(local).to(device), "mean").tolist()
+            local = torch.stack([sums[k] / tick_steps for k in keys] + [
+                torch.tensor(data_wait / max(elapsed, 1e-9), device=device),
+                torch.tensor(float(batches.skipped), device=device)])
+            *means, wait_frac, skipped = accelerator.reduce(local, "mean").tolist()
             row = {"train/step": state.step, "train/kimg": state.nimg / 1000}
             row |= {f"train/{k}": v for k, v in zip(keys, means)}
             row["perf/img_per_sec"] = (state.nimg - tick_nimg) / max(elapsed, 1e-9)
