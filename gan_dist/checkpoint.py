@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from gan_dist.errors import UserError
 
@@ -37,6 +37,7 @@ class TrainState:
     data_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))  # see data.py
     log_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (world,) sums of the cut interval
     log_steps: int = 0  # micro-steps in those sums
+    best: float | None = None  # the best value of eval.best_metric so far (behind best/)
     wandb_id: str = ""
 
     def state_dict(self) -> dict:
@@ -106,16 +107,57 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
-def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module]) -> Path:
-    """Write `{run.dir}/final/<name>.safetensors` (plain state_dicts) atomically; main process only."""
-    final = Path(run_dir) / "final"
-    tmp = final.with_name(".tmp-final")
+def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name: str = "final",
+                 scores: dict | None = None) -> Path:
+    """Write `{run.dir}/{name}/<module>.safetensors` (plain state_dicts) and, with `scores`, `metrics.json`,
+    atomically; main process only. `final/` is the end of training, `best/` the best evaluation so far."""
+    final = Path(run_dir) / name
+    tmp = final.with_name(f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, module in modules.items():
+    for module_name, module in modules.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                  str(tmp / f"{name}.safetensors"))
+                  str(tmp / f"{module_name}.safetensors"))
+    if scores is not None:
+        (tmp / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool = True) -> dict[str, torch.Tensor]:
+    """G_ema's (or G's) state_dict from `final`, `best`, or the checkpoint of a step number; UserError otherwise."""
+    run_dir = Path(run_dir)
+    if checkpoint in ("final", "best"):
+        path = run_dir / checkpoint / f"{'generator_ema' if ema else 'generator'}.safetensors"
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; is {run_dir} a finished run (final/), or one with eval.every "
+                            f"set (best/)? Or pass a step that has a checkpoint: "
+                            f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none saved'}")
+        return load_file(str(path))
+    if not checkpoint.isdigit():
+        raise UserError(f"--checkpoint {checkpoint} is not final, best or a step number")
+    step_dir = run_dir / "checkpoints" / f"step_{int(checkpoint):08d}"
+    if not (step_dir / "meta.json").is_file():
+        raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
+                        f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
+    if not ema:
+        return load_file(str(step_dir / "model.safetensors"))  # accelerate saves G, the first prepared model, here
+    state = torch.load(step_dir / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    prefix = "averaged.module."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool = True):
+    """(G in eval mode with the run's weights, the run's Config) for the review scripts."""
+    from gan_dist.config import load_config  # noqa: PLC0415 - keeps this module's import light for the loop
+    from gan_dist.models import build_models  # noqa: PLC0415
+
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the run.dir of a training run")
+    cfg = load_config(["--config", str(config)])
+    G = build_models(cfg.model)[0]
+    G.load_state_dict(generator_weights(run_dir, checkpoint, ema))
+    return G.eval(), cfg

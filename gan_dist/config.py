@@ -85,6 +85,17 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 2000  # steps between evaluations (and one at the end); 0 turns evaluation off
+    num_samples: int = 10000  # generated samples per evaluation (2-D data: 2500 is the published protocol)
+    best_metric: str = "auto"  # the metric that picks best/: fcd (MNIST), hq (2-D), fid (RGB), or any eval/ name
+    model: str = "ema"  # ema (G_ema) | G
+    classifier: str = "data/classifier/mnist_cnn.safetensors"  # MNIST feature network; trained on first use
+    inception: str = ""  # StyleGAN's TorchScript inception-2015-12-05.pt for FID on RGB data; empty = skip FID
+    batch: int = 500  # samples per forward pass
+
+
+@dataclass
 class DistConfig:
     timeout_s: int = 600  # process-group timeout: a collective waiting on a dead rank fails after this long
     stop_check_every: int = 1  # steps between the all-rank check for stop signals (one 2-element all-reduce)
@@ -126,6 +137,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -140,14 +152,16 @@ CHOICES = {
     "data.mode": ("epoch", "resampled"),
     "data.channels": (1, 3),
     "data.on_error": ("warn", "raise"),
+    "eval.model": ("ema", "G"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
-NON_NEGATIVE = ("data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std")
+NON_NEGATIVE = ("eval.every", "data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std")
 POSITIVE_FLOAT = ("optim.lr_G", "optim.lr_D", "optim.eps")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
             "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden",
-            "data.resolution", "data.shuffle_buffer", "dist.timeout_s", "dist.stop_check_every")
+            "data.resolution", "data.shuffle_buffer", "dist.timeout_s", "dist.stop_check_every", "eval.num_samples",
+            "eval.batch")
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:

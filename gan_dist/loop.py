@@ -23,11 +23,12 @@ from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
 from gan_dist.data import PointBatches, ShardBatches, mixture_centers, open_source, shard_batches, \
     start_positions, to_real
 from gan_dist.ema import EMA
+from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
-from gan_dist.models import build_models
+from gan_dist.models import build_models, eval_mode
 from gan_dist.signals import StopFlag, requeue, slurm_job_id
-from gan_dist.tracking import Tracker
+from gan_dist.tracking import Tracker, run_info
 from gan_dist.viz import image_grid, scatter_plot
 
 T = TypeVar("T")
@@ -74,9 +75,19 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
 
 
 @torch.no_grad()
-def sample_picture(G_ema: torch.nn.Module, z: torch.Tensor, cfg: Config):
-    out = G_ema(z)
+def sample_picture(G: torch.nn.Module, z: torch.Tensor, cfg: Config):
+    """A grid (or 2-D scatter plot) of G's samples, with BatchNorm on its running statistics."""
+    with eval_mode(G):
+        out = G(z)
     return image_grid(out) if out.ndim == 4 else scatter_plot(out, mixture_centers(cfg.data))
+
+
+@torch.no_grad()
+def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: torch.Tensor) -> dict:
+    """D's probabilities for a real batch and for G's samples, judged in eval mode as in the G step."""
+    with eval_mode(G, D):
+        out = {"train/d_hist_real": torch.sigmoid(D(real)), "train/d_hist_fake": torch.sigmoid(D(G(z)))}
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
 def sync_buffers(module: torch.nn.Module) -> None:
@@ -130,13 +141,16 @@ def run(cfg: Config, flag: StopFlag) -> None:
                               f"the checkpoint, but not bit-exactly (per-rank noise and data order differ)")
     z_fixed = state.z_fixed.to(device)
 
-    # Data: each rank reads its own slice of the shards, continuing at its saved position.
+    # Data: each rank reads its own slice of the shards, continuing at its saved position. Evaluation needs
+    # the MNIST classifier, which each node's main process trains on first use while the other ranks wait.
     batches = make_batches(cfg, accelerator, batch, state)
+    evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed))
+    best_name, scores = best_metric(cfg.eval, cfg.data), None
     if is_main:  # only now, so that a run stopped by bad input has written nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(is_main, cfg.wandb, run_dir, state.wandb_id,
-                      to_dict(cfg) | {"world_size": world, "micro_batch": batch}, resumed_step=state.step)
+                      to_dict(cfg) | run_info(world) | {"micro_batch": batch}, resumed_step=state.step)
     accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type}), "
                       f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "
                       f"step {state.step} -> {cfg.train.steps}")
@@ -197,6 +211,21 @@ def run(cfg: Config, flag: StopFlag) -> None:
             sync_buffers(ema.G_ema)
             if is_main:
                 tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg), state.step)
+                tracker.log_image("samples/G", sample_picture(G_raw, z_fixed, cfg), state.step)
+                tracker.log_histograms(d_histograms(G_raw, accelerator.unwrap_model(D), real, z_fixed), state.step)
+
+        # Evaluate (every rank generates its share, all get the same scores) and export the best weights so far.
+        if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:
+            sync_buffers(ema.G_ema)
+            scores = evaluator(ema.G_ema if cfg.eval.model == "ema" else G_raw, accelerator.process_index, world,
+                               accelerator.gather, device) | {"step": state.step, "kimg": state.nimg / 1000}
+            tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
+                        {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
+            if better(best_name, scores[best_name], state.best):
+                state.best = scores[best_name]
+                if is_main:
+                    export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
+                                           "discriminator": accelerator.unwrap_model(D)}, "best", scores)
 
         # Stop signals: all ranks agree in one collective, so all of them checkpoint and stop at the same step.
         if state.step % cfg.dist.stop_check_every == 0:
@@ -221,7 +250,7 @@ def run(cfg: Config, flag: StopFlag) -> None:
                           "checkpoint saved")
     elif is_main:
         final = export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
-                                       "discriminator": accelerator.unwrap_model(D)})
+                                       "discriminator": accelerator.unwrap_model(D)}, scores=scores)
         accelerator.print(f"done: step {state.step}, {state.nimg / 1000:.1f} kimg; final weights in {final}")
     tracker.finish()
     accelerator.wait_for_everyone()

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -146,3 +149,16 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.arch == "radford":
         return RadfordGenerator(cfg), RadfordDiscriminator(cfg)
     return MLPGenerator(cfg), MLPDiscriminator(cfg)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run `modules` in eval mode (BatchNorm on running statistics, no dropout), then restore their modes."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from gan_dist.config import WandbConfig
+from gan_dist.evaluation import LOWER_IS_BETTER, NAMES
 
 
 def _say(msg: str) -> None:
@@ -49,9 +52,29 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
         run = wandb.init(mode="offline", settings=wandb.Settings(console="off", quiet=True), **kwargs)
     if run.settings.mode == "offline" or mode == "offline":
         _say(f"W&B is offline; upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*")
+    # Every metric is plotted against train/step; train/kimg rides in every row, so the x axis can switch to it.
     run.define_metric("train/step")
     run.define_metric("*", step_metric="train/step")
+    for name in {n for names in NAMES.values() for n in names}:  # W&B's summary keeps each one's best value
+        run.define_metric(f"eval/{name}", step_metric="train/step", summary="min" if name in LOWER_IS_BETTER else "max")
     return run
+
+
+def run_info(world_size: int) -> dict:
+    """What a reviewer needs beside the config: the code's commit and the versions it ran with."""
+    import accelerate
+    import torch
+    import wandb
+    import webdataset
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"git_commit": commit, "world_size": world_size, "python": platform.python_version(),
+            "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__,
+                         "webdataset": getattr(webdataset, "__version__", "?"), "wandb": wandb.__version__}}
 
 
 class Tracker:
@@ -86,6 +109,13 @@ class Tracker:
             import wandb
 
             self.run.log({key: wandb.Image(image), "train/step": step})
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
+        """Histograms (W&B only), e.g. D's outputs on real and fake samples."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({k: wandb.Histogram(v) for k, v in values.items()} | {"train/step": step})
 
     def finish(self) -> None:
         if self.run is not None:

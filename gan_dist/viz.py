@@ -12,16 +12,22 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def image_grid(images: torch.Tensor, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> one (rows*H, cols*W, 3) uint8 grid."""
+def as_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
     x = ((images.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    n, c, h, w = x.shape
-    cols = math.ceil(math.sqrt(n))
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, pad: int = 2, cols: int | None = None) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one (rows*H, cols*W, 3) uint8 grid (square unless `cols` is given)."""
+    x = as_uint8(images)
+    if x.shape[3] == 1:
+        x = np.repeat(x, 3, axis=3)
+    n, h, w, c = x.shape
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-    for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
+    for i, im in enumerate(x):
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = im
     return grid

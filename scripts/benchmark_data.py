@@ -80,7 +80,7 @@ def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(argv + [f"run.dir={tmp}", f"train.steps={steps}", f"data.num_workers={workers}",
                                   f"log.every={log_every}", f"ckpt.every={steps}", f"log.sample_every={steps}",
-                                  "wandb.mode=disabled"])
+                                  "wandb.mode=disabled", "eval.every=0"])
         start = time.perf_counter()
         train(cfg)
         wall = time.perf_counter() - start

@@ -1,5 +1,6 @@
 """Shared pytest setup: one intra-op thread, so test results and timings do not depend on OMP_NUM_THREADS or on
-the number of cores of the machine running them; and MNIST shards written once for every end-to-end test."""
+the number of cores of the machine running them; MNIST shards written once for every end-to-end test; and the
+evaluation classifier (with its cached real-data statistics) trained once where the runs look for it."""
 
 from pathlib import Path
 
@@ -18,3 +19,16 @@ def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "mnist-shards"
     mnist.write_shards(MNIST, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def classifier() -> Path:
+    """The MNIST classifier at the default `eval.classifier` path of runs started in the repo root (a cache:
+    trained here only when absent), with its reference statistics, so no run under test trains it."""
+    from gan_dist.classifier import DEFAULT_PATH
+    from gan_dist.config import DataConfig, EvalConfig
+    from gan_dist.evaluation import Evaluator
+
+    path = Path(__file__).resolve().parents[1] / DEFAULT_PATH
+    Evaluator(EvalConfig(every=1, classifier=str(path)), DataConfig(mnist_dir=str(MNIST)), z_dim=8, seed=0)
+    return path

@@ -119,3 +119,8 @@ def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, shards):
     assert "logging offline" in proc.stderr and "wandb sync" in proc.stderr
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (tmp_path / "run" / "final" / "generator_ema.safetensors").exists()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _runs_find_the_classifier(classifier):
+    """The debug config evaluates with the MNIST classifier; it is trained once per session, not by each run."""

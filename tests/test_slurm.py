@@ -162,3 +162,8 @@ def test_killed_rank_ends_the_job_and_a_one_node_resubmission_completes(cluster,
     assert info["JobState"] == "COMPLETED", log
     assert "resumed from" in log and "world size changed from 2 to 1" in log
     assert f"done: step {STEPS}" in log and (run_dir / "final" / "generator.safetensors").is_file()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _runs_find_the_classifier(classifier):
+    """The debug config evaluates with the MNIST classifier; it is trained once per session, not by each run."""

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from wandb_records import history, run_id  # noqa: E402
+from wandb_records import config, history, run_id  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -74,7 +74,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 def test_two_process_run_writes_outputs_and_wandb_log(tmp_path, shards):
     run_dir = tmp_path / "run"
-    log = launch(run_dir, shards, 2, "train.steps=20", "log.sample_every=10", "train.grad_accum=2")
+    log = launch(run_dir, shards, 2, "train.steps=20", "log.sample_every=10", "train.grad_accum=2", "eval.every=10")
     assert "world size 2" in log and "MULTI_CPU" in log and "8 images per process per micro-step" in log
 
     # With 2 accumulation micro-steps, each optimizer still steps exactly once per training step.
@@ -89,21 +89,41 @@ def test_two_process_run_writes_outputs_and_wandb_log(tmp_path, shards):
     assert (run_dir / "config.yaml").read_text().count("steps: 20") == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
 
-    rows = jsonl(run_dir)
+    rows = [r for r in jsonl(run_dir) if "train/loss_d" in r]
     assert [r["train/step"] for r in rows] == [10, 20]
     for key in ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake", "perf/img_per_sec"):
         assert all(key in r for r in rows), key
     assert 0 < rows[-1]["train/d_real"] < 1 and rows[-1]["train/kimg"] == 20 * 32 / 1000
 
-    # The offline W&B run holds the same scalars and the sample grids.
+    # Evaluations at steps 10 and 20: every MNIST metric beside its real-data floor, the best one exported.
+    evals = [r for r in jsonl(run_dir) if "eval/fcd" in r]
+    assert [r["train/step"] for r in evals] == [10, 20]
+    for name in ("fcd", "kid", "is", "class_kl", "class_min", "class_max", "precision", "recall"):
+        assert all(f"eval/{name}" in r and f"eval/{name}_real" in r for r in evals), name
+    assert evals[0]["eval/fcd_real"] < 1 < 20 < evals[0]["eval/fcd"], "an untrained G is far from the floor"
+    best = min(evals, key=lambda r: r["eval/fcd"])
+    best_json = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert best_json["step"] == best["train/step"] and best_json["fcd"] == best["eval/fcd"]
+    assert json.loads((run_dir / "final" / "metrics.json").read_text())["fcd"] == evals[-1]["eval/fcd"]
+    best_G = load_file(run_dir / "best" / "generator_ema.safetensors")
+    assert best_G.keys() == final["generator_ema"].keys()
+
+    # The offline W&B run holds the same scalars, the evaluations, both sample grids and D's histograms.
     (run_file,) = wandb_files(run_dir)
     wb = history(run_file)
     wb_scalars = [{k: r[k] for k in rows[0]} for r in wb if "train/loss_d" in r]
     assert wb_scalars == rows
-    grids = [r for r in wb if r.get("samples/ema/_type") == "image-file"]
-    assert [g["train/step"] for g in grids] == [10, 20]
+    assert [{k: r[k] for k in evals[0]} for r in wb if "eval/fcd" in r] == evals
+    for key in ("samples/ema", "samples/G"):
+        grids = [r for r in wb if r.get(f"{key}/_type") == "image-file"]
+        assert [g["train/step"] for g in grids] == [10, 20], key
+    hists = [r for r in wb if r.get("train/d_hist_real/_type") == "histogram"]
+    assert [h["train/step"] for h in hists] == [10, 20] and all("train/d_hist_fake/bins" in h for h in hists)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "samples_ema_00000010.png", "samples_ema_00000020.png"]
+        "samples_G_00000010.png", "samples_G_00000020.png", "samples_ema_00000010.png", "samples_ema_00000020.png"]
+    wb_config = config(run_file)
+    assert wb_config["world_size"] == 2 and wb_config["train"]["steps"] == 20
+    assert len(wb_config["git_commit"]) == 40 and wb_config["versions"]["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("nproc,workers,mode,stop", [(1, 0, "epoch", "kill"), (1, 2, "epoch", "kill"),
@@ -203,3 +223,8 @@ def test_resampled_run_over_a_truncated_shard_finishes_and_reports_the_skip(tmp_
     rows = jsonl(run_dir)
     assert rows[-1]["data/skipped"] > 0 and "data/epoch" not in rows[-1]
     assert (run_dir / "final" / "generator_ema.safetensors").exists()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _runs_find_the_classifier(classifier):
+    """The debug config evaluates with the MNIST classifier; it is trained once per session, not by each run."""

@@ -51,3 +51,13 @@ def run_id(path: str | Path) -> str:
         if rec.WhichOneof("record_type") == "run":
             return rec.run.run_id
     raise ValueError(f"no run record in {path}")
+
+
+def config(path: str | Path) -> dict:
+    """The run config as {key: decoded JSON value} (top-level keys; later updates win)."""
+    out = {}
+    for rec in records(path):
+        kind = rec.WhichOneof("record_type")
+        items = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
+        out |= {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in items}
+    return out

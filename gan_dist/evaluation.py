@@ -1,0 +1,173 @@
+"""Evaluating a generator: the same noise for every sample index on any number of processes, each rank generating
+its share, the shares gathered in index order, and the metrics of `metrics.py` beside their real-data floors.
+
+- MNIST: the classifier's features and class probabilities (`classifier.py`; trained on first use). The training
+  set's feature statistics, a fixed 5,000-image reference subset, and the floors (the real test set scored like a
+  generator) are computed once per classifier and cached beside it.
+- 2-D mixtures: modes covered, % high-quality samples and reverse KL against the configured modes.
+- RGB images: Inception FID against `eval.num_samples` real images, when StyleGAN's TorchScript Inception
+  (`eval.inception`) is given; otherwise skipped with one line.
+
+No accelerate here: the caller passes `gather` (concatenate equal-shaped tensors of all ranks in rank order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gan_dist import metrics, mnist
+from gan_dist.classifier import ensure_classifier
+from gan_dist.config import DataConfig, EvalConfig
+from gan_dist.data import mixture_centers, open_source, shard_batches
+from gan_dist.errors import UserError
+from gan_dist.models import eval_mode
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+LOWER_IS_BETTER = {"fcd", "kid", "class_kl", "class_max", "reverse_kl", "fid"}
+NAMES = {"mnist": ("fcd", "kid", "is", "class_kl", "class_min", "class_max", "precision", "recall"),
+         "webdataset": ("fid",), "points": ("modes", "hq", "reverse_kl")}
+REFERENCE_SIZE = 5000
+NOISE_SEED = 0x5EED  # added to the run's seed: evaluation noise never collides with training noise
+
+
+def best_metric(cfg: EvalConfig, data: DataConfig) -> str:
+    if cfg.best_metric != "auto":
+        return cfg.best_metric
+    return {"mnist": "fcd", "webdataset": "fid"}.get(data.dataset, "hq")
+
+
+def better(name: str, new: float, old: float | None) -> bool:
+    return old is None or (new < old if name in LOWER_IS_BETTER else new > old)
+
+
+def share(num: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's sample indices: equal-sized blocks (so gathers line up), wrapped past `num` and cut after."""
+    per = math.ceil(num / world)
+    return torch.arange(rank * per, (rank + 1) * per) % num
+
+
+@torch.no_grad()
+def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def _reference(net: torch.nn.Module, path: Path, mnist_dir: str, batch: int) -> dict[str, torch.Tensor]:
+    """Training-set statistics and real-data floors for `net`, cached at `path` (written by the caller's rank)."""
+    if path.is_file():
+        return load_file(str(path))
+    data = mnist.load_mnist(mnist_dir)
+    feats, probs = {}, {}
+    for split, (images, _) in data.items():
+        x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+        feats[split] = _in_batches(net.features, x, batch)
+        probs[split] = _in_batches(lambda b: net(b).softmax(1), x, batch)
+    mu, cov = metrics.gaussian_stats(feats["train"])
+    ref = feats["train"][torch.randperm(len(feats["train"]), generator=torch.Generator().manual_seed(0))
+                         [:REFERENCE_SIZE]].double()
+    floors = metrics.image_metrics(mu, cov, ref, feats["test"], probs["test"])
+    out = {"mu": mu, "cov": cov, "ref": ref} | {f"{k}_real": torch.tensor(v) for k, v in floors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # nodes sharing a filesystem may write it at once
+    save_file(out, str(tmp))
+    os.replace(tmp, path)
+    return out
+
+
+class Evaluator:
+    """Loads what the metrics need once (call it on each node's main process first); `__call__` evaluates."""
+
+    def __init__(self, cfg: EvalConfig, data: DataConfig, z_dim: int, seed: int) -> None:
+        self.cfg, self.data, self.z_dim = cfg, data, z_dim
+        self.z = torch.randn(cfg.num_samples, z_dim, generator=torch.Generator().manual_seed(seed + NOISE_SEED))
+        self.net = self.ref = self.inception = self.real_stats = None
+        names = NAMES.get(data.dataset, NAMES["points"])
+        if best_metric(cfg, data) not in names:
+            raise UserError(f"eval.best_metric={cfg.best_metric} is not computed for data.dataset={data.dataset}; "
+                            f"choose one of auto, {', '.join(names)}", code=2)
+        self.enabled = cfg.every > 0
+        if not self.enabled:
+            return
+        if data.dataset == "mnist":
+            self.net, _ = ensure_classifier(cfg.classifier, data.mnist_dir)
+            cache = Path(cfg.classifier).with_suffix(".reference.safetensors")
+            self.ref = _reference(self.net, cache, data.mnist_dir, cfg.batch)
+        elif data.dataset == "webdataset":
+            if not cfg.inception:
+                print("[gan-dist] eval: no eval.inception weights given, so no FID for these images (give "
+                      "StyleGAN's inception-2015-12-05.pt to compute it)", file=sys.stderr)
+            else:
+                self.inception = _load_inception(cfg.inception)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and (self.data.dataset != "webdataset" or self.inception is not None)
+
+    @torch.no_grad()
+    def __call__(self, G: torch.nn.Module, rank: int, world: int, gather: Gather, device: torch.device,
+                 real_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
+        """Every rank generates its share; all ranks return the same metrics (computed on the gathered samples)."""
+        n, idx = self.cfg.num_samples, share(self.cfg.num_samples, rank, world)
+        z = self.z[idx].to(device)
+        with eval_mode(G):
+            if self.net is not None:
+                net = self.net.to(device)
+
+                def judge(b: torch.Tensor) -> torch.Tensor:
+                    x = G(b)
+                    return torch.cat([net.features(x), net(x).softmax(1)], 1)
+
+                both = gather(_in_batches(judge, z, self.cfg.batch))[:n].cpu()
+                feats, probs = both[:, :-10], both[:, -10:]
+                out = metrics.image_metrics(self.ref["mu"], self.ref["cov"], self.ref["ref"], feats, probs)
+                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real")}
+            if self.data.dataset not in ("mnist", "webdataset"):
+                points = gather(_in_batches(G, z, self.cfg.batch))[:n].cpu()
+                centers = torch.from_numpy(mixture_centers(self.data))
+                std = 1.0 if self.data.dataset == "gaussian" else self.data.std
+                return metrics.mixture_metrics(points, centers, std)
+            if self.inception is None:
+                return {}
+            inception = self.inception.to(device)
+            fake = gather(_in_batches(lambda b: _inception_features(inception, G(b)), z, self.cfg.batch))[:n]
+            mu, cov = metrics.gaussian_stats(fake.cpu())
+            if self.real_stats is None:
+                self.real_stats = self._real_stats(inception, rank, world, gather, device)
+            return {"fid": metrics.frechet_distance(mu, cov, *self.real_stats)}
+
+    def _real_stats(self, inception, rank: int, world: int, gather: Gather, device) -> tuple:
+        """Inception statistics of `eval.num_samples` training images (each rank reads its own share)."""
+        per = math.ceil(self.cfg.num_samples / world)
+        data = dataclasses.replace(self.data, num_workers=0, mode="resampled", hflip=False)
+        batches = shard_batches(open_source(data), data, self.cfg.batch, seed=1, rank=rank, world=world)
+        feats, have = [], 0
+        while have < per:
+            images = next(batches)[0].to(device).float().div(127.5).sub(1)
+            feats.append(_inception_features(inception, images))
+            have += len(images)
+        return metrics.gaussian_stats(gather(torch.cat(feats)[:per]).cpu())
+
+
+def _load_inception(path: str) -> torch.nn.Module:
+    if not Path(path).is_file():
+        raise UserError(f"eval.inception={path} does not exist; give the path of StyleGAN's TorchScript "
+                        f"inception-2015-12-05.pt, or leave eval.inception empty to skip FID")
+    try:
+        return torch.jit.load(path, map_location="cpu").eval()
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"eval.inception={path} is not a TorchScript model ({str(err).splitlines()[0]})") from None
+
+
+def _inception_features(inception: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    # StyleGAN's network takes uint8-range RGB images of any size and resizes them to 299 itself.
+    x = ((images + 1) * 127.5).clamp(0, 255)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return inception(x, return_features=True).double()

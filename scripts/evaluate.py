@@ -1,0 +1,77 @@
+"""Every metric for one checkpoint of a run, printed as a table beside the real-data floors and written as JSON.
+
+    python scripts/evaluate.py --run RUN [--checkpoint final|best|STEP] [--num N] [--out FILE.json] [--no-ema]
+    accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --run RUN    # same result, split
+
+Each process generates its share of the N samples (the same noise per sample index whatever the process count);
+the shares are gathered in index order, so 1 and 2 processes give the same metrics up to float rounding. The JSON
+holds flat keys (`fcd`, `kid`, `is`, `class_kl`, `precision`, `recall`, ... or `modes`, `hq`, `reverse_kl` for 2-D
+data) and each floor as `<name>_real`. MNIST metrics use the classifier of the run's `eval.classifier`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+try:
+    import gan_dist  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
+from gan_dist.checkpoint import load_run_generator  # noqa: E402
+from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.evaluation import Evaluator  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="the run.dir of a training run")
+    parser.add_argument("--checkpoint", default="final", help="final, best, or a step with a checkpoint")
+    parser.add_argument("--num", type=int, help="generated samples (default: the run's eval.num_samples)")
+    parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
+    parser.add_argument("--no-ema", action="store_true", help="evaluate the raw G instead of G_ema")
+    args = parser.parse_args()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        G, cfg = load_run_generator(args.run, args.checkpoint, ema=not args.no_ema)
+        eval_cfg = dataclasses.replace(cfg.eval, every=1, num_samples=args.num or cfg.eval.num_samples)
+        if eval_cfg.num_samples < 2:
+            raise UserError("--num must be at least 2")
+        # Each node's main process trains the classifier if it is missing; the others then load it.
+        evaluator = None
+        if accelerator.is_local_main_process:
+            evaluator = Evaluator(eval_cfg, cfg.data, cfg.model.z_dim, cfg.seed)
+        accelerator.wait_for_everyone()
+        evaluator = evaluator or Evaluator(eval_cfg, cfg.data, cfg.model.z_dim, cfg.seed)
+        if not evaluator.active:
+            raise UserError(f"nothing to evaluate for data.dataset={cfg.data.dataset} without eval.inception")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    scores = evaluator(G.to(accelerator.device), accelerator.process_index, accelerator.num_processes,
+                       accelerator.gather, accelerator.device)
+    if accelerator.is_main_process:
+        print(f"{args.run}, checkpoint {args.checkpoint}, {'G' if args.no_ema else 'G_ema'}, "
+              f"{eval_cfg.num_samples} samples on {accelerator.num_processes} process(es)")
+        print(f"{'metric':<12}{'value':>12}{'real data':>12}")
+        for name, value in scores.items():
+            if not name.endswith("_real"):
+                floor = scores.get(f"{name}_real")
+                print(f"{name:<12}{value:>12.5g}{'' if floor is None else format(floor, '>12.5g')}")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(scores | {"checkpoint": args.checkpoint,
+                                                     "num_samples": eval_cfg.num_samples}, indent=1) + "\n")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

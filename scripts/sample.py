@@ -1,0 +1,93 @@
+"""Draw samples from a trained run: a grid, a folder of PNGs, an .npz array, or a latent interpolation strip.
+
+    python scripts/sample.py --run RUN [--checkpoint final|best|STEP] --num N --out PATH [--seed S] [--interpolate]
+
+- `--out grid.png`: one grid of N samples (a scatter plot with the mode centres for 2-D data);
+- `--out DIR` (no suffix): N PNG files, `DIR/000000.png` ...;
+- `--out samples.npz`: array `samples`, images as uint8 N x H x W x C, 2-D points as float32 N x 2;
+- `--interpolate --out strip.png`: N rows of 10 images along spherical paths between random latents.
+Samples come from G_ema unless `--no-ema`. The same --seed gives the same samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import gan_dist  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from gan_dist.checkpoint import load_run_generator  # noqa: E402
+from gan_dist.data import mixture_centers  # noqa: E402
+from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.viz import as_uint8, image_grid, scatter_plot  # noqa: E402
+
+STRIP = 10  # images per interpolation row
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation, the path that keeps Gaussian latents at their typical norm."""
+    omega = torch.arccos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+@torch.no_grad()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="the run.dir of a training run")
+    parser.add_argument("--checkpoint", default="final", help="final, best, or a step with a checkpoint")
+    parser.add_argument("--num", type=int, required=True, help="samples (rows with --interpolate)")
+    parser.add_argument("--out", type=Path, required=True, help=".png grid, .npz array, or a folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interpolate", action="store_true", help="latent interpolation strip (.png)")
+    parser.add_argument("--no-ema", action="store_true", help="sample the raw G instead of G_ema")
+    args = parser.parse_args()
+    try:
+        if args.num < 1:
+            raise UserError("--num must be at least 1")
+        G, cfg = load_run_generator(args.run, args.checkpoint, ema=not args.no_ema)
+        rng = torch.Generator().manual_seed(args.seed)
+        if args.interpolate:
+            if args.out.suffix != ".png":
+                raise UserError("--interpolate writes a .png strip; give --out NAME.png")
+            ends = torch.randn(args.num, 2, cfg.model.z_dim, generator=rng)
+            t = torch.linspace(0, 1, STRIP)[:, None]
+            z = torch.cat([slerp(a, b, t) for a, b in ends])
+        else:
+            z = torch.randn(args.num, cfg.model.z_dim, generator=rng)
+        out = G(z)
+        points = out.ndim == 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.suffix == ".npz":
+            np.savez(args.out, samples=out.numpy().astype(np.float32) if points else as_uint8(out))
+        elif args.out.suffix == ".png":
+            if points:
+                picture = scatter_plot(out, mixture_centers(cfg.data))
+            else:
+                picture = image_grid(out, cols=STRIP if args.interpolate else None)
+            Image.fromarray(picture).save(args.out)
+        elif args.out.suffix == "":
+            if points:
+                raise UserError("2-D samples are points, not images: give --out NAME.npz or NAME.png (a plot)")
+            args.out.mkdir(exist_ok=True)
+            for i, image in enumerate(as_uint8(out)):
+                Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(args.out / f"{i:06d}.png")
+        else:
+            raise UserError(f"--out {args.out}: use a .png grid, an .npz array, or a folder (no suffix)")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code if err.code != 1 else 2
+    print(f"wrote {args.out} ({len(out)} {'points' if points else 'images'} from {args.run}, {args.checkpoint}, "
+          f"{'G' if args.no_ema else 'G_ema'}, seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Tests for gan_dist.metrics and the sample split of gan_dist.evaluation, on inputs with known answers:
+FCD of a set with itself and of two known Gaussians, KID near 0 for one distribution and positive for a shift,
+IS and class coverage of confident / collapsed class probabilities, precision and recall of identical, shifted and
+collapsed feature sets, the 2-D protocol on points placed at, near and far from the modes, and evaluation giving
+the same metrics however the samples are split over processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gan_dist import metrics
+from gan_dist.config import DataConfig, EvalConfig
+from gan_dist.data import mixture_centers
+from gan_dist.evaluation import Evaluator, better, share
+
+
+def gaussian(n: int, d: int, shift: float = 0.0, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale + shift
+
+
+def test_frechet_distance_of_known_gaussians():
+    x = gaussian(4000, 8)
+    mu, cov = metrics.gaussian_stats(x)
+    assert metrics.frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-8)
+    # N(0, I) vs N(m, s^2 I) in d dims: |m|^2 + d (1 - s)^2.
+    d, m, s = 8, 0.5, 2.0
+    exact = metrics.frechet_distance(torch.zeros(d), torch.eye(d, dtype=torch.float64),
+                                     torch.full((d,), m, dtype=torch.float64), s ** 2 * torch.eye(d, dtype=torch.float64))
+    assert exact == pytest.approx(d * m ** 2 + d * (1 - s) ** 2)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    real = gaussian(2000, 16, seed=1)
+    same = metrics.kernel_inception_distance(real, gaussian(2000, 16, seed=2), subsets=5, size=500)
+    shifted = metrics.kernel_inception_distance(real, gaussian(2000, 16, shift=0.5, seed=3), subsets=5, size=500)
+    assert abs(same) < 0.01 and shifted > 10 * max(abs(same), 1e-4)
+    assert metrics.kernel_inception_distance(real, real[:300], subsets=2) == metrics.kernel_inception_distance(
+        real, real[:300], subsets=2), "fixed subsets: deterministic"
+
+
+def test_inception_score_and_class_coverage():
+    confident = torch.eye(10).repeat(100, 1) * 0.999 + 0.0001  # every class, each predicted with certainty
+    assert metrics.inception_score(confident) == pytest.approx(10, rel=0.01)
+    collapsed = confident[::10]  # one class only
+    assert metrics.inception_score(collapsed) == pytest.approx(1, rel=0.01)
+    even = metrics.class_coverage(confident)
+    assert even == pytest.approx({"class_kl": 0.0, "class_min": 0.1, "class_max": 0.1})
+    one = metrics.class_coverage(collapsed)
+    assert one["class_kl"] == pytest.approx(math.log(10)) and one["class_min"] == 0 and one["class_max"] == 1
+
+
+def test_precision_and_recall():
+    real = gaussian(600, 4, seed=4)
+    assert metrics.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    far = metrics.precision_recall(real, gaussian(600, 4, shift=10, seed=5))
+    assert far == {"precision": 0.0, "recall": 0.0}
+    # A generator that draws only a small part of the data: precise, but it recalls little.
+    part = real[real[:, 0] > 1.0]
+    pr = metrics.precision_recall(real, part)
+    assert pr["precision"] == 1.0 and pr["recall"] < 0.4
+
+
+def test_mixture_protocol_on_points_at_near_and_far_from_the_modes():
+    cfg = DataConfig(dataset="ring8", radius=1.0, std=0.01)
+    centers = torch.from_numpy(mixture_centers(cfg))
+    at = centers.repeat(100, 1) + 0.005
+    scores = metrics.mixture_metrics(at, centers, 0.01)
+    assert scores == pytest.approx({"modes": 8, "hq": 100.0, "reverse_kl": 0.0}, abs=1e-9)
+    # Half the samples at one mode, half off the ring: 1 mode, 50% high quality, a collapsed histogram.
+    half = torch.cat([centers[:1].repeat(50, 1), torch.zeros(50, 2) + 0.3])
+    scores = metrics.mixture_metrics(half, centers, 0.01)
+    assert scores["modes"] == 1 and scores["hq"] == 50.0 and scores["reverse_kl"] > 1.0
+
+
+@pytest.mark.parametrize("num, world", [(10, 1), (10, 3), (7, 2), (2500, 4)])
+def test_each_rank_gets_an_equal_share_and_the_shares_cover_every_index_in_order(num, world):
+    shares = [share(num, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1
+    assert torch.cat(shares)[:num].tolist() == list(range(num))
+
+
+def test_evaluation_is_the_same_on_one_and_on_three_processes():
+    from gan_dist.config import ModelConfig
+    from gan_dist.models import build_models
+
+    torch.manual_seed(0)
+    G, _ = build_models(ModelConfig(arch="mlp", z_dim=4, hidden=16, out_act="none"))
+    data = DataConfig(dataset="grid25", std=0.5)
+    evaluator = Evaluator(EvalConfig(every=1, num_samples=1000, batch=128), data, 4, seed=0)
+    alone = evaluator(G, 0, 1, lambda x: x, torch.device("cpu"))
+    # Three "processes" in turn; gather concatenates their equal-sized shares in rank order.
+    parts = {}
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        parts[rank] = x
+        return torch.cat([parts.get(r, x) for r in range(3)])
+
+    for rank in (1, 2, 0):  # rank 0 last, once the others have produced their shares
+        split = evaluator(G, rank, 3, gather, torch.device("cpu"))
+    assert split == pytest.approx(alone, abs=1e-9)
+    assert better("fcd", 1.0, 2.0) and not better("hq", 1.0, 2.0) and better("hq", 1.0, None)
