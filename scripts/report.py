@@ -272,12 +272,18 @@ def summary_table(runs: list[Run]) -> str:
             ("batch size", lambda r: cfg_get(r.config, "train.batch_size")), ("model", model), ("data", data)]
     rows += [(f"last {k.split('/')[-1]}", lambda r, k=k: last(r, k))
              for k in ("train/loss_d", "train/loss_g", "train/d_real", "train/d_fake", "perf/img_per_sec")]
+    def with_floor(scores: dict | None, key: str) -> str | None:
+        # One row per metric: the real-data floor rides beside its value instead of taking a row of its own.
+        value, floor = (scores or {}).get(key), (scores or {}).get(f"{key}_real")
+        return None if value is None else fmt(value) + ("" if floor is None else f" (real data {fmt(floor)})")
+
     for label, attr in (("final", "final"), ("best", "best")):
-        keys = list(dict.fromkeys(k for r in runs for k in (getattr(r, attr) or {}) if k != "step"))
+        keys = list(dict.fromkeys(k for r in runs for k in (getattr(r, attr) or {})
+                                  if k not in ("step", "kimg") and not k.endswith("_real")))
         if any(getattr(r, attr) for r in runs):
             if attr == "best":
                 rows.append(("best step", lambda r: (r.best or {}).get("step")))
-            rows += [(f"{label} {k}", lambda r, k=k, a=attr: (getattr(r, a) or {}).get(k)) for k in keys]
+            rows += [(f"{label} {k}", lambda r, k=k, a=attr: with_floor(getattr(r, a), k)) for k in keys]
         else:
             rows.append((f"{label} metrics", lambda r, a=attr: f"no {a}/metrics.json"))
     head = "".join(f'<th><span class="swatch" style="background:{COLORS[i % len(COLORS)]}"></span>'
