@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from gan_dist import metrics
 from gan_dist.config import DataConfig, EvalConfig
 from gan_dist.data import mixture_centers
+from gan_dist.errors import UserError
 from gan_dist.evaluation import Evaluator, better, share
 
 
@@ -103,3 +105,42 @@ def test_evaluation_is_the_same_on_one_and_on_three_processes():
         split = evaluator(G, rank, 3, gather, torch.device("cpu"))
     assert split == pytest.approx(alone, abs=1e-9)
     assert better("fcd", 1.0, 2.0) and not better("hq", 1.0, 2.0) and better("hq", 1.0, None)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # StyleGAN's network is TorchScript
+def test_inception_fid_on_rgb_shards_with_a_torchscript_feature_network(tmp_path):
+    """The FID path with a stand-in for StyleGAN's TorchScript Inception (same call: uint8-range RGB in,
+    `return_features=True`): real statistics from the shards, computed once; other noise, another FID."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from gan_dist.config import ModelConfig
+    from gan_dist.models import build_models
+
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1) / 255
+
+    net = tmp_path / "inception.pt"
+    torch.jit.script(Features()).save(str(net))
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "train-00000.tar")) as writer:
+        for i in range(80):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(png, format="PNG")
+            writer.write({"__key__": f"s{i:03d}", "png": png.getvalue()})
+    data = DataConfig(dataset="webdataset", shards=str(tmp_path / "train-00000.tar"), mode="resampled",
+                      resolution=16, channels=3, num_workers=0, shuffle_buffer=10)
+    torch.manual_seed(0)
+    G, _ = build_models(ModelConfig(arch="radford", z_dim=8, width=4, resolution=16, channels=3))
+    cfg = EvalConfig(every=1, num_samples=60, batch=16, inception=str(net))
+    evaluator = Evaluator(cfg, data, 8, seed=0)
+    first = evaluator(G, 0, 1, lambda x: x, torch.device("cpu"))
+    assert first.keys() == {"fid"} and 0 < first["fid"] < float("inf")
+    assert evaluator(G, 0, 1, lambda x: x, torch.device("cpu")) == first, "same noise, cached real statistics"
+    assert Evaluator(cfg, data, 8, seed=1)(G, 0, 1, lambda x: x, torch.device("cpu")) != first
+    assert Evaluator(EvalConfig(every=1, inception=""), data, 8, seed=0).active is False
+    with pytest.raises(UserError, match="eval.inception=.*does not exist"):
+        Evaluator(EvalConfig(every=1, inception=str(tmp_path / "missing.pt")), data, 8, seed=0)
