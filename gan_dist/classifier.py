@@ -239,7 +239,10 @@ def load_classifier(path: str | Path) -> tuple[MnistNet, float]:
     if not 0.0 <= accuracy <= 1.0 or math.isnan(accuracy):
         raise UserError(f"evaluation classifier {path} records an impossible accuracy {accuracy}; {fix}")
 
-    model = MnistNet()
+    # Built without drawing from the global RNG: a training run that loads the classifier (and a resumed one that
+    # loads it again after restoring its RNG) must draw the same noise as one that never does.
+    with torch.random.fork_rng(devices=[]):
+        model = MnistNet()
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -308,3 +308,16 @@ def test_script_reports_user_errors_with_exit_code_2(script, tmp_path, capsys):
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
     assert script.main(["--mnist-dir", str(MNIST), "--epochs", "0", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_loading_does_not_draw_from_the_global_rng(tmp_path):
+    """A run that loads the classifier after restoring its RNG must draw the same noise as one that never does."""
+    from gan_dist.classifier import MnistNet, load_classifier, save_classifier
+
+    path = tmp_path / "net.safetensors"
+    save_classifier(MnistNet(), 0.5, path)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_classifier(path)
+    assert torch.equal(torch.rand(3), expected)
