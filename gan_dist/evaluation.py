@@ -72,8 +72,9 @@ def _reference(net: torch.nn.Module, path: Path, mnist_dir: str, batch: int) -> 
     mu, cov = metrics.gaussian_stats(feats["train"])
     ref = feats["train"][torch.randperm(len(feats["train"]), generator=torch.Generator().manual_seed(0))
                          [:REFERENCE_SIZE]].double()
-    floors = metrics.image_metrics(mu, cov, ref, feats["test"], probs["test"])
-    out = {"mu": mu, "cov": cov, "ref": ref} | {f"{k}_real": torch.tensor(v) for k, v in floors.items()}
+    radii = metrics.knn_radii(ref)
+    floors = metrics.image_metrics(mu, cov, ref, feats["test"], probs["test"], radii)
+    out = {"mu": mu, "cov": cov, "ref": ref, "radii": radii} | {f"{k}_real": torch.tensor(v) for k, v in floors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # nodes sharing a filesystem may write it at once
     save_file(out, str(tmp))
@@ -113,7 +114,7 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, G: torch.nn.Module, rank: int, world: int, gather: Gather, device: torch.device,
                  real_stats: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
-        """Every rank generates its share; all ranks return the same metrics (computed on the gathered samples)."""
+        """Every rank generates its share; rank 0 returns the metrics of the gathered samples, the others {}."""
         n, idx = self.cfg.num_samples, share(self.cfg.num_samples, rank, world)
         z = self.z[idx].to(device)
         with eval_mode(G):
@@ -125,11 +126,16 @@ class Evaluator:
                     return torch.cat([net.features(x), net(x).softmax(1)], 1)
 
                 both = gather(_in_batches(judge, z, self.cfg.batch))[:n].cpu()
+                if rank:
+                    return {}
                 feats, probs = both[:, :-10], both[:, -10:]
-                out = metrics.image_metrics(self.ref["mu"], self.ref["cov"], self.ref["ref"], feats, probs)
+                out = metrics.image_metrics(self.ref["mu"], self.ref["cov"], self.ref["ref"], feats, probs,
+                                            self.ref.get("radii"))
                 return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real")}
             if self.data.dataset not in ("mnist", "webdataset"):
                 points = gather(_in_batches(G, z, self.cfg.batch))[:n].cpu()
+                if rank:
+                    return {}
                 centers = torch.from_numpy(mixture_centers(self.data))
                 std = 1.0 if self.data.dataset == "gaussian" else self.data.std
                 return metrics.mixture_metrics(points, centers, std)
@@ -140,7 +146,7 @@ class Evaluator:
             mu, cov = metrics.gaussian_stats(fake.cpu())
             if self.real_stats is None:
                 self.real_stats = self._real_stats(inception, rank, world, gather, device)
-            return {"fid": metrics.frechet_distance(mu, cov, *self.real_stats)}
+            return {} if rank else {"fid": metrics.frechet_distance(mu, cov, *self.real_stats)}
 
     def _real_stats(self, inception, rank: int, world: int, gather: Gather, device) -> tuple:
         """Inception statistics of `eval.num_samples` training images (each rank reads its own share)."""

@@ -214,18 +214,17 @@ def run(cfg: Config, flag: StopFlag) -> None:
                 tracker.log_image("samples/G", sample_picture(G_raw, z_fixed, cfg), state.step)
                 tracker.log_histograms(d_histograms(G_raw, accelerator.unwrap_model(D), real, z_fixed), state.step)
 
-        # Evaluate (every rank generates its share, all get the same scores) and export the best weights so far.
+        # Evaluate (every rank generates its share, the main process scores them) and export the best weights.
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:
             sync_buffers(ema.G_ema)
             scores = evaluator(ema.G_ema if cfg.eval.model == "ema" else G_raw, accelerator.process_index, world,
                                accelerator.gather, device) | {"step": state.step, "kimg": state.nimg / 1000}
             tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
                         {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
-            if better(best_name, scores[best_name], state.best):
+            if is_main and better(best_name, scores[best_name], state.best):  # TrainState is saved by main only
                 state.best = scores[best_name]
-                if is_main:
-                    export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
-                                           "discriminator": accelerator.unwrap_model(D)}, "best", scores)
+                export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
+                                       "discriminator": accelerator.unwrap_model(D)}, "best", scores)
 
         # Stop signals: all ranks agree in one collective, so all of them checkpoint and stop at the same step.
         if state.step % cfg.dist.stop_check_every == 0:

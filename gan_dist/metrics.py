@@ -75,14 +75,18 @@ def class_coverage(probs: torch.Tensor) -> dict[str, float]:
     return {"class_kl": _kl_to_uniform(share), "class_min": float(share.min()), "class_max": float(share.max())}
 
 
-def _knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
-    d = torch.cdist(features, features)
+def knn_radii(features: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Each point's distance to its k-th nearest neighbour: the radius of its ball in the k-NN manifold."""
+    d = torch.cdist(features.double(), features.double())
     return d.kthvalue(k + 1, dim=1).values  # the 0th neighbour is the point itself
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> dict[str, float]:
+    """`real_radii` (knn_radii(real, k)) can be passed in when `real` is a fixed reference set."""
     real, fake = real.double(), fake.double()
-    r_real, r_fake = _knn_radii(real, k), _knn_radii(fake, k)
+    r_real = knn_radii(real, k) if real_radii is None else real_radii
+    r_fake = knn_radii(fake, k)
     d = torch.cdist(fake, real)  # (fake, real)
     precision = (d <= r_real[None, :]).any(1).double().mean()
     recall = (d.T <= r_fake[None, :]).any(1).double().mean()
@@ -90,13 +94,14 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
 
 
 def image_metrics(real_mu: torch.Tensor, real_cov: torch.Tensor, real_ref: torch.Tensor, features: torch.Tensor,
-                  probs: torch.Tensor) -> dict[str, float]:
+                  probs: torch.Tensor, real_radii: torch.Tensor | None = None) -> dict[str, float]:
     """All image metrics of samples (`features`, class `probs`) against the real training set's statistics and a
-    fixed reference subset of its features."""
+    fixed reference subset of its features (and, when given, that subset's k-NN radii)."""
     mu, cov = gaussian_stats(features)
     return {"fcd": frechet_distance(mu, cov, real_mu, real_cov),
             "kid": kernel_inception_distance(real_ref, features),
-            "is": inception_score(probs), **class_coverage(probs), **precision_recall(real_ref, features)}
+            "is": inception_score(probs), **class_coverage(probs),
+            **precision_recall(real_ref, features, real_radii=real_radii)}
 
 
 def mixture_metrics(points: torch.Tensor, centers: torch.Tensor, std: float) -> dict[str, float]:
