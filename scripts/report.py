@@ -33,8 +33,8 @@ MAX_GRIDS = 12  # sample grids shown per run, evenly spaced over the run
 THUMB_PX = 180  # displayed width of one sample grid; the PNG keeps its full resolution inside the page
 TRAIN = ["train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"]  # one row of four plots
 PERF = ["perf/img_per_sec", "perf/data_wait_frac"]
-EVAL_ORDER = ["eval/fcd", "eval/fid", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl", "eval/class_min",
-              "eval/class_max", "eval/modes", "eval/hq", "eval/reverse_kl"]  # the rest follow alphabetically
+EVAL_ORDER = ["eval/fcd", "eval/fid", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl",
+              "eval/class_min", "eval/class_max", "eval/modes", "eval/hq", "eval/reverse_kl"]  # then alphabetically
 AXES = ("train/step", "train/kimg")
 SAMPLE_RE = re.compile(r"samples_(.+)_(\d{8})\.png$")
 

@@ -30,8 +30,8 @@ def test_frechet_distance_of_known_gaussians():
     assert metrics.frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-8)
     # N(0, I) vs N(m, s^2 I) in d dims: |m|^2 + d (1 - s)^2.
     d, m, s = 8, 0.5, 2.0
-    exact = metrics.frechet_distance(torch.zeros(d), torch.eye(d, dtype=torch.float64),
-                                     torch.full((d,), m, dtype=torch.float64), s ** 2 * torch.eye(d, dtype=torch.float64))
+    eye = torch.eye(d, dtype=torch.float64)
+    exact = metrics.frechet_distance(torch.zeros(d), eye, torch.full((d,), m, dtype=torch.float64), s ** 2 * eye)
     assert exact == pytest.approx(d * m ** 2 + d * (1 - s) ** 2)
 
 
