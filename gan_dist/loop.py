@@ -206,7 +206,8 @@ def run(cfg: Config, flag: StopFlag) -> None:
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
             sums, tick_time, tick_nimg, tick_steps, data_wait = {}, time.perf_counter(), state.nimg, 0, 0.0
 
-        # Sample grid from G_ema on the fixed noise (the EMA copy is not DDP-wrapped, so main alone may call it).
+        # Sample grids from G_ema and G on the fixed noise, and D's outputs: main alone calls the unwrapped modules,
+        # which never runs a DDP hook or collective.
         if state.step % cfg.log.sample_every == 0 or is_last:
             sync_buffers(ema.G_ema)
             if is_main:
