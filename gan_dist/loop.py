@@ -126,6 +126,8 @@ def run(cfg: Config, flag: StopFlag) -> None:
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, eps=cfg.optim.eps)
     G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
     G_raw = accelerator.unwrap_model(G)
+    # What final/ and best/ hold: the unwrapped modules, so the state_dicts carry no DDP prefix.
+    exported = {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": accelerator.unwrap_model(D)}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4))
     accelerator.register_for_checkpointing(ema, state)
@@ -213,7 +215,7 @@ def run(cfg: Config, flag: StopFlag) -> None:
             if is_main:
                 tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg), state.step)
                 tracker.log_image("samples/G", sample_picture(G_raw, z_fixed, cfg), state.step)
-                tracker.log_histograms(d_histograms(G_raw, accelerator.unwrap_model(D), real, z_fixed), state.step)
+                tracker.log_histograms(d_histograms(G_raw, exported["discriminator"], real, z_fixed), state.step)
 
         # Evaluate (every rank generates its share, the main process scores them) and export the best weights.
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:
@@ -224,8 +226,7 @@ def run(cfg: Config, flag: StopFlag) -> None:
                         {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
             if is_main and better(best_name, scores[best_name], state.best):  # TrainState is saved by main only
                 state.best = scores[best_name]
-                export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
-                                       "discriminator": accelerator.unwrap_model(D)}, "best", scores)
+                export_final(run_dir, exported, "best", scores)
 
         # Stop signals: all ranks agree in one collective, so all of them checkpoint and stop at the same step.
         if state.step % cfg.dist.stop_check_every == 0:
@@ -249,8 +250,7 @@ def run(cfg: Config, flag: StopFlag) -> None:
         accelerator.print(f"stopped at step {state.step} by {flag.name or 'a signal to another rank'}; "
                           "checkpoint saved")
     elif is_main:
-        final = export_final(run_dir, {"generator": G_raw, "generator_ema": ema.G_ema,
-                                       "discriminator": accelerator.unwrap_model(D)}, scores=scores)
+        final = export_final(run_dir, exported, scores=scores)
         accelerator.print(f"done: step {state.step}, {state.nimg / 1000:.1f} kimg; final weights in {final}")
     tracker.finish()
     accelerator.wait_for_everyone()
