@@ -34,6 +34,7 @@ class ModelConfig:
     hidden: int = 256  # mlp hidden units
     depth: int = 1  # mlp hidden layers
     out_act: str = "tanh"  # mlp G output: tanh (seed 001) | none (mixtures outside [-1, 1])
+    spectral_norm: bool = False  # spectral normalization (Miyato et al. 2018) of every D weight
 
 
 @dataclass
@@ -43,11 +44,18 @@ class OptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     eps: float = 1e-7  # Keras' Adam default, which both seeds used
+    schedule: str = "constant"  # learning rates after warmup: constant | linear | cosine (decay to 0 at train.steps)
+    warmup_steps: int = 0  # learning rates rise linearly from 0 over these first steps
 
 
 @dataclass
 class LossConfig:
-    label_noise: float = 0.05  # seed 000 adds U(0, label_noise) to D's 0/1 targets; 0 turns it off
+    kind: str = "ns"  # ns (non-saturating, the seeds') | minimax | hinge | ls (least squares) | wgan_gp
+    label_noise: float = 0.05  # seed 000's noise on D's 0/1 targets (ns, minimax, ls); 0 turns it off
+    n_critic: int = 1  # D steps per G step, each on its own real batch (5 in WGAN-GP's paper)
+    gp_weight: float = 10.0  # wgan_gp: weight of the gradient penalty on real/fake interpolates
+    r1_gamma: float = 0.0  # R1 penalty gamma / 2 * |grad_x D(real)|^2 (Mescheder et al. 2018); 0 turns it off
+    r1_every: int = 16  # lazy R1: every r1_every D steps, scaled by r1_every (StyleGAN2)
 
 
 @dataclass
@@ -147,6 +155,8 @@ class Config:
 CHOICES = {
     "model.arch": ("dcgan", "radford", "mlp"),
     "model.out_act": ("tanh", "none"),
+    "loss.kind": ("ns", "minimax", "hinge", "ls", "wgan_gp"),
+    "optim.schedule": ("constant", "linear", "cosine"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "data.dataset": ("mnist", "webdataset", "gaussian", "ring8", "grid25"),
     "data.mode": ("epoch", "resampled"),
@@ -155,13 +165,14 @@ CHOICES = {
     "eval.model": ("ema", "G"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
-NON_NEGATIVE = ("eval.every", "data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std")
+NON_NEGATIVE = ("eval.every", "data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std",
+                "loss.gp_weight", "loss.r1_gamma", "optim.warmup_steps")
 POSITIVE_FLOAT = ("optim.lr_G", "optim.lr_D", "optim.eps")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
             "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden",
             "data.resolution", "data.shuffle_buffer", "dist.timeout_s", "dist.stop_check_every", "eval.num_samples",
-            "eval.batch")
+            "eval.batch", "loss.n_critic", "loss.r1_every")
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
@@ -196,6 +207,9 @@ def _check(cfg) -> None:
         for key in keys:
             if not ok(OmegaConf.select(cfg, key)):
                 raise UserError(f"config key '{key}' must be {what}, got {OmegaConf.select(cfg, key)}", code=2)
+    if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp"):
+        raise UserError(f"loss.label_noise={cfg.loss.label_noise} applies to the ns, minimax and ls losses only; "
+                        f"add loss.label_noise=0 for loss.kind={cfg.loss.kind}", code=2)
     _check_images(cfg)
 
 

@@ -27,6 +27,7 @@ from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models, eval_mode
+from gan_dist.optim import lr_factor, make_optimizers, set_lr
 from gan_dist.signals import StopFlag, requeue, slurm_job_id
 from gan_dist.tracking import Tracker, run_info
 from gan_dist.viz import image_grid, scatter_plot
@@ -121,9 +122,7 @@ def run(cfg: Config, flag: StopFlag) -> None:
     G, D = build_models(cfg.model)
     G, D = G.to(device), D.to(device)
     ema = EMA(G, cfg.ema)
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, eps=cfg.optim.eps)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, eps=cfg.optim.eps)
+    opt_G, opt_D = make_optimizers(G, D, cfg.optim)
     G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
     G_raw = accelerator.unwrap_model(G)
     # What final/ and best/ hold: the unwrapped modules, so the state_dicts carry no DDP prefix.
@@ -165,26 +164,34 @@ def run(cfg: Config, flag: StopFlag) -> None:
     tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, state.log_steps if sums else 0, 0.0
     stop = requeue_asked = False
     while state.step < cfg.train.steps:
-        # One step: D then G on each micro-batch; optimizers step once every grad_accum micro-batches.
+        # One step: n_critic D steps, each on its own real batches, then one G step. Each optimizer steps once
+        # per grad_accum micro-batches; accelerate counts micro-batches across both blocks, so each block is
+        # exactly grad_accum long. D metrics are weighted 1 / n_critic so that every key averages per step.
+        set_lr(opt_G, opt_D, lr_factor(state.step, cfg.train.steps, cfg.optim), cfg.optim)
+        for i in range(cfg.loss.n_critic):
+            r1_due = (state.step * cfg.loss.n_critic + i) % cfg.loss.r1_every == 0
+            for _ in range(cfg.train.grad_accum):
+                wait_start = time.perf_counter()
+                images = next(batches)[0]
+                data_wait += time.perf_counter() - wait_start
+                real = to_real(images, device)
+                with accelerator.accumulate(D):
+                    z = torch.randn(len(real), cfg.model.z_dim, device=device)
+                    metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due)
+                state.batches += 1
+                # Metrics stay on the device until the next log: no host sync per step.
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.float() / cfg.loss.n_critic
         for _ in range(cfg.train.grad_accum):
-            wait_start = time.perf_counter()
-            images = next(batches)[0]
-            data_wait += time.perf_counter() - wait_start
-            real = to_real(images, device)
-            with accelerator.accumulate(G, D):
-                z = torch.randn(len(real), cfg.model.z_dim, device=device)
-                metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward)
-                z = torch.randn(len(real), cfg.model.z_dim, device=device)
-                metrics |= g_step(G, D, opt_G, z, accelerator.backward)
-            state.batches += 1
-            # Metrics stay on the device until the next log: no host sync per step.
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float()
+            with accelerator.accumulate(G):
+                z = torch.randn(batch, cfg.model.z_dim, device=device)
+                loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward)["loss_g"]
+            sums["loss_g"] = sums.get("loss_g", 0) + loss_g.float()
             tick_steps += 1
         if not opt_G.step_was_skipped:
-            ema.update(G_raw, state.nimg, cfg.train.batch_size)
+            ema.update(G_raw, state.nimg, cfg.train.batch_size * cfg.loss.n_critic)
         state.step += 1
-        state.nimg += cfg.train.batch_size
+        state.nimg += cfg.train.batch_size * cfg.loss.n_critic  # real images shown to D
         progress.update(1)
         is_last = state.step == cfg.train.steps
 

@@ -7,6 +7,7 @@
   4x4 transposed convolutions with BatchNorm and ReLU, halving channels from `width * side / 8`; D mirrors it with
   LeakyReLU(0.2), no BatchNorm on its first layer, and a 4x4 valid convolution to one logit; N(0, 0.02) init.
 - MLP for 2-D points (seed 001): G z -> 256 -> 2 (tanh), D 2 -> 256 -> 1, ReLU, logits out.
+- `model.spectral_norm` puts spectral normalization on every D weight, for any arch.
 """
 
 from __future__ import annotations
@@ -143,12 +144,22 @@ class MLPDiscriminator(nn.Module):
         return self.net(x).squeeze(1)  # (B,) logits
 
 
+def spectral_normalize(D: nn.Module) -> nn.Module:
+    """Divide every weight of D by its largest singular value (one power iteration per training forward)."""
+    for m in list(D.modules()):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.utils.parametrizations.spectral_norm(m)
+    return D
+
+
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.arch == "dcgan":
-        return DCGANGenerator(cfg), DCGANDiscriminator(cfg)
-    if cfg.arch == "radford":
-        return RadfordGenerator(cfg), RadfordDiscriminator(cfg)
-    return MLPGenerator(cfg), MLPDiscriminator(cfg)
+        G, D = DCGANGenerator(cfg), DCGANDiscriminator(cfg)
+    elif cfg.arch == "radford":
+        G, D = RadfordGenerator(cfg), RadfordDiscriminator(cfg)
+    else:
+        G, D = MLPGenerator(cfg), MLPDiscriminator(cfg)
+    return G, spectral_normalize(D) if cfg.spectral_norm else D
 
 
 @contextmanager

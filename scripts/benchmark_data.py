@@ -65,7 +65,7 @@ def trainer_rate(cfg: Config, steps: int) -> float:
 
     def step() -> None:
         d_step(G, D, opt_D, real, torch.randn(len(real), cfg.model.z_dim), cfg.loss, torch.Tensor.backward)
-        g_step(G, D, opt_G, torch.randn(len(real), cfg.model.z_dim), torch.Tensor.backward)
+        g_step(G, D, opt_G, torch.randn(len(real), cfg.model.z_dim), cfg.loss.kind, torch.Tensor.backward)
 
     step()  # warm-up: first-call allocations
     start = time.perf_counter()

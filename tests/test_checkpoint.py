@@ -123,7 +123,7 @@ def run(accelerator, tmp_path_factory):
     def train_step():
         real = torch.rand(4, 1, 28, 28) * 2 - 1
         d_step(r.G, r.D, r.opt_D, real, torch.randn(4, 8), LossConfig(), r.acc.backward)
-        g_step(r.G, r.D, r.opt_G, torch.randn(4, 8), r.acc.backward)
+        g_step(r.G, r.D, r.opt_G, torch.randn(4, 8), "ns", r.acc.backward)
         r.ema.update(r.acc.unwrap_model(r.G), r.state.nimg, 4)
         r.state.step += 1
         r.state.nimg += 4

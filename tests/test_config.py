@@ -227,10 +227,21 @@ def test_yaml_that_is_not_a_mapping_is_a_user_error(tmp_path):
     ("optim.lr_G=-0.001", "optim.lr_G"),
     ("optim.beta1=1.5", "optim.beta1"),
     ("loss.label_noise=-0.1", "loss.label_noise"),
+    ("loss.n_critic=0", "loss.n_critic"),
+    ("loss.r1_gamma=-1", "loss.r1_gamma"),
+    ("loss.kind=wgan", "loss.kind"),
+    ("optim.schedule=step", "optim.schedule"),
 ])
 def test_values_torch_rejects_are_config_errors(override, key):
     err = user_error([override])
     assert err.code == 2 and f"'{key}'" in str(err)
+
+
+def test_label_noise_with_a_margin_loss_names_the_fix():
+    # The default label noise has no meaning for hinge or WGAN losses: say so instead of ignoring it.
+    err = user_error(["loss.kind=hinge"])
+    assert err.code == 2 and "loss.label_noise=0" in str(err)
+    assert load_config(["loss.kind=hinge", "loss.label_noise=0"]).loss.kind == "hinge"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gan_dist.config import LossConfig, ModelConfig
-from gan_dist.losses import d_loss, d_step, g_loss, g_step
+from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, r1_penalty
 from gan_dist.models import MLPDiscriminator, MLPGenerator
 
 
@@ -48,28 +48,28 @@ FAKE = torch.tensor([-0.5, 1.1, -2.2])
 
 def test_d_loss_without_noise_is_mean_bce_over_the_concatenated_batch():
     expected = bce(torch.cat([REAL, FAKE]), torch.cat([torch.ones(4), torch.zeros(3)]))
-    assert d_loss(REAL, FAKE, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert d_loss(REAL, FAKE, label_noise=0.0).item() == pytest.approx(expected.item(), rel=1e-6)
     # mean over all 7 logits, not the average of a real mean and a fake mean
     halves = (bce(REAL, torch.ones(4)) + bce(FAKE, torch.zeros(3))) / 2
-    assert d_loss(REAL, FAKE, 0.0).item() != pytest.approx(halves.item(), rel=1e-3)
+    assert d_loss(REAL, FAKE, label_noise=0.0).item() != pytest.approx(halves.item(), rel=1e-3)
 
 
 def test_d_loss_gradients_push_real_up_and_fake_down():
     for noise in (0.0, 0.05):
         torch.manual_seed(0)
-        g_real, g_fake = grads(lambda r, f: d_loss(r, f, noise), REAL, FAKE)
+        g_real, g_fake = grads(lambda r, f: d_loss(r, f, label_noise=noise), REAL, FAKE)
         assert (g_real < 0).all(), "raising a real logit must lower D's loss"
         assert (g_fake > 0).all(), "lowering a fake logit must lower D's loss"
 
 
 def test_d_loss_decreases_when_d_gets_more_confident():
-    base = d_loss(REAL, FAKE, 0.0)
-    assert d_loss(REAL + 1, FAKE, 0.0) < base
-    assert d_loss(REAL, FAKE - 1, 0.0) < base
-    assert d_loss(REAL - 1, FAKE + 1, 0.0) > base
+    base = d_loss(REAL, FAKE, label_noise=0.0)
+    assert d_loss(REAL + 1, FAKE, label_noise=0.0) < base
+    assert d_loss(REAL, FAKE - 1, label_noise=0.0) < base
+    assert d_loss(REAL - 1, FAKE + 1, label_noise=0.0) > base
     # a perfect D approaches zero loss; the ideal equilibrium D(x) = 1/2 costs log 2
-    assert d_loss(torch.full((4,), 30.0), torch.full((3,), -30.0), 0.0) < 1e-6
-    assert d_loss(torch.zeros(4), torch.zeros(3), 0.0).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert d_loss(torch.full((4,), 30.0), torch.full((3,), -30.0), label_noise=0.0) < 1e-6
+    assert d_loss(torch.zeros(4), torch.zeros(3), label_noise=0.0).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
 def test_g_loss_is_bce_against_ones_and_decreases_as_fake_logits_rise():
@@ -94,7 +94,7 @@ def test_g_loss_stays_finite_for_extreme_logits():
 def _targets(real: torch.Tensor, fake: torch.Tensor, noise: float) -> torch.Tensor:
     # d/dx_i of mean BCE-with-logits = (sigmoid(x_i) - t_i) / N, so t_i = sigmoid(x_i) - N * grad_i.
     x = torch.cat([real, fake]).double()
-    g_real, g_fake = grads(lambda r, f: d_loss(r, f, noise), real.double(), fake.double())
+    g_real, g_fake = grads(lambda r, f: d_loss(r, f, label_noise=noise), real.double(), fake.double())
     return torch.sigmoid(x) - len(x) * torch.cat([g_real, g_fake])
 
 
@@ -123,10 +123,10 @@ def test_label_noise_zero_gives_exact_targets():
 def test_label_noise_draws_from_the_global_rng():
     # Resume restores torch's RNG, so the noise must come from it to be reproducible.
     torch.manual_seed(5)
-    a = d_loss(REAL, FAKE, 0.05)
+    a = d_loss(REAL, FAKE, label_noise=0.05)
     torch.manual_seed(5)
-    b = d_loss(REAL, FAKE, 0.05)
-    c = d_loss(REAL, FAKE, 0.05)
+    b = d_loss(REAL, FAKE, label_noise=0.05)
+    c = d_loss(REAL, FAKE, label_noise=0.05)
     assert a == b and b != c
 
 
@@ -179,7 +179,7 @@ def test_d_step_lowers_d_loss_and_reports_its_metrics():
     assert out["d_real"].item() == pytest.approx(torch.sigmoid(before_real).mean().item(), rel=1e-5)
     assert out["d_fake"].item() == pytest.approx(torch.sigmoid(before_fake).mean().item(), rel=1e-5)
     with torch.no_grad():
-        after = d_loss(D(real), D(fake), 0.0)
+        after = d_loss(D(real), D(fake), label_noise=0.0)
     assert after < out["loss_d"]
 
 
@@ -190,7 +190,7 @@ def test_g_step_updates_only_g_and_lowers_g_loss():
     g0, d0 = snapshot(G), snapshot(D)
     with torch.no_grad():
         before = g_loss(D(G(z)))
-    out = g_step(G, D, opt_G, z, backward)
+    out = g_step(G, D, opt_G, z, "ns", backward)
     assert same(D, d0), "g_step must not change D"
     assert all(p.grad is None for p in D.parameters()), "g_step must not leave gradients on D"
     assert all(p.requires_grad for p in D.parameters()), "D is trainable again after the G step"
@@ -209,7 +209,7 @@ def test_g_step_gradient_reaches_g_through_frozen_d():
     G_ref.load_state_dict(G.state_dict())
     g_loss(D(G_ref(z))).backward()
     expected = [p.detach() - 0.01 * p.grad for p in G_ref.parameters()]
-    g_step(G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, backward)
+    g_step(G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, "ns", backward)
     for p, e in zip(G.parameters(), expected):
         assert torch.allclose(p, e, atol=1e-6)
 
@@ -224,7 +224,7 @@ def test_g_step_restores_d_requires_grad_when_backward_raises():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        g_step(G, D, opt_G, torch.randn(4, 8), failing_backward)
+        g_step(G, D, opt_G, torch.randn(4, 8), "ns", failing_backward)
     assert all(p.requires_grad for p in D.parameters())
     assert same(G, g0), "no optimizer step after a failed backward"
 
@@ -235,7 +235,7 @@ def test_d_step_then_g_step_leave_no_stale_gradients():
     opt_D = torch.optim.SGD(D.parameters(), lr=0.1)
     for _ in range(2):
         d_step(G, D, opt_D, torch.randn(8, 2), torch.randn(8, 8), LossConfig(), backward)
-        g_step(G, D, opt_G, torch.randn(8, 8), backward)
+        g_step(G, D, opt_G, torch.randn(8, 8), "ns", backward)
         assert all(p.grad is None for p in list(G.parameters()) + list(D.parameters()))
         assert all(p.requires_grad for p in list(G.parameters()) + list(D.parameters()))
 
@@ -244,7 +244,7 @@ def test_d_loss_with_label_noise_is_bounded_below():
     # Targets above 1 (the seed's literal rule) let D's loss fall without bound as real logits grow.
     torch.manual_seed(0)
     huge = torch.full((64,), 1e4)
-    assert d_loss(huge, -huge, 0.05).item() >= 0
+    assert d_loss(huge, -huge, label_noise=0.05).item() >= 0
 
 
 def test_g_step_runs_d_batchnorm_on_running_statistics():
@@ -257,8 +257,141 @@ def test_g_step_runs_d_batchnorm_on_running_statistics():
     before = {k: v.clone() for k, v in D.state_dict().items() if "running" in k}
     seen = []
     hook = D.net[2].register_forward_hook(lambda m, i, o: seen.append(m.training))
-    g_step(G, D, opt_G, torch.randn(6, 8), backward)
+    g_step(G, D, opt_G, torch.randn(6, 8), "ns", backward)
     hook.remove()
     assert seen == [False]
     assert all(torch.equal(D.state_dict()[k], v) for k, v in before.items())
     assert all(m.training for m in D.modules()), "D is back in training mode after the G step"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The other losses (loss.kind), R1 and the WGAN gradient penalty
+
+KINDS = ("ns", "minimax", "hinge", "ls", "wgan_gp")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_d_loss_pushes_real_logits_up_and_fake_logits_down(kind):
+    # Logits inside hinge's margin and between least squares' targets 0 and 1, where every loss has a gradient.
+    real, fake = torch.tensor([0.3, -0.5, 0.9]), torch.tensor([0.4, 0.6])
+    g_real, g_fake = grads(lambda r, f: d_loss(r, f, kind), real, fake)
+    assert (g_real < 0).all() and (g_fake > 0).all()
+    assert d_loss(real + 0.05, fake - 0.05, kind) < d_loss(real, fake, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_g_loss_pushes_fake_logits_up(kind):
+    fake = torch.tensor([-0.4, 0.6, 0.2])
+    (g_fake,) = grads(lambda f: g_loss(f, kind), fake)
+    assert (g_fake < 0).all()
+    assert g_loss(fake + 0.1, kind) < g_loss(fake, kind)
+
+
+def test_loss_values_follow_their_definitions():
+    r, f = REAL.double(), FAKE.double()
+    assert d_loss(r, f, "ls").item() == pytest.approx(0.5 * torch.cat([(r - 1) ** 2, f ** 2]).mean().item())
+    assert g_loss(f, "ls").item() == pytest.approx(0.5 * ((f - 1) ** 2).mean().item())
+    hinge = torch.cat([torch.clamp(1 - r, min=0), torch.clamp(1 + f, min=0)]).mean()
+    assert d_loss(r, f, "hinge").item() == pytest.approx(hinge.item())
+    assert d_loss(r, f, "wgan_gp").item() == pytest.approx((f.mean() - r.mean()).item())
+    assert g_loss(f, "hinge").item() == g_loss(f, "wgan_gp").item() == pytest.approx(-f.mean().item())
+    assert d_loss(r, f, "minimax").item() == d_loss(r, f, "ns").item()
+    assert g_loss(f, "minimax").item() == pytest.approx(torch.log(1 - torch.sigmoid(f)).mean().item())
+
+
+def test_hinge_and_ls_are_zero_at_their_targets():
+    assert d_loss(torch.full((3,), 2.0), torch.full((3,), -2.0), "hinge").item() == 0  # outside the margin
+    assert d_loss(torch.ones(3), torch.zeros(3), "ls").item() == 0
+    assert g_loss(torch.ones(3), "ls").item() == 0
+
+
+def test_minimax_saturates_where_non_saturating_does_not():
+    # Goodfellow et al.'s reason for the ns loss: when D rejects fakes confidently, minimax gives G no gradient.
+    confident = torch.full((4,), -10.0)
+    (mm,) = grads(lambda f: g_loss(f, "minimax"), confident)
+    (ns,) = grads(lambda f: g_loss(f, "ns"), confident)
+    assert mm.abs().max() < 1e-4 and ns.abs().min() > 0.24
+
+
+def test_label_noise_moves_least_squares_targets_too():
+    torch.manual_seed(0)
+    real, fake = torch.ones(1000).double(), torch.zeros(1000).double()
+    g_real, g_fake = grads(lambda r, f: d_loss(r, f, "ls", 0.05), real, fake)
+    # d/dl of 0.5 (l - t)^2 / N is (l - t) / N: with l on the clean target it is the noise itself
+    assert 0 < (2000 * g_real).min() and (2000 * g_real).max() <= 0.05
+    assert -0.05 <= (2000 * g_fake).min() and (2000 * g_fake).max() < 0
+
+
+def test_r1_penalty_matches_per_sample_input_gradients_from_autograd():
+    torch.manual_seed(0)
+    D = MLPDiscriminator(ModelConfig(arch="mlp", hidden=16, depth=2))
+    x = torch.randn(6, 2)
+    expected = torch.stack([torch.autograd.functional.jacobian(lambda p: D(p[None])[0], row).square().sum()
+                            for row in x]).mean()
+    real = x.clone().requires_grad_(True)
+    assert r1_penalty(D(real), real).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def linear_d(w: list[float]) -> nn.Module:
+    D = nn.Sequential(nn.Linear(2, 1), nn.Flatten(0))
+    with torch.no_grad():
+        D[0].weight.copy_(torch.tensor([w]))
+        D[0].bias.zero_()
+    return D
+
+
+def test_r1_and_gradient_penalty_of_a_linear_d():
+    # D(x) = w.x: the input gradient is w everywhere, so R1 = |w|^2 and GP = (|w| - 1)^2.
+    D = linear_d([3.0, 4.0])
+    x = torch.randn(5, 2, requires_grad=True)
+    assert r1_penalty(D(x), x).item() == pytest.approx(25.0)
+    assert gradient_penalty(D(x), x).item() == pytest.approx(16.0)
+    assert gradient_penalty(linear_d([0.6, 0.8])(x), x).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lazy_r1_in_d_step_is_scaled_by_its_interval():
+    # D's gradient on an R1 step = the loss's gradient + gamma / 2 * r1_every * dR1/dw, with dR1/dw = 2w.
+    G, _ = nets()
+    real, z = torch.randn(8, 2), torch.randn(8, 8)
+    cfg = LossConfig(label_noise=0.0, r1_gamma=0.5, r1_every=4)
+    D_ref = linear_d([0.3, -0.2])
+    with torch.no_grad():
+        fake = G(z)
+    d_loss(D_ref(real), D_ref(fake)).backward()
+    expected = D_ref[0].weight.grad + cfg.r1_gamma / 2 * cfg.r1_every * 2 * D_ref[0].weight.detach()
+    for due, want in ((True, expected), (False, D_ref[0].weight.grad)):
+        D = linear_d([0.3, -0.2])
+        seen = {}
+        out = d_step(G, D, _Keep(seen, D), real, z, cfg, backward, r1_due=due)
+        assert torch.allclose(seen["weight"], want, atol=1e-6)
+        assert out["r1"].item() == pytest.approx(0.13 * cfg.r1_every if due else 0.0, rel=1e-5)
+
+
+class _Keep:
+    """An optimizer stand-in that records D's weight gradient at step time."""
+
+    def __init__(self, seen: dict, D: nn.Module) -> None:
+        self.seen, self.D = seen, D
+
+    def step(self) -> None:
+        self.seen["weight"] = self.D[0].weight.grad.clone()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.D.zero_grad(set_to_none=set_to_none)
+
+
+def test_wgan_gp_d_step_adds_the_weighted_penalty_and_reports_it():
+    G, _ = nets()
+    real, z = torch.randn(8, 2), torch.randn(8, 8)
+    D, seen = linear_d([3.0, 4.0]), {}
+    out = d_step(G, D, _Keep(seen, D), real, z, LossConfig(kind="wgan_gp", label_noise=0.0, gp_weight=10.0),
+                 backward)
+    assert out["gp"].item() == pytest.approx(16.0, rel=1e-5)
+    with torch.no_grad():
+        fake = G(z)
+    # d/dw of E[D(fake)] - E[D(real)] + 10 (|w| - 1)^2 = mean(fake) - mean(real) + 20 (|w| - 1) w / |w|
+    w = torch.tensor([3.0, 4.0])
+    expected = fake.mean(0) - real.mean(0) + 20 * (5 - 1) * w / 5
+    assert torch.allclose(seen["weight"][0], expected, atol=1e-4)
+    assert out["loss_d"].item() == pytest.approx((D_lin := linear_d([3.0, 4.0]))(fake).mean().item()
+                                                  - D_lin(real).mean().item(), rel=1e-5)

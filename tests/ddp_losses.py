@@ -1,0 +1,107 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2` by tests/test_losses_ddp.py.
+
+For every loss kind, with R1, spectral normalization and gradient accumulation over 2 micro-batches, one D step
+and one G step on DDP-wrapped MLPs must equal the same step taken by one process on the whole batch. Each rank
+writes its updated weights to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from gan_dist.config import LossConfig, ModelConfig
+from gan_dist.losses import d_step, g_step
+from gan_dist.models import build_models
+
+CASES = {
+    "ns": LossConfig(kind="ns", label_noise=0.0),
+    "minimax": LossConfig(kind="minimax", label_noise=0.0),
+    "hinge": LossConfig(kind="hinge", label_noise=0.0),
+    "ls": LossConfig(kind="ls", label_noise=0.0),
+    "wgan_gp": LossConfig(kind="wgan_gp", label_noise=0.0),
+    "ns_r1": LossConfig(kind="ns", label_noise=0.0, r1_gamma=1.0, r1_every=4),
+}
+GLOBAL, ACCUM, LR = 8, 2, 0.1
+
+
+class Summing:
+    """The reference 'optimizer': gradients pile up over the chunks; the SGD update is applied at the end."""
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+def nets(spectral_norm: bool):
+    torch.manual_seed(0)
+    return build_models(ModelConfig(arch="mlp", z_dim=4, hidden=16, depth=2, out_act="none",
+                                    spectral_norm=spectral_norm))
+
+
+def chunks(ranks: list[int], world: int) -> dict[tuple[int, int], slice]:
+    """(rank, micro) -> its rows of the global batch: each rank's share split into ACCUM micro-batches."""
+    size = GLOBAL // (world * ACCUM)
+    return {(r, m): slice((r * ACCUM + m) * size, (r * ACCUM + m + 1) * size) for r in ranks for m in range(ACCUM)}
+
+
+def seeded(rank: int, micro: int) -> None:
+    torch.manual_seed(1000 + 10 * rank + micro)  # WGAN-GP's interpolation weights, the same in the reference
+
+
+def reference(cfg: LossConfig, sn: bool, real, z_d, z_g, world: int) -> dict:
+    G, D = nets(sn)
+    cut = chunks(list(range(world)), world)
+    parts = world * ACCUM
+    for (r, m), rows in cut.items():
+        seeded(r, m)
+        d_step(G, D, Summing(), real[rows], z_d[rows], cfg, lambda loss: (loss / parts).backward(), r1_due=True)
+    with torch.no_grad():
+        for p in D.parameters():
+            p -= LR * p.grad
+            p.grad = None
+    for (r, m), rows in cut.items():
+        g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / parts).backward())
+    with torch.no_grad():
+        for p in G.parameters():
+            p -= LR * p.grad
+    return {"G": G.state_dict(), "D": D.state_dict()}
+
+
+def main(out: Path) -> None:
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(7)
+    real, z_d, z_g = torch.randn(GLOBAL, 2), torch.randn(GLOBAL, 4), torch.randn(GLOBAL, 4)
+    results, refs = {}, {}
+    for name, cfg in CASES.items():
+        for sn in (False, True):
+            G, D = nets(sn)
+            opt_G, opt_D = torch.optim.SGD(G.parameters(), lr=LR), torch.optim.SGD(D.parameters(), lr=LR)
+            G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+            cut = chunks([rank], world)
+            for (r, m), rows in cut.items():
+                seeded(r, m)
+                with accelerator.accumulate(D):
+                    d_step(G, D, opt_D, real[rows], z_d[rows], cfg, accelerator.backward, r1_due=True)
+            for (r, m), rows in cut.items():
+                with accelerator.accumulate(G):
+                    g_step(G, D, opt_G, z_g[rows], cfg.kind, accelerator.backward)
+            key = f"{name}{'_sn' if sn else ''}"
+            results[key] = {"G": accelerator.unwrap_model(G).state_dict(), "D": accelerator.unwrap_model(D).state_dict()}
+            if rank == 0:
+                refs[key] = reference(cfg, sn, real, z_d, z_g, world)
+    torch.save(results, out / f"rank{rank}.pt")
+    if rank == 0:
+        torch.save(refs, out / "reference.pt")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
