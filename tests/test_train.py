@@ -126,15 +126,26 @@ def test_two_process_run_writes_outputs_and_wandb_log(tmp_path, shards):
     assert len(wb_config["git_commit"]) == 40 and wb_config["versions"]["torch"] == torch.__version__
 
 
-@pytest.mark.parametrize("nproc,workers,mode,stop", [(1, 0, "epoch", "kill"), (2, 0, "epoch", "kill"),
-                                                    (2, 2, "epoch", "kill"),
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, shards):
+    """The uninterrupted run for a (processes, workers, mode, args) case, launched once per module."""
+    runs: dict[tuple, Path] = {}
+
+    def get(nproc: int, *args: str) -> Path:
+        if (nproc, *args) not in runs:
+            runs[(nproc, *args)] = tmp_path_factory.mktemp("reference")
+            launch(runs[(nproc, *args)], shards, nproc, *args)
+        return runs[(nproc, *args)]
+    return get
+
+
+@pytest.mark.parametrize("nproc,workers,mode,stop", [(1, 0, "epoch", "kill"), (2, 2, "epoch", "kill"),
                                                     (2, 2, "resampled", "kill"), (2, 2, "epoch", "sigterm")])
-def test_stopped_then_rerun_is_bit_identical(tmp_path, shards, nproc, workers, mode, stop):
+def test_stopped_then_rerun_is_bit_identical(tmp_path, shards, reference_run, nproc, workers, mode, stop):
     """`kill -9` of the whole launch, or SIGTERM to the launcher alone (which then checkpoints at once)."""
     # 60 steps of 32 images stop mid-epoch (MNIST has 60,000), so resume continues inside an epoch.
     args = (f"data.num_workers={workers}", f"data.mode={mode}", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
-    reference = tmp_path / "reference"
-    launch(reference, shards, nproc, *args)
+    reference = reference_run(nproc, *args)
 
     # Stop the launch once a checkpoint is complete.
     run_dir = tmp_path / "killed"

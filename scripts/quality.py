@@ -1,0 +1,339 @@
+"""The quality protocol: train each config of a suite from scratch, score it, and write markdown tables.
+
+    python scripts/quality.py --suite 2d|mnist|all [--seeds N] [--jobs J] [--out docs/results.md] [--runs DIR]
+                              [--configs FILE ...] [--set KEY=VALUE ...]
+
+`2d` trains ring8 and grid25 for seeds 0..N-1 and reports each seed's last evaluation beside the published numbers;
+`mnist` trains `configs/mnist_cpu.yaml` (seed 0), with CUDA also the seed DCGAN and `configs/mnist_best.yaml`, and
+reports every evaluation, the minute it appeared and the real-data floors. Each training is `python train.py --config
+FILE seed=S run.dir=RUNS/<stem>/seed<S> wandb.mode=disabled [--set overrides]`, started afresh, its output kept in
+`train.log` there; `--jobs` of them run at once (default 2 on a CPU with 2+ cores, 1 with CUDA), each with
+OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs (the tests train short runs with it). The
+suite's section of `--out` is replaced, the rest of the file kept, and the same text printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+try:
+    import gan_dist  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from gan_dist.errors import UserError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = ("2d", "mnist")
+CONFIGS_2D = ("configs/ring8_best.yaml", "configs/grid25_best.yaml")
+MNIST_CPU = "configs/mnist_cpu.yaml"
+MNIST_GPU = ("configs/mnist_dcgan.yaml", "configs/mnist_best.yaml")
+GOALS_2D = {"ring8": (8, 98.0), "grid25": (25, 95.0)}  # every seed: all modes, and at least this % high quality
+PUBLISHED = (("PacGAN4", "7.8 / 95.9", "24.8 / 93.6"), ("VEEGAN", "8 / 52.9", "24.6 / 40.0"),
+             ("GDPP", "8.0 / 71.7", "24.8 / 68.5"))
+PUBLISHED_NOTE = ("Published, modes / high quality % (2,500 samples; high quality = within 3 standard deviations of "
+                  "the nearest mode; a mode is covered if it is nearest to at least one high-quality sample): "
+                  "PacGAN (Lin et al. 2018, Table 1), VEEGAN (Srivastava et al. 2017, Table 1) and GDPP "
+                  "(Elfeki et al. 2019, Table 1).")
+MNIST_IMAGES = 60000
+POLL_S = 2.0  # how often a running training's metrics.jsonl is checked, to time each evaluation
+TAIL = 20  # lines of a failed training's log shown
+INTRO = """# Results
+
+Sample quality under a fixed protocol: each config is trained from scratch for every seed and scored by the
+trainer's own evaluation (`eval/*` in each run's `metrics.jsonl`, see the README's Evaluation): modes covered and %
+high-quality samples of 2,500 for the 2-D mixtures, the classifier's FCD, KID, IS, class coverage and precision /
+recall beside their real-data floors for MNIST. Each section is written by `python scripts/quality.py --suite 2d`
+or `--suite mnist`, which replaces only its own section and states its command, date, hardware, commit and configs.
+"""
+
+
+@dataclass
+class Job:
+    config: Path
+    seed: int
+    dir: Path
+    rows: list[dict] = field(default_factory=list)  # every eval row, with `wall_s`: when it appeared
+    wall: float = 0.0
+    code: int | None = None
+
+
+def _show(path: Path) -> str:
+    return os.path.relpath(path, REPO) if path.is_relative_to(REPO) else str(path)
+
+
+def _threads(parallel: int) -> int:
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _read_rows(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete eval rows written after `offset`, and the offset after them."""
+    if not path.is_file():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    done = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written is read on the next poll
+    rows = [json.loads(line) for line in done.decode().splitlines()]
+    return [r for r in rows if any(k.startswith("eval/") for k in r)], offset + len(done)
+
+
+def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job:
+    """One training; polls its metrics.jsonl to time each evaluation, and stops early when `stop` is set."""
+    if stop.is_set():
+        return job
+    shutil.rmtree(job.dir, ignore_errors=True)  # so that resume cannot pick up an older run
+    job.dir.mkdir(parents=True)
+    cmd = [sys.executable, "train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
+           "wandb.mode=disabled", *sets]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    start, offset = time.monotonic(), 0
+    with (job.dir / "train.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while job.code is None:
+            try:
+                job.code = proc.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                if stop.is_set():
+                    proc.terminate()
+            # Read after the wait, so that the rows written before the exit are all read.
+            rows, offset = _read_rows(job.dir / "metrics.jsonl", offset)
+            job.rows += [r | {"wall_s": time.monotonic() - start} for r in rows]
+    job.wall = time.monotonic() - start
+    return job
+
+
+def run_all(jobs: list[Job], sets: list[str], parallel: int) -> None:
+    """Trains every job, `parallel` at a time; the first failure stops the others and is reported."""
+    threads, stop, failed = _threads(parallel), threading.Event(), None
+    with ThreadPoolExecutor(parallel) as pool:
+        for done in as_completed([pool.submit(train, job, sets, threads, stop) for job in jobs]):
+            job = done.result()
+            if job.code == 0 and not stop.is_set():  # a training stopped by SIGTERM may exit 0 too
+                print(f"{_show(job.config)} seed {job.seed}: {_duration(job.wall)}", flush=True)
+            elif failed is None and job.code is not None:
+                failed = job
+                stop.set()
+    if failed:
+        log = failed.dir / "train.log"
+        lines = [line.rsplit("\r", 1)[-1] for line in log.read_text(errors="replace").splitlines()]
+        print("\n".join(lines[-TAIL:]), file=sys.stderr)
+        raise UserError(f"training {_show(failed.config)} seed {failed.seed} failed (exit status {failed.code}); "
+                        f"its full output is in {log}")
+
+
+def hardware(cuda: bool) -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    cpu = (names[0] if names else platform.processor()) or "unknown CPU"
+    gpu = torch.cuda.get_device_name(0) if cuda else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores; {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def commit(out: Path) -> str:
+    """HEAD's short hash, `dirty` if anything but the results file differs from it."""
+    git = ["git", "-C", str(REPO)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], capture_output=True,
+                                text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    changed = [line[3:] for line in status.stdout.splitlines() if line[3:] != os.path.relpath(out.resolve(), REPO)]
+    return head.stdout.strip() + (" (dirty)" if changed else "")
+
+
+def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall: float,
+           args: argparse.Namespace) -> str:
+    cuda = torch.cuda.is_available()
+    seeds = sorted({job.seed for job in jobs})
+    template = (f"python train.py --config CONFIG seed=S run.dir={_show(args.runs)}/<config stem>/seedS "
+                f"wandb.mode=disabled {shlex.join(args.set)}").strip()
+    lines = [f"## {title}", "",
+             f"- command: `python scripts/quality.py {shlex.join(sys.argv[1:])}`",
+             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- hardware: {hardware(cuda)}",
+             f"- code: commit {commit(args.out)}",
+             f"- each training: `{template}`, {parallel} at a time, OMP_NUM_THREADS={_threads(parallel)}",
+             f"- seeds: {', '.join(map(str, seeds))}; wall time of the suite: {_duration(wall)}", ""]
+    for path in configs:
+        text = path.read_text().strip() if path.is_file() else "# not in this checkout"
+        lines += [f"`{_show(path)}`:", "", "```yaml", text, "```", ""]
+    return "\n".join(lines)
+
+
+def _dataset(job: Job) -> str:
+    return yaml.safe_load((job.dir / "config.yaml").read_text())["data"]["dataset"]
+
+
+def _last(job: Job, key: str) -> dict:
+    rows = [r for r in job.rows if key in r]
+    if not rows:
+        raise UserError(f"{job.dir / 'metrics.jsonl'} holds no '{key}' evaluation; keep eval.every above 0")
+    return rows[-1]
+
+
+def _spread(values: list[float], fmt: str, worst: str) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    bound = min(values) if worst == "min" else max(values)
+    return f"{statistics.mean(values):{fmt}} ± {std:{fmt}} ({worst} {bound:{fmt}})"
+
+
+def table_2d(config: Path, jobs: list[Job]) -> str:
+    dataset, rows = _dataset(jobs[0]), [_last(job, "eval/hq") for job in jobs]
+    modes, hq, kl = ([r[f"eval/{k}"] for r in rows] for k in ("modes", "hq", "reverse_kl"))
+    lines = [f"### {dataset}: `{_show(config)}`", "",
+             "| seed | steps | modes covered | high quality % | reverse KL | wall time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {job.seed} | {r['train/step']} | {r['eval/modes']:.0f} | {r['eval/hq']:.2f} | "
+              f"{r['eval/reverse_kl']:.4g} | {_duration(job.wall)} |" for job, r in zip(jobs, rows)]
+    walls = [job.wall for job in jobs]
+    lines += [(f"| mean ± std (worst) | | {_spread(modes, '.1f', 'min')} | {_spread(hq, '.2f', 'min')} | "
+               f"{_spread(kl, '.4f', 'max')} | {_duration(statistics.mean(walls))} (max {_duration(max(walls))}) |"),
+              ""]
+    if dataset in GOALS_2D:
+        want, least = GOALS_2D[dataset]
+        missed = [str(job.seed) for job, r in zip(jobs, rows) if r["eval/modes"] < want or r["eval/hq"] < least]
+        verdict = f"**not met** (seeds {', '.join(missed)})" if missed else "**met**"
+        lines += [f"Goal, every seed {want}/{want} modes and at least {least:g}% high quality: {verdict}.", ""]
+    return "\n".join(lines)
+
+
+def section_2d(by_config: dict[Path, list[Job]]) -> str:
+    last = {_dataset(jobs[0]): [_last(j, "eval/hq") for j in jobs] for jobs in by_config.values()}
+    ours = [f"{statistics.mean(r['eval/modes'] for r in last[d]):.1f} / "
+            f"{statistics.mean(r['eval/hq'] for r in last[d]):.1f}" if d in last else "not run"
+            for d in ("ring8", "grid25")]
+    lines = [table_2d(config, jobs) for config, jobs in by_config.items()]
+    lines += [PUBLISHED_NOTE, "", "| method | ring8 | grid25 |", "| --- | --- | --- |",
+              *(f"| {name} | {ring} | {grid} |" for name, ring, grid in PUBLISHED),
+              f"| this repo (mean over seeds) | {ours[0]} | {ours[1]} |", ""]
+    return "\n".join(lines)
+
+
+def _mnist_cells(row: dict, suffix: str) -> str:
+    m = {k: row[f"eval/{k}{suffix}"] for k in ("fcd", "kid", "is", "class_min", "class_max", "precision", "recall")}
+    return (f"{m['fcd']:.4g} | {m['kid']:.4g} | {m['is']:.2f} | {100 * m['class_min']:.1f} | "
+            f"{100 * m['class_max']:.1f} | {m['precision']:.3f} | {m['recall']:.3f}")
+
+
+def table_mnist(job: Job) -> str:
+    last, gpu_goals = _last(job, "eval/fcd"), _show(job.config) in MNIST_GPU
+    rows, factor = [r for r in job.rows if "eval/fcd" in r], 2 if gpu_goals else 3
+    lines = [f"### `{_show(job.config)}`, seed {job.seed}: {_duration(job.wall)}", "",
+             "| step | kimg | epochs | minute | FCD | KID | IS | class min % | class max % | precision | recall |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['train/step']} | {r['train/kimg']:.1f} | {r['train/kimg'] * 1000 / MNIST_IMAGES:.2f} | "
+              f"{r['wall_s'] / 60:.1f} | {_mnist_cells(r, '')} |" for r in rows]
+    lines.append(f"| real data (floor) | | | | {_mnist_cells(last, '_real')} |")
+    goals = [(f"FCD ≤ {factor} × floor ({factor * last['eval/fcd_real']:.4g})",
+              last["eval/fcd"] <= factor * last["eval/fcd_real"])]
+    if gpu_goals:
+        goals += [("IS ≥ 9.5", last["eval/is"] >= 9.5),
+                  ("every digit 8-12%", last["eval/class_min"] >= 0.08 and last["eval/class_max"] <= 0.12)]
+    hit = next((r for r in rows if r["eval/fcd"] <= 3 * r["eval/fcd_real"]), None)
+    first = "none" if hit is None else f"step {hit['train/step']}, minute {hit['wall_s'] / 60:.1f}"
+    verdicts = "; ".join(f"{goal} **{'met' if ok else 'not met'}**" for goal, ok in goals)
+    lines += ["", f"Goals at the last evaluation: {verdicts}. First evaluation with FCD ≤ 3 × floor: {first}.", ""]
+    return "\n".join(lines)
+
+
+def replace_section(text: str, suite: str, body: str) -> str:
+    """`text` with `suite`'s marked section set to `body`; added before the next suite's section if missing."""
+    mark = "<!-- quality:{}:{} -->".format
+    block = f"{mark(suite, 'begin')}\n{body.strip()}\n{mark(suite, 'end')}"
+    if mark(suite, "begin") in text and mark(suite, "end") in text:
+        head, rest = text.split(mark(suite, "begin"), 1)
+        return head + block + rest.split(mark(suite, "end"), 1)[1]
+    later = [mark(s, "begin") for s in SUITES[SUITES.index(suite) + 1:] if mark(s, "begin") in text]
+    if later:
+        at = text.index(later[0])
+        return text[:at] + block + "\n\n" + text[at:]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -> str:
+    if args.configs:
+        configs, unmeasured = [p.resolve() for p in args.configs], []
+    elif suite == "2d":
+        configs, unmeasured = [REPO / p for p in CONFIGS_2D], []
+    else:
+        gpu = [REPO / p for p in MNIST_GPU]
+        configs, unmeasured = [REPO / MNIST_CPU] + (gpu if cuda else []), [] if cuda else gpu
+    for path in configs:
+        if not path.is_file():
+            raise UserError(f"config file '{_show(path)}' not found; create it or name others with --configs")
+    seeds = range(args.seeds) if suite == "2d" else [0]
+    jobs = [Job(c, s, args.runs / c.stem / f"seed{s}") for c in configs for s in seeds]
+    parallel = min(parallel, len(jobs))  # a single MNIST training gets every core
+    start = time.monotonic()
+    run_all(jobs, args.set, parallel)
+    wall = time.monotonic() - start
+    if suite == "2d":
+        title, body = "2-D mixtures", section_2d({c: [j for j in jobs if j.config == c] for c in configs})
+    else:
+        note = (f"`minute`: wall time since the training started when the row appeared in `metrics.jsonl` (checked "
+                f"every {POLL_S:g} s); `epochs`: images seen / {MNIST_IMAGES:,}.\n")
+        title, body = "MNIST", "\n".join([note] + [table_mnist(job) for job in jobs] + [
+            f"### `{_show(path)}`: not measured (no GPU in this session)\n" for path in unmeasured])
+    return header(title, jobs, configs + unmeasured, parallel, wall, args) + "\n" + body
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", required=True, choices=(*SUITES, "all"))
+    parser.add_argument("--seeds", type=int, default=5, help="2-D suite: seeds 0..N-1 (MNIST runs seed 0)")
+    parser.add_argument("--jobs", type=int, help="trainings at once (default: 2 on CPU, 1 with CUDA)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md",
+                        help="the markdown file (default: docs/results.md)")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "quality",
+                        help="where the run folders go (default: runs/quality)")
+    parser.add_argument("--configs", type=Path, nargs="+", help="train these instead of the suite's configs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override added to every training (repeat for more)")
+    args = parser.parse_args()
+    args.out, args.runs = args.out.resolve(), args.runs.resolve()
+    try:
+        if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
+            raise UserError("--seeds and --jobs must be at least 1")
+        if args.configs and args.suite == "all":
+            raise UserError("--configs replaces one suite's configs; pick --suite 2d or --suite mnist")
+        cuda = torch.cuda.is_available()
+        parallel = args.jobs or (1 if cuda else min(2, os.cpu_count() or 1))
+        for suite in SUITES if args.suite == "all" else (args.suite,):
+            section = run_suite(suite, args, cuda, parallel)
+            print(section)
+            text = args.out.read_text() if args.out.is_file() else INTRO
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(replace_section(text, suite, section))
+            print(f"wrote {_show(args.out)}")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""scripts/quality.py on short ring8 runs: the markdown holds every seed's numbers from its metrics.jsonl, the
+command and the hardware; a failing training stops it with an error naming its log; rewriting one suite's section
+keeps the rest of the results file byte for byte.
+
+Run: python -m pytest tests/test_quality.py -q   (about 30 s on 2 cores)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality", REPO / "scripts" / "quality.py")
+quality = sys.modules["quality"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(quality)
+
+SHORT = ("--set", "train.steps=300", "--set", "eval.every=300", "--set", "log.every=100", "--set", "model.hidden=32")
+
+
+def run_quality(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/quality.py", "--suite", "2d", "--configs", "configs/ring8.yaml",
+           "--out", str(tmp / "results.md"), "--runs", str(tmp / "runs"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("quality")
+    proc = run_quality(tmp, "--seeds", "2", "--jobs", "2", *SHORT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp, proc.stdout
+
+
+def table_row(markdown: str, first: str) -> list[str]:
+    (line,) = [x for x in markdown.splitlines() if x.startswith(f"| {first} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def printed(cell: str, value: float) -> bool:
+    """Whether `cell` is `value` rounded to the digits it shows."""
+    return abs(Decimal(cell) - Decimal(value)) <= Decimal(5).scaleb(Decimal(cell).as_tuple().exponent - 1)
+
+
+def test_table_holds_each_seeds_last_evaluation(two_seeds):
+    tmp, stdout = two_seeds
+    markdown = (tmp / "results.md").read_text()
+    hq = []
+    for seed in (0, 1):
+        run = tmp / "runs" / "ring8" / f"seed{seed}"
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in rows if "eval/hq" in r][-1]
+        hq.append(last["eval/hq"])
+        cells = table_row(markdown, str(seed))
+        assert int(cells[1]) == last["train/step"] == 300
+        for cell, key in zip(cells[2:5], ("eval/modes", "eval/hq", "eval/reverse_kl")):
+            assert printed(cell, last[key]), (seed, key, cell, last[key])
+        assert cells[5].endswith(" s") and (run / "train.log").is_file()
+    mean_hq = table_row(markdown, "mean ± std (worst)")[3].split()[0]
+    assert printed(mean_hq, sum(hq) / 2)
+    assert "Goal, every seed 8/8 modes and at least 98% high quality: **not met** (seeds 0, 1)." in markdown
+    assert "| PacGAN4 | 7.8 / 95.9 | 24.8 / 93.6 |" in markdown
+
+    # The section states how it was made, and the same text went to stdout.
+    assert f"- command: `python scripts/quality.py --suite 2d --configs configs/ring8.yaml --out {tmp}/results.md" in \
+        markdown
+    (hardware,) = [x for x in markdown.splitlines() if x.startswith("- hardware: ")]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    assert f"{os.cpu_count()} cores; {gpu}; torch {torch.__version__}" in hardware
+    assert "- seeds: 0, 1;" in markdown and "2 at a time, OMP_NUM_THREADS=" in markdown
+    assert (REPO / "configs" / "ring8.yaml").read_text().strip() in markdown
+    section = markdown.split("<!-- quality:2d:begin -->\n")[1].split("\n<!-- quality:2d:end -->")[0]
+    assert section in stdout and markdown.startswith("# Results\n")
+
+
+def test_failing_training_names_its_log(tmp_path):
+    stale = tmp_path / "runs" / "ring8" / "seed0" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier run")
+    proc = run_quality(tmp_path, "--seeds", "1", "--set", "train.steps=0")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training configs/ring8.yaml seed 0 failed") and \
+        last.endswith(str(stale.parent / "train.log"))
+    assert "config key 'train.steps' must be at least 1" in proc.stderr, "the log's last lines are shown"
+    assert not stale.exists() and not (tmp_path / "results.md").exists()
+
+
+def test_one_suite_replaces_only_its_own_section():
+    both = quality.replace_section(quality.replace_section(quality.INTRO, "2d", "old 2d"), "mnist", "mnist text\n")
+    new = quality.replace_section(both, "2d", "new 2d\n| table |")
+    assert new.split("<!-- quality:2d:begin -->")[0] == both.split("<!-- quality:2d:begin -->")[0]
+    assert new.split("<!-- quality:2d:end -->")[1] == both.split("<!-- quality:2d:end -->")[1]
+    assert "new 2d\n| table |" in new and "old 2d" not in new
+    # A missing section goes before the sections of later suites, whichever suite ran first.
+    only_mnist = quality.replace_section(quality.INTRO, "mnist", "mnist text")
+    added = quality.replace_section(only_mnist, "2d", "2d text")
+    assert added.index("quality:2d:end") < added.index("quality:mnist:begin")
+    assert added.split("<!-- quality:mnist:begin -->")[1] == only_mnist.split("<!-- quality:mnist:begin -->")[1]
