@@ -25,14 +25,6 @@ from gan_dist.config import LossConfig
 Backward = Callable[[torch.Tensor], None]
 
 
-def _noisy_targets(n_real: int, n_fake: int, label_noise: float, like: torch.Tensor) -> torch.Tensor:
-    target = torch.cat([torch.ones(n_real, dtype=like.dtype, device=like.device),
-                        torch.zeros(n_fake, dtype=like.dtype, device=like.device)])
-    if label_noise > 0:
-        target = (target - label_noise * torch.rand_like(target)).abs()
-    return target
-
-
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "ns",
            label_noise: float = 0.0) -> torch.Tensor:
     """D's loss for one batch; D lowers it by raising real logits and lowering fake ones.
@@ -42,7 +34,9 @@ def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "ns
     gradient penalty `gradient_penalty` adds. Label noise moves the ns/minimax/ls targets."""
     logits = torch.cat([logits_real, logits_fake])
     if kind in ("ns", "minimax", "ls"):
-        target = _noisy_targets(len(logits_real), len(logits_fake), label_noise, logits)
+        target = torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)])
+        if label_noise > 0:
+            target = (target - label_noise * torch.rand_like(target)).abs()
         if kind == "ls":
             return 0.5 * (logits - target).square().mean()
         return F.binary_cross_entropy_with_logits(logits, target)
