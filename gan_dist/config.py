@@ -46,6 +46,8 @@ class OptimConfig:
     eps: float = 1e-7  # Keras' Adam default, which both seeds used
     schedule: str = "constant"  # learning rates after warmup: constant | linear | cosine (decay to 0 at train.steps)
     warmup_steps: int = 0  # learning rates rise linearly from 0 over these first steps
+    impl: str = "auto"  # Adam kernels: auto (torch picks: foreach on GPU, per tensor on CPU) | foreach | fused | single
+    set_to_none: bool = True  # zero_grad frees gradients (the next backward writes them) instead of filling zeros
 
 
 @dataclass
@@ -69,7 +71,7 @@ class TrainConfig:
     steps: int = 46800  # iterations; each is one D step and one G step
     batch_size: int = 128  # global batch over all processes (and accumulation micro-steps)
     grad_accum: int = 1  # micro-batches per step on each process
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only; accelerate's flag)
+    mixed_precision: str = "no"  # no | bf16 (autocast; GPU or CPU) | fp16 (GPU; loss scaling) -- accelerate's flag
 
 
 @dataclass
@@ -108,6 +110,9 @@ class DistConfig:
     timeout_s: int = 600  # process-group timeout: a collective waiting on a dead rank fails after this long
     stop_check_every: int = 1  # steps between the all-rank check for stop signals (one 2-element all-reduce)
     requeue: bool = True  # under SLURM, SIGUSR1/SIGUSR2 save a checkpoint and requeue the job (scontrol requeue)
+    bucket_cap_mb: int = 25  # DDP: gradients are all-reduced in buckets of this size, overlapping the backward
+    gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (one copy less)
+    static_graph: bool = False  # DDP: every step uses the same parameters in the same order, so DDP can skip checks
 
 
 @dataclass
@@ -135,6 +140,16 @@ class LogConfig:
 
 
 @dataclass
+class PerfConfig:
+    channels_last: bool = False  # NHWC memory format for G, D and real batches (tensor cores prefer it)
+    compile: bool = False  # torch.compile G and D (through accelerate); not with R1 or WGAN-GP (double backward)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    prefetch: bool = True  # the next batch is copied to the device (pinned memory, a side CUDA stream) during a step
+    ema_every: int = 1  # update G_ema every k steps, with the decay of k steps
+    step_sync: bool = False  # read each step's losses to the host for the progress bar (a device sync per step)
+
+
+@dataclass
 class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -150,6 +165,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 CHOICES = {
@@ -157,6 +173,8 @@ CHOICES = {
     "model.out_act": ("tanh", "none"),
     "loss.kind": ("ns", "minimax", "hinge", "ls", "wgan_gp"),
     "optim.schedule": ("constant", "linear", "cosine"),
+    "optim.impl": ("auto", "foreach", "fused", "single"),
+    "perf.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "data.dataset": ("mnist", "webdataset", "gaussian", "ring8", "grid25"),
     "data.mode": ("epoch", "resampled"),
@@ -172,7 +190,7 @@ UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
 POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
             "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden",
             "data.resolution", "data.shuffle_buffer", "dist.timeout_s", "dist.stop_check_every", "eval.num_samples",
-            "eval.batch", "loss.n_critic", "loss.r1_every")
+            "eval.batch", "loss.n_critic", "loss.r1_every", "perf.ema_every", "dist.bucket_cap_mb")
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
@@ -210,6 +228,9 @@ def _check(cfg) -> None:
     if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp"):
         raise UserError(f"loss.label_noise={cfg.loss.label_noise} applies to the ns, minimax and ls losses only; "
                         f"add loss.label_noise=0 for loss.kind={cfg.loss.kind}", code=2)
+    if cfg.perf.compile and (cfg.loss.r1_gamma > 0 or cfg.loss.kind == "wgan_gp"):
+        raise UserError("perf.compile=true cannot train with a gradient penalty (loss.r1_gamma > 0 or "
+                        "loss.kind=wgan_gp): torch.compile has no double backward; turn one of them off", code=2)
     _check_images(cfg)
 
 

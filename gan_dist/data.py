@@ -23,6 +23,7 @@ This module knows the rank and world size only as numbers it is given; it does n
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -295,7 +296,7 @@ class PointBatches:
         self.centers = mixture_centers(cfg)
         self.std = 1.0 if cfg.dataset == "gaussian" else cfg.std
         self.batch, self.seed, self.rank, self.index = batch, seed, rank, start_batch
-        self.skipped, self.epoch_size = 0, 0
+        self.epoch_size = 0
 
     def __iter__(self) -> PointBatches:
         return self
@@ -320,6 +321,52 @@ def mixture_centers(cfg: DataConfig) -> np.ndarray:
         ticks = cfg.spacing * (np.arange(5) - 2)
         return np.stack(np.meshgrid(ticks, ticks, indexing="ij"), -1).reshape(-1, 2)
     return np.zeros((1, 2))
+
+
+class DeviceBatches:
+    """A rank's real batches on its device, as D sees them (see `to_real`), NHWC with `channels_last`.
+
+    With `prefetch`, the next batch is fetched as soon as one is handed out, and its host-to-device copy (from the
+    loader's pinned memory, on a side CUDA stream) overlaps the step that uses the current one. `state()` and
+    `skipped` describe the batches handed out, not the one fetched ahead, so a checkpoint still resumes exactly."""
+
+    def __init__(self, batches: PointBatches | ShardBatches, device: torch.device, prefetch: bool = True,
+                 channels_last: bool = False) -> None:
+        self.batches, self.device, self.epoch_size = batches, device, batches.epoch_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
+        self.position = batches.state()
+        self.ahead = self._fetch() if prefetch else None
+
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images = next(self.batches)[0]
+        with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+            real = to_real(images, self.device)
+            if real.ndim == 4:
+                real = real.contiguous(memory_format=self.memory_format)
+        return real, self.batches.state()
+
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.ahead is None:
+            real, self.position = self._fetch()
+            return real
+        real, self.position = self.ahead
+        if self.stream:
+            # The step waits for the copy, and the allocator must not reuse the side stream's memory under it.
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            real.record_stream(torch.cuda.current_stream(self.device))
+        self.ahead = self._fetch()
+        return real
+
+    def state(self) -> torch.Tensor:
+        return self.position
+
+    @property
+    def skipped(self) -> int:
+        return int(self.position[:, 2].sum())
 
 
 def to_real(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -15,13 +15,14 @@ from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, broadcast, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, \
+    TorchDynamoPlugin, broadcast, set_seed
 from tqdm import tqdm
 
 from gan_dist.checkpoint import TrainState, export_final, find_resume, load_checkpoint, save_checkpoint
 from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
-from gan_dist.data import PointBatches, ShardBatches, mixture_centers, open_source, shard_batches, \
-    start_positions, to_real
+from gan_dist.data import DeviceBatches, PointBatches, ShardBatches, mixture_centers, open_source, shard_batches, \
+    start_positions
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
@@ -72,7 +73,7 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
     positions = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1), epoch,
                                 accelerator.print)
     return shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
-                         pin_memory=accelerator.device.type == "cuda")
+                         pin_memory=accelerator.device.type == "cuda" and cfg.perf.prefetch)
 
 
 @torch.no_grad()
@@ -97,6 +98,20 @@ def sync_buffers(module: torch.nn.Module) -> None:
         b.copy_(broadcast(b, from_process=0))
 
 
+def make_accelerator(cfg: Config) -> Accelerator:
+    """Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch --multi_gpu` starts ranks that
+    each believe they are alone. A collective waiting on a dead rank fails after dist.timeout_s, so the whole job
+    ends instead of hanging. With perf.compile, accelerate compiles G and D after wrapping them in DDP."""
+    ddp = DistributedDataParallelKwargs(bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
+                                        gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=cfg.perf.compile_mode) if cfg.perf.compile else None,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s)), ddp])
+
+
 def train(cfg: Config) -> None:
     # Stop signals only set a flag while training runs; after it (or a crash) they act as usual again.
     with StopFlag() as flag:
@@ -104,14 +119,7 @@ def train(cfg: Config) -> None:
 
 
 def run(cfg: Config, flag: StopFlag) -> None:
-    # Set up processes. Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch
-    # --multi_gpu` starts ranks that each believe they are alone. A collective waiting on a dead rank fails after
-    # dist.timeout_s, so the whole job ends instead of hanging.
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))])
+    accelerator = make_accelerator(cfg)
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     batch = micro_batch(cfg.train, world)
     run_dir = Path(cfg.run.dir)
@@ -120,13 +128,15 @@ def run(cfg: Config, flag: StopFlag) -> None:
     # Build networks, EMA and optimizers from one seed on every rank, so G_ema starts identical everywhere.
     set_seed(cfg.seed)
     G, D = build_models(cfg.model)
-    G, D = G.to(device), D.to(device)
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
+    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     ema = EMA(G, cfg.ema)
     opt_G, opt_D = make_optimizers(G, D, cfg.optim)
     G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-    G_raw = accelerator.unwrap_model(G)
-    # What final/ and best/ hold: the unwrapped modules, so the state_dicts carry no DDP prefix.
-    exported = {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": accelerator.unwrap_model(D)}
+    G_raw = accelerator.unwrap_model(G, keep_torch_compile=False)
+    # What final/ and best/ hold: the unwrapped modules, so the state_dicts carry no DDP or compile prefix.
+    exported = {"generator": G_raw, "generator_ema": ema.G_ema,
+                "discriminator": accelerator.unwrap_model(D, keep_torch_compile=False)}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4))
     accelerator.register_for_checkpointing(ema, state)
@@ -144,7 +154,8 @@ def run(cfg: Config, flag: StopFlag) -> None:
 
     # Data: each rank reads its own slice of the shards, continuing at its saved position. Evaluation needs
     # the MNIST classifier, which each node's main process trains on first use while the other ranks wait.
-    batches = make_batches(cfg, accelerator, batch, state)
+    batches = DeviceBatches(make_batches(cfg, accelerator, batch, state), device, cfg.perf.prefetch,
+                            cfg.perf.channels_last)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed))
     best_name, scores = best_metric(cfg.eval, cfg.data), None
     if is_main:  # only now, so that a run stopped by bad input has written nothing
@@ -172,12 +183,12 @@ def run(cfg: Config, flag: StopFlag) -> None:
             r1_due = (state.step * cfg.loss.n_critic + i) % cfg.loss.r1_every == 0
             for _ in range(cfg.train.grad_accum):
                 wait_start = time.perf_counter()
-                images = next(batches)[0]
+                real = next(batches)
                 data_wait += time.perf_counter() - wait_start
-                real = to_real(images, device)
                 with accelerator.accumulate(D):
                     z = torch.randn(len(real), cfg.model.z_dim, device=device)
-                    metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due)
+                    metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due,
+                                     cfg.optim.set_to_none)
                 state.batches += 1
                 # Metrics stay on the device until the next log: no host sync per step.
                 for k, v in metrics.items():
@@ -185,28 +196,30 @@ def run(cfg: Config, flag: StopFlag) -> None:
         for _ in range(cfg.train.grad_accum):
             with accelerator.accumulate(G):
                 z = torch.randn(batch, cfg.model.z_dim, device=device)
-                loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward)["loss_g"]
+                loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none)["loss_g"]
             sums["loss_g"] = sums.get("loss_g", 0) + loss_g.float()
             tick_steps += 1
-        if not opt_G.step_was_skipped:
-            ema.update(G_raw, state.nimg, cfg.train.batch_size * cfg.loss.n_critic)
+        step_nimg = cfg.train.batch_size * cfg.loss.n_critic  # real images shown to D
+        if (state.step + 1) % cfg.perf.ema_every == 0 and not opt_G.step_was_skipped:
+            ema.update(G_raw, state.nimg, step_nimg * cfg.perf.ema_every)
         state.step += 1
-        state.nimg += cfg.train.batch_size * cfg.loss.n_critic  # real images shown to D
+        state.nimg += step_nimg
         progress.update(1)
+        if cfg.perf.step_sync:
+            progress.set_postfix(loss_d=f"{metrics['loss_d'].item():.3f}", loss_g=f"{loss_g.item():.3f}", refresh=False)
         is_last = state.step == cfg.train.steps
 
         # Log means over micro-steps and ranks (all ranks take part in the reduce).
         if state.step % cfg.log.every == 0 or is_last:
             keys = sorted(sums)
-            elapsed = time.perf_counter() - tick_time
             local = torch.stack([sums[k] / tick_steps for k in keys] + [
-                torch.tensor(data_wait / max(elapsed, 1e-9), device=device),
-                torch.tensor(float(batches.skipped), device=device)])
-            *means, wait_frac, skipped = accelerator.reduce(local, "mean").tolist()
+                torch.tensor(data_wait, device=device), torch.tensor(float(batches.skipped), device=device)])
+            *means, wait, skipped = accelerator.reduce(local, "mean").tolist()
+            elapsed = time.perf_counter() - tick_time  # after the reduce waited for the device's queued work
             row = {"train/step": state.step, "train/kimg": state.nimg / 1000}
             row |= {f"train/{k}": v for k, v in zip(keys, means)}
             row["perf/img_per_sec"] = (state.nimg - tick_nimg) / max(elapsed, 1e-9)
-            row["perf/data_wait_frac"] = wait_frac  # of wall time spent waiting in next(batches), mean over ranks
+            row["perf/data_wait_frac"] = wait / max(elapsed, 1e-9)  # share of time in next(batches), mean of ranks
             row["data/skipped"] = round(skipped * world)  # bad samples and lost shard tails so far, all ranks
             if batches.epoch_size:
                 row["data/epoch"] = state.nimg / batches.epoch_size

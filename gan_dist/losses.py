@@ -78,9 +78,11 @@ def gradient_penalty(logits_mix: torch.Tensor, mix: torch.Tensor) -> torch.Tenso
 
 
 def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch.Tensor, z: torch.Tensor,
-           cfg: LossConfig, backward: Backward, r1_due: bool = False) -> dict[str, torch.Tensor]:
+           cfg: LossConfig, backward: Backward, r1_due: bool = False,
+           set_to_none: bool = True) -> dict[str, torch.Tensor]:
     """One D step (or one accumulation micro-step of it). `r1_due` marks the lazy R1 steps: the penalty is then
-    scaled by r1_every, so that on average it weighs gamma / 2 per step (StyleGAN2's lazy regularization)."""
+    scaled by r1_every, so that on average it weighs gamma / 2 per step (StyleGAN2's lazy regularization).
+    `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros."""
     with torch.no_grad():
         fake = G(z)
     parts = [real.detach().requires_grad_(r1_due), fake]
@@ -103,7 +105,7 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
         out["r1"] = r1.detach()
     backward(loss)
     opt_D.step()
-    opt_D.zero_grad(set_to_none=True)
+    opt_D.zero_grad(set_to_none=set_to_none)
     return out
 
 
@@ -127,10 +129,10 @@ def frozen(D: nn.Module) -> Iterator[None]:
 
 
 def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor, kind: str,
-           backward: Backward) -> dict[str, torch.Tensor]:
+           backward: Backward, set_to_none: bool = True) -> dict[str, torch.Tensor]:
     with frozen(D):
         loss = g_loss(D(G(z)), kind)
         backward(loss)
     opt_G.step()
-    opt_G.zero_grad(set_to_none=True)
+    opt_G.zero_grad(set_to_none=set_to_none)
     return {"loss_g": loss.detach()}

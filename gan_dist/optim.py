@@ -12,10 +12,14 @@ from torch import nn
 from gan_dist.config import OptimConfig
 
 
+# optim.impl as Adam's keyword arguments: one fused kernel, a few multi-tensor kernels, or a loop over tensors.
+ADAM_IMPL = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}
+
+
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    betas = (cfg.beta1, cfg.beta2)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr_G, betas=betas, eps=cfg.eps)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr_D, betas=betas, eps=cfg.eps)
+    kwargs = {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **ADAM_IMPL[cfg.impl]}
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr_G, **kwargs)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr_D, **kwargs)
     return opt_G, opt_D
 
 
