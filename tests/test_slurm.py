@@ -143,7 +143,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(referen
 
 def test_killed_rank_ends_the_job_and_a_one_node_resubmission_completes(cluster, shards, tmp_path):
     run_dir = tmp_path / "killed"
-    timeout_s = 30
+    timeout_s = 15  # the survivor waits this long in its collective; startup's waits are a few seconds
     job_id = submit("slurm/train_multinode.sbatch", run_dir, shards, f"dist.timeout_s={timeout_s}")
     first_checkpoint(run_dir)
     victims = [p for p in psutil.process_iter(["cmdline"])

@@ -1,6 +1,7 @@
-"""End-to-end runs of the real `accelerate launch train.py` on CPU (gloo): outputs, W&B offline logs, kill -9 and
-bit-exact resume with 1 and 2 processes, 0 and 2 loader workers, in both data modes; RGB shards written by
-scripts/make_shards.py from a folder of PNG and JPEG files, trained at 32x32, also with a truncated shard.
+"""End-to-end runs of the real `accelerate launch train.py` on CPU (gloo): outputs, W&B offline logs, kill -9 or
+SIGTERM and bit-exact resume with 1 and 2 processes, 0 and 2 loader workers (the SIGTERM run with every speed switch
+that must not change a bit); RGB shards written by scripts/make_shards.py from a folder of PNG and JPEG files,
+trained at 32x32 with the speed switches that change the arithmetic, also with a truncated shard.
 
 Run: python -m pytest tests/test_train.py -q   (about 3 minutes on 2 cores)
 """
@@ -8,6 +9,7 @@ Run: python -m pytest tests/test_train.py -q   (about 3 minutes on 2 cores)
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -139,13 +141,22 @@ def reference_run(tmp_path_factory, shards):
     return get
 
 
-@pytest.mark.parametrize("nproc,workers,mode,stop", [(1, 0, "epoch", "kill"), (2, 2, "epoch", "kill"),
-                                                    (2, 2, "resampled", "kill"), (2, 2, "epoch", "sigterm")])
-def test_stopped_then_rerun_is_bit_identical(tmp_path, shards, reference_run, nproc, workers, mode, stop):
-    """`kill -9` of the whole launch, or SIGTERM to the launcher alone (which then checkpoints at once)."""
+# DDP's options, the loader without prefetch, per-step host syncs and zero-filled gradients must not change a bit:
+# the SIGTERM case trains with them all, and its resumed run must equal the reference run without them.
+SAME_RESULT_SWITCHES = ("dist.gradient_as_bucket_view=true", "dist.static_graph=true", "dist.bucket_cap_mb=1",
+                        "perf.prefetch=false", "perf.step_sync=true", "optim.set_to_none=false")
+
+
+@pytest.mark.parametrize("nproc,workers,mode,stop,switches", [(1, 0, "epoch", "kill", ()),
+                                                             (2, 2, "epoch", "kill", ()),
+                                                             (2, 2, "epoch", "sigterm", SAME_RESULT_SWITCHES)])
+def test_stopped_then_rerun_is_bit_identical(tmp_path, shards, reference_run, nproc, workers, mode, stop, switches):
+    """`kill -9` of the whole launch, or SIGTERM to the launcher alone (which then checkpoints at once). Resampled
+    mode's positions are resumed in tests/test_data.py; the loop saves them the same way in either mode."""
     # 60 steps of 32 images stop mid-epoch (MNIST has 60,000), so resume continues inside an epoch.
     args = (f"data.num_workers={workers}", f"data.mode={mode}", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
     reference = reference_run(nproc, *args)
+    args += switches
 
     # Stop the launch once a checkpoint is complete.
     run_dir = tmp_path / "killed"
@@ -209,12 +220,23 @@ RGB_ARGS = ("model.width=8", "model.z_dim=16", "train.batch_size=16", "data.num_
 
 def test_shards_from_an_image_folder_train_rgb32_on_two_processes(tmp_path, shards, rgb_shards):
     run_dir = tmp_path / "run"
+    # With bf16 autocast, NHWC tensors, fused Adam and G_ema updated every 3 steps: all must still train.
     log = launch(run_dir, shards, 2, *RGB_ARGS, "train.steps=20", f"data.shards={rgb_shards}",
+                 "train.mixed_precision=bf16", "perf.channels_last=true", "optim.impl=fused", "perf.ema_every=3",
                  config="configs/cifar32.yaml")
     assert "world size 2" in log
     G = load_file(run_dir / "final" / "generator.safetensors")
     assert G["net.10.weight"].shape == (8, 3, 4, 4), "G ends in 3 channels (RGB): 4x4 up to 32x32"
+    # Every weight of G, D and G_ema moved between the checkpoints of steps 10 and 20.
+    step10 = run_dir / "checkpoints" / "step_00000010"
+    ema = torch.load(step10 / "custom_checkpoint_0.pkl", weights_only=False)
+    for name, before in (("generator", load_file(step10 / "model.safetensors")),
+                         ("discriminator", load_file(step10 / "model_1.safetensors")),
+                         ("generator_ema", {k.removeprefix("averaged.module."): v for k, v in ema.items()})):
+        after = weights(run_dir)[name]
+        assert all(not before[k].equal(after[k]) for k in after if k.endswith("weight")), name
     rows = jsonl(run_dir)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("train/loss_d", "train/loss_g"))
     # 20 steps x 16 images of a 120-image epoch; nothing skipped.
     assert rows[-1]["data/epoch"] == pytest.approx(20 * 16 / 120) and rows[-1]["data/skipped"] == 0
     grid = np.asarray(Image.open(run_dir / "samples" / "samples_ema_00000020.png"))
