@@ -1,0 +1,300 @@
+"""Throughput: the trainer's images/s beside a bare PyTorch loop's, and its weak scaling over processes.
+
+    python scripts/benchmark.py [--config FILE] [--batch 128] [--steps 10] [--warmup 3] [--processes 1,2]
+                                [--threads 1] [--switches all|NAME,...] [--out FILE.json] [key=value ...]
+
+For each process count P in --processes, one launch (`accelerate launch`, CPU gloo without CUDA, NCCL with it) trains
+--batch images per process and step, a global batch of P x batch:
+first a bare PyTorch loop with the same G, D, Adam (optim.impl), batch, memory format, autocast, compile and loss
+functions, on one batch already in memory: no accelerate, logging, EMA or data loading; with P > 1, G and D in
+torch's DDP with its default options. Then the trainer (`gan_dist.loop.train`: data loading, EMA, metrics, checkpoint
+and stop-signal logic, DDP as configured), then (P = 1) the bare loop again: the two bare timings bracket the
+trainer's. The headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over P times the
+1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
+The bare loop is timed over --steps steps after --warmup; the trainer over its second log interval of --steps steps
+(the first, which pays worker start-up, first-call allocations and compilation, is not counted). Also reported: peak
+memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends) and the trainer's
+data wait (`perf/data_wait_frac`). --switches adds one trainer run per speed switch (SWITCHES), each against the
+baseline at its process count. Prints a markdown table; --out writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import gan_dist  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from accelerate import PartialState  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from gan_dist.config import Config, load_config  # noqa: E402
+from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.losses import d_loss, frozen, g_loss  # noqa: E402
+from gan_dist.models import build_models  # noqa: E402
+from gan_dist.optim import make_optimizers  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Each speed switch as overrides of the baseline, and the process count it is measured at (0: the largest given).
+SWITCHES = {
+    "step_sync": (["perf.step_sync=true"], 1),
+    "channels_last": (["perf.channels_last=true"], 1),
+    "bf16": (["train.mixed_precision=bf16"], 1),
+    "compile": (["perf.compile=true"], 1),
+    "adam_fused": (["optim.impl=fused"], 1),
+    "adam_foreach": (["optim.impl=foreach"], 1),
+    "adam_single": (["optim.impl=single"], 1),
+    "zero_grad_to_zeros": (["optim.set_to_none=false"], 1),
+    "no_prefetch": (["perf.prefetch=false"], 1),
+    "ema_every_4": (["perf.ema_every=4"], 1),
+    "ddp_bucket_view_static": (["dist.gradient_as_bucket_view=true", "dist.static_graph=true"], 0),
+    "ddp_bucket_1mb": (["dist.bucket_cap_mb=1"], 0),
+}
+
+
+def device_of_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bare_loop(cfg: Config, batch: int, steps: int, warmup: int, device: torch.device, ddp: bool) -> dict:
+    """The D and G steps as one would write them by hand, timed over `steps` after `warmup`."""
+    torch.manual_seed(cfg.seed)
+    G, D = build_models(cfg.model)
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
+    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
+    if ddp:
+        ids = [device.index] if device.type == "cuda" else None
+        G, D = DistributedDataParallel(G, device_ids=ids), DistributedDataParallel(D, device_ids=ids)
+    opt_G, opt_D = make_optimizers(G, D, cfg.optim)
+    if cfg.perf.compile:
+        G, D = torch.compile(G, mode=cfg.perf.compile_mode), torch.compile(D, mode=cfg.perf.compile_mode)
+    shape = (batch, 2) if cfg.model.arch == "mlp" else (batch, cfg.model.channels, cfg.model.resolution,
+                                                          cfg.model.resolution)
+    real = (torch.rand(shape, device=device) * 2 - 1).contiguous(
+        memory_format=torch.channels_last if cfg.perf.channels_last and len(shape) == 4 else torch.contiguous_format)
+    bf16 = cfg.train.mixed_precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step() -> None:
+        with torch.no_grad(), autocast:
+            fake = G(torch.randn(batch, cfg.model.z_dim, device=device))
+        with autocast:
+            logits = D(torch.cat([real, fake])).float()
+        d_loss(logits[:batch], logits[batch:], cfg.loss.kind, cfg.loss.label_noise).backward()
+        opt_D.step()
+        opt_D.zero_grad(set_to_none=cfg.optim.set_to_none)
+        with frozen(D):
+            with autocast:
+                logits = D(G(torch.randn(batch, cfg.model.z_dim, device=device))).float()
+            g_loss(logits, cfg.loss.kind).backward()
+        opt_G.step()
+        opt_G.zero_grad(set_to_none=cfg.optim.set_to_none)
+
+    for _ in range(warmup):
+        step()
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"img_per_sec": steps * batch / seconds, "seconds": seconds, "peak_mb": peak_mb(device)}
+
+
+def trainer(argv: list[str], processes: int, batch: int, steps: int, run_dir: str, device: torch.device) -> dict:
+    """`train()` for 2 x `steps` steps, logged every `steps`: the second interval is the measurement."""
+    from gan_dist.loop import train  # noqa: PLC0415 - the Accelerator is created inside
+
+    cfg = load_config(argv + [f"run.dir={run_dir}", f"train.batch_size={processes * batch}", "train.grad_accum=1",
+                              f"train.steps={2 * steps}", f"log.every={steps}", f"log.sample_every={2 * steps}",
+                              f"ckpt.every={2 * steps}", "ckpt.resume=none", "eval.every=0", "wandb.mode=disabled"])
+    reset_peak(device)
+    train(cfg)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r.get("train/step") == 2 * steps and "perf/img_per_sec" in r]
+    return {"img_per_sec": row["perf/img_per_sec"], "seconds": steps * processes * batch / row["perf/img_per_sec"],
+            "data_wait_frac": row["perf/data_wait_frac"], "peak_mb": peak_mb(device),
+            "loss_d": row["train/loss_d"], "loss_g": row["train/loss_g"]}
+
+
+def worker(args: argparse.Namespace, argv: list[str]) -> int:
+    """One process of a launch: the trainer, between two runs of the bare loop (with --bare)."""
+    torch.set_num_threads(args.threads)
+    device = device_of_rank()
+    cfg = load_config(argv)
+    # Starts the process group for the bare loop's DDP, on the CPU as the trainer's Accelerator does without CUDA.
+    ddp = PartialState(cpu=not torch.cuda.is_available()).num_processes > 1
+    if args.bare and (cfg.loss.r1_gamma > 0 or cfg.loss.kind == "wgan_gp" or cfg.loss.n_critic > 1 or
+                      cfg.train.mixed_precision == "fp16"):
+        raise UserError("the bare loop has plain D and G steps: benchmark without gradient penalties, n_critic > 1 "
+                        "or fp16 (loss.r1_gamma=0, loss.kind other than wgan_gp, loss.n_critic=1, "
+                        "train.mixed_precision no or bf16)")
+    result = {}
+    if args.bare:
+        result["bare_before"] = bare_loop(cfg, args.batch, args.steps, args.warmup, device, ddp)
+    result["trainer"] = trainer(argv, args.processes_now, args.batch, args.steps, args.run_dir, device)
+    if args.bare and not ddp:  # the trainer's end_training() has ended the process group DDP would need
+        result["bare_after"] = bare_loop(cfg, args.batch, args.steps, args.warmup, device, ddp)
+    if int(os.environ.get("RANK", 0)) == 0:
+        Path(args.worker).write_text(json.dumps(result))
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: argparse.Namespace, argv: list[str], processes: int, bare: bool, tmp: Path, name: str) -> dict:
+    """Run one launch of `processes` workers; their rank 0's result."""
+    out, run_dir = tmp / f"{name}.json", tmp / name
+    cmd = [sys.executable]
+    if processes > 1:
+        cmd += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--num_processes",
+                str(processes), "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(free_port())]
+    cmd += [str(REPO / "scripts" / "benchmark.py"), "--worker", str(out), "--run-dir", str(run_dir),
+            "--processes-now", str(processes), "--batch", str(args.batch), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--threads", str(args.threads), *(["--bare"] if bare else []), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), WANDB_SILENT="true")
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        tail = "\n".join(([x for x in lines if x.startswith("[rank0]:")] or lines)[-15:])  # not torchrun's summary
+        raise UserError(f"the {name} launch exited {proc.returncode}:\n{tail}")
+    result = json.loads(out.read_text())
+    result["launch_s"] = time.perf_counter() - start
+    print(f"[benchmark] {name}: {result['trainer']['img_per_sec']:,.0f} img/s ({result['launch_s']:.0f} s)",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def markdown(result: dict) -> str:
+    batch, lines = result["batch_per_process"], []
+    lines.append(f"Device: {result['device']}; torch {result['torch']}; {result['threads']} thread(s) per process; "
+                 f"{batch} images per process per step; {result['date']}.")
+    lines.append(f"Command: `{result['command']}`")
+    lines += ["", "| run | processes | global batch | images/s | vs bare loop | weak scaling | peak memory (MB) | "
+              "data wait |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p, r in result["runs"].items():
+        b, t = r["bare"], r["trainer"]
+        lines.append(f"| bare loop | {p} | {int(p) * batch} | {b['img_per_sec']:,.1f} | | "
+                     f"{b.get('efficiency', 1):.3f} | {b['peak_mb']:,.0f} | |")
+        lines.append(f"| trainer | {p} | {int(p) * batch} | {t['img_per_sec']:,.1f} | {r['ratio']:.3f} time ratio | "
+                     f"{t.get('efficiency', 1):.3f} | {t['peak_mb']:,.0f} | {100 * t['data_wait_frac']:.2f}% |")
+    if result["switches"]:
+        lines += ["", "| switch | overrides | processes | images/s | vs baseline |", "| --- | --- | --- | --- | --- |"]
+        for name, s in result["switches"].items():
+            lines.append(f"| {name} | `{' '.join(s['overrides'])}` | {s['processes']} | "
+                         f"{s['trainer']['img_per_sec']:,.1f} | {s['speedup']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="training config YAML (default: the defaults, i.e. the seed DCGAN)")
+    parser.add_argument("--batch", type=int, default=128, help="images per process per step (default 128)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed bare-loop steps first (default 3)")
+    parser.add_argument("--processes", default="1,2", help="process counts, comma-separated (default 1,2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--switches", default="", help=f"'all' or some of {','.join(SWITCHES)}")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--processes-now", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args()
+    argv = (["--config", args.config] if args.config else []) + args.overrides
+    try:
+        if args.worker:
+            return worker(args, argv)
+        counts = sorted({int(p) for p in args.processes.split(",")})
+        switches = list(SWITCHES) if args.switches == "all" else [s for s in args.switches.split(",") if s]
+        unknown = [s for s in switches if s not in SWITCHES]
+        if unknown or counts[0] != 1:
+            raise UserError(f"unknown switch {unknown[0]}; choose from {', '.join(SWITCHES)}" if unknown else
+                            "--processes must include 1: scaling and the bare loop are measured against it", code=2)
+        load_config(argv)  # a bad key fails here, once, not in every launch
+        start = time.perf_counter()
+        runs, done = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for p in counts:
+                r = launch(args, argv, p, True, Path(tmp), f"baseline_{p}")
+                bare = [r.pop("bare_before")] + ([r.pop("bare_after")] if "bare_after" in r else [])
+                seconds = sum(b["seconds"] for b in bare) / len(bare)
+                r["bare"] = {"img_per_sec": p * args.steps * args.batch / seconds, "seconds": seconds,
+                             "peak_mb": bare[0]["peak_mb"], "runs": bare}
+                r["ratio"] = r["trainer"]["seconds"] / seconds
+                for kind in ("bare", "trainer"):
+                    if p > 1:
+                        r[kind]["efficiency"] = r[kind]["img_per_sec"] / (p * runs["1"][kind]["img_per_sec"])
+                runs[str(p)] = r
+            for name in switches:
+                overrides, p = SWITCHES[name]
+                p = p or counts[-1]
+                base = runs[str(p)]["trainer"]["img_per_sec"] if str(p) in runs else None
+                r = launch(args, argv + overrides, p, False, Path(tmp), name)
+                r |= {"overrides": overrides, "processes": p,
+                      "speedup": r["trainer"]["img_per_sec"] / base if base else float("nan")}
+                done[name] = r
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    result = {"date": time.strftime("%Y-%m-%d"), "device": hardware(), "torch": torch.__version__,
+              "threads": args.threads, "batch_per_process": args.batch, "steps": args.steps,
+              "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
+              "wall_s": time.perf_counter() - start, "runs": runs, "switches": done}
+    print(markdown(result))
+    print(f"\n(benchmark wall time {result['wall_s']:.0f} s)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
