@@ -1,6 +1,6 @@
 """Throughput: the trainer's images/s beside a bare PyTorch loop's, and its weak scaling over processes.
 
-    python scripts/benchmark.py [--config FILE] [--batch 128] [--steps 10] [--warmup 3] [--processes 1,2]
+    python scripts/benchmark.py [--config FILE] [--batch 128] [--steps 10] [--warmup STEPS] [--processes 1,2]
                                 [--threads 1] [--switches all|NAME,...] [--out FILE.json] [key=value ...]
 
 For each process count P in --processes, one launch (`accelerate launch`, CPU gloo without CUDA, NCCL with it) trains
@@ -11,7 +11,7 @@ torch's DDP with its default options. Then the trainer (`gan_dist.loop.train`: d
 and stop-signal logic, DDP as configured), then (P = 1) the bare loop again: the two bare timings bracket the
 trainer's. The headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over P times the
 1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
-The bare loop is timed over --steps steps after --warmup; the trainer over its second log interval of --steps steps
+The bare loop is timed over --steps steps after --warmup (default --steps); the trainer over its second log interval of --steps steps
 (the first, which pays worker start-up, first-call allocations and compilation, is not counted). Also reported: peak
 memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends) and the trainer's
 data wait (`perf/data_wait_frac`). --switches adds one trainer run per speed switch (SWITCHES), each against the
@@ -238,7 +238,8 @@ def main() -> int:
     parser.add_argument("--config", help="training config YAML (default: the defaults, i.e. the seed DCGAN)")
     parser.add_argument("--batch", type=int, default=128, help="images per process per step (default 128)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed bare-loop steps first (default 3)")
+    parser.add_argument("--warmup", type=int, help="untimed bare-loop steps first (default: --steps, as many as the "
+                        "trainer's untimed first interval; a process's first steps run slower)")
     parser.add_argument("--processes", default="1,2", help="process counts, comma-separated (default 1,2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--switches", default="", help=f"'all' or some of {','.join(SWITCHES)}")
@@ -250,6 +251,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
     argv = (["--config", args.config] if args.config else []) + args.overrides
+    args.warmup = args.steps if args.warmup is None else args.warmup
     try:
         if args.worker:
             return worker(args, argv)
