@@ -9,12 +9,12 @@ first a bare PyTorch loop with the same G, D, Adam (optim.impl), batch, memory f
 functions, on one batch already in memory: no accelerate, logging, EMA or data loading; with P > 1, G and D in
 torch's DDP with its default options. Then the trainer (`gan_dist.loop.train`: data loading, EMA, metrics, checkpoint
 and stop-signal logic, DDP as configured), then (P = 1) the bare loop again: the two bare timings bracket the
-trainer's. The headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over P times the
-1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
-The bare loop is timed over --steps steps after --warmup (default --steps); the trainer over its second log interval of --steps steps
-(the first, which pays worker start-up, first-call allocations and compilation, is not counted). Also reported: peak
-memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends) and the trainer's
-data wait (`perf/data_wait_frac`). --switches adds one trainer run per speed switch (SWITCHES), each against the
+trainer's. The headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over
+P times the 1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
+The bare loop is timed over --steps steps after --warmup (default --steps); the trainer over its second log interval
+of --steps steps (the first, which pays worker start-up, first-call allocations and compilation, is not counted).
+Also reported: peak memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends)
+and the trainer's data wait (`perf/data_wait_frac`). --switches adds one trainer run per speed switch (SWITCHES), each against the
 baseline at its process count. Prints a markdown table; --out writes everything as JSON.
 """
 
@@ -157,11 +157,6 @@ def worker(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(argv)
     # Starts the process group for the bare loop's DDP, on the CPU as the trainer's Accelerator does without CUDA.
     ddp = PartialState(cpu=not torch.cuda.is_available()).num_processes > 1
-    if args.bare and (cfg.loss.r1_gamma > 0 or cfg.loss.kind == "wgan_gp" or cfg.loss.n_critic > 1 or
-                      cfg.train.mixed_precision == "fp16"):
-        raise UserError("the bare loop has plain D and G steps: benchmark without gradient penalties, n_critic > 1 "
-                        "or fp16 (loss.r1_gamma=0, loss.kind other than wgan_gp, loss.n_critic=1, "
-                        "train.mixed_precision no or bf16)")
     result = {}
     if args.bare:
         result["bare_before"] = bare_loop(cfg, args.batch, args.steps, args.warmup, device, ddp)
@@ -261,7 +256,12 @@ def main() -> int:
         if unknown or counts[0] != 1:
             raise UserError(f"unknown switch {unknown[0]}; choose from {', '.join(SWITCHES)}" if unknown else
                             "--processes must include 1: scaling and the bare loop are measured against it", code=2)
-        load_config(argv)  # a bad key fails here, once, not in every launch
+        cfg = load_config(argv)  # a bad key fails here, once, not in every launch
+        if cfg.loss.r1_gamma > 0 or cfg.loss.kind == "wgan_gp" or cfg.loss.n_critic > 1 or \
+                cfg.train.mixed_precision == "fp16":
+            raise UserError("the bare loop has plain D and G steps: benchmark without gradient penalties, n_critic "
+                            "> 1 or fp16 (loss.r1_gamma=0, loss.kind other than wgan_gp, loss.n_critic=1, "
+                            "train.mixed_precision no or bf16)", code=2)
         start = time.perf_counter()
         runs, done = {}, {}
         with tempfile.TemporaryDirectory() as tmp:

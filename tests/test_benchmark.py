@@ -51,3 +51,9 @@ def test_unknown_switch_fails_in_one_line():
     proc = benchmark("--switches", "turbo")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "unknown switch turbo; choose from step_sync," in proc.stderr
+
+
+def test_penalty_config_is_refused_before_any_launch():
+    proc = benchmark("loss.r1_gamma=1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "the bare loop has plain D and G steps" in proc.stderr
