@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -47,6 +46,7 @@ from gan_dist.errors import UserError  # noqa: E402
 from gan_dist.losses import d_loss, frozen, g_loss  # noqa: E402
 from gan_dist.models import build_models  # noqa: E402
 from gan_dist.optim import make_optimizers  # noqa: E402
+from quality import hardware  # noqa: E402 - scripts/ is on the path of a script run from it
 
 REPO = Path(__file__).resolve().parents[1]
 # Each speed switch as overrides of the baseline, and the process count it is measured at (0: the largest given).
@@ -201,16 +201,10 @@ def launch(args: argparse.Namespace, argv: list[str], processes: int, bare: bool
     return result
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-
-
 def markdown(result: dict) -> str:
     batch, lines = result["batch_per_process"], []
-    lines.append(f"Device: {result['device']}; torch {result['torch']}; {result['threads']} thread(s) per process; "
-                 f"{batch} images per process per step; {result['date']}.")
+    lines.append(f"Device: {result['device']}; {result['threads']} thread(s) per process; {batch} images per "
+                 f"process per step; {result['date']}.")
     lines.append(f"Command: `{result['command']}`")
     lines += ["", "| run | processes | global batch | images/s | vs bare loop | weak scaling | peak memory (MB) | "
               "data wait |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -287,7 +281,7 @@ def main() -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.code
-    result = {"date": time.strftime("%Y-%m-%d"), "device": hardware(), "torch": torch.__version__,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": hardware(torch.cuda.is_available()), "torch": torch.__version__,
               "threads": args.threads, "batch_per_process": args.batch, "steps": args.steps,
               "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
               "wall_s": time.perf_counter() - start, "runs": runs, "switches": done}

@@ -33,10 +33,9 @@ except ImportError:
 import torch  # noqa: E402
 
 from gan_dist.config import Config, load_config  # noqa: E402
-from gan_dist.data import open_source, shard_batches, to_real  # noqa: E402
+from gan_dist.data import open_source, shard_batches  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.losses import d_step, g_step  # noqa: E402
-from gan_dist.models import build_models  # noqa: E402
+from benchmark import bare_loop  # noqa: E402 - scripts/ is on the path of a script run from it
 
 
 def loader_rate(cfg: Config, workers: int, batches: int) -> dict:
@@ -51,27 +50,6 @@ def loader_rate(cfg: Config, workers: int, batches: int) -> dict:
     elapsed = time.perf_counter() - start
     del it
     return {"workers": workers, "img_per_sec": batches * cfg.train.batch_size / elapsed, "first_batch_s": first}
-
-
-def trainer_rate(cfg: Config, steps: int) -> float:
-    """Images/s of D + G steps on one in-memory batch: what the loop asks of the loader."""
-    torch.manual_seed(0)
-    G, D = build_models(cfg.model)
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_G, betas=betas, eps=cfg.optim.eps)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_D, betas=betas, eps=cfg.optim.eps)
-    real = to_real(torch.randint(0, 256, (cfg.train.batch_size, cfg.model.channels, cfg.model.resolution,
-                                          cfg.model.resolution), dtype=torch.uint8), torch.device("cpu"))
-
-    def step() -> None:
-        d_step(G, D, opt_D, real, torch.randn(len(real), cfg.model.z_dim), cfg.loss, torch.Tensor.backward)
-        g_step(G, D, opt_G, torch.randn(len(real), cfg.model.z_dim), cfg.loss.kind, torch.Tensor.backward)
-
-    step()  # warm-up: first-call allocations
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * cfg.train.batch_size / (time.perf_counter() - start)
 
 
 def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
@@ -113,7 +91,9 @@ def main() -> int:
             raise UserError("benchmark_data.py measures image data; give a config with data.dataset mnist or "
                             "webdataset")
         loaders = [loader_rate(cfg, int(w), args.batches) for w in args.workers.split(",")]
-        consumed = trainer_rate(cfg, args.train_steps)
+        # What the loop asks of the loader: the bare D + G steps on a batch already in memory.
+        consumed = bare_loop(cfg, cfg.train.batch_size, args.train_steps, 1, torch.device("cpu"),
+                             ddp=False)["img_per_sec"]
         run = run_wait(argv, args.run_workers, args.steps, args.log_every) if args.steps else None
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

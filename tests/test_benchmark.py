@@ -34,7 +34,8 @@ def test_ratio_scaling_and_switch_follow_from_the_timings(tmp_path, shards):
         assert len(bare["runs"]) == 3 - processes and bare["seconds"] == pytest.approx(
             sum(r["seconds"] for r in bare["runs"]) / len(bare["runs"]))
         assert run["ratio"] == pytest.approx(trainer["seconds"] / bare["seconds"])
-        assert trainer["img_per_sec"] == pytest.approx(3 * 16 * processes / trainer["seconds"])
+        # Each timed phase lies inside its launch's wall time.
+        assert 0 < trainer["seconds"] + sum(r["seconds"] for r in bare["runs"]) < run["launch_s"]
         assert 0 <= trainer["data_wait_frac"] <= 1 and trainer["peak_mb"] > 0 and bare["peak_mb"] > 0
     assert two["trainer"]["efficiency"] == pytest.approx(
         two["trainer"]["img_per_sec"] / (2 * one["trainer"]["img_per_sec"]))
