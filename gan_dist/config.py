@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from gan_dist.errors import UserError
 @dataclass
 class RunConfig:
     dir: str = "runs/default"  # checkpoints, final weights, samples, metrics.jsonl and wandb/ go here
+    lease_timeout_s: int = 60  # a run.dir whose holder sent no heartbeat for this long (a dead node) is taken over
 
 
 @dataclass
@@ -78,12 +80,14 @@ class TrainConfig:
 class DataConfig:
     dataset: str = "mnist"  # mnist | webdataset (data.shards) | gaussian (seed 001's N(0, I)) | ring8 | grid25
     shards: str = ""  # webdataset URLs: paths, folders, brace patterns, pipe: commands, http(s); '::' or a list joins
-    manifest: str = ""  # the shards' manifest.json; default: the one beside local shards
+    manifest: str = ""  # the shards' manifest.json ('::' joins several); default: those beside local shards
     mode: str = "epoch"  # epoch (exact epochs) | resampled (endless random shard draws)
     resolution: int = 28  # images are resized (shorter side) and centre-cropped to this square size
     channels: int = 1  # 1 (grayscale) | 3 (RGB)
     hflip: bool = False  # random horizontal flips
-    on_error: str = "warn"  # a bad image or truncated shard: warn (skip it, count data/skipped) | raise
+    on_error: str = "warn"  # a bad sample, or a shard truncated or unlike its manifest: warn (skip, count) | raise
+    timeout_s: float = 60.0  # remote shards (http(s), pipe:) fail when they connect or send nothing for this long
+    min_rate_kbs: float = 1.0  # ... or deliver less than this many kB/s over any timeout_s window
     mnist_dir: str = "data/mnist"  # the four MNIST IDX files (downloaded here when missing and online)
     cache_dir: str = "data/mnist-shards"  # prepared webdataset shards + manifest.json
     download: bool = True
@@ -130,6 +134,7 @@ class WandbConfig:
     name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    finish_timeout_s: float = 60.0  # longest wait for uploads at the end (a preempted job must requeue in time)
 
 
 @dataclass
@@ -183,14 +188,30 @@ CHOICES = {
     "eval.model": ("ema", "G"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
-NON_NEGATIVE = ("eval.every", "data.num_workers", "loss.label_noise", "ema.halflife_kimg", "ema.rampup", "data.std",
-                "loss.gp_weight", "loss.r1_gamma", "optim.warmup_steps")
-POSITIVE_FLOAT = ("optim.lr_G", "optim.lr_D", "optim.eps")
-UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # [0, 1)
-POSITIVE = ("train.steps", "train.batch_size", "train.grad_accum", "ckpt.every", "ckpt.keep", "log.every",
-            "log.sample_every", "log.num_samples", "model.z_dim", "model.width", "model.hidden",
-            "data.resolution", "data.shuffle_buffer", "dist.timeout_s", "dist.stop_check_every", "eval.num_samples",
-            "eval.batch", "loss.n_critic", "loss.r1_every", "perf.ema_every", "dist.bucket_cap_mb")
+# Allowed ranges, both ends inclusive (None: no bound); ABOVE_LOW keys must be strictly above their low end, and
+# BELOW_HIGH keys strictly below their high end. Upper bounds catch typos (a missing decimal point, an extra 0).
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**31 - 1),
+    "run.lease_timeout_s": (5, 86400),
+    "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
+    "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
+    "optim.warmup_steps": (0, 10**12),
+    "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
+    "loss.r1_every": (1, 10**6),
+    "ema.halflife_kimg": (0, 1e9), "ema.rampup": (0, 1e3),
+    "train.steps": (1, 10**12), "train.batch_size": (1, 2**20), "train.grad_accum": (1, 2**16),
+    "data.resolution": (4, 4096), "data.num_workers": (0, 256), "data.shuffle_buffer": (1, 10**7),
+    "data.timeout_s": (0, 86400), "data.min_rate_kbs": (0, 1e9), "data.std": (0, 1e3), "data.radius": (0, 1e3),
+    "data.spacing": (0, 1e3),
+    "eval.every": (0, 10**12), "eval.num_samples": (2, 10**7), "eval.batch": (1, 2**20),
+    "dist.timeout_s": (10, 7 * 86400), "dist.stop_check_every": (1, 10**6), "dist.bucket_cap_mb": (1, 65536),
+    "ckpt.every": (1, 10**12), "ckpt.keep": (1, 10**6),
+    "wandb.finish_timeout_s": (0, 86400),
+    "log.every": (1, 10**12), "log.sample_every": (1, 10**12), "log.num_samples": (1, 4096),
+    "perf.ema_every": (1, 10**6),
+}
+ABOVE_LOW = {"optim.lr_G", "optim.lr_D", "optim.eps", "data.timeout_s", "data.std", "data.radius", "data.spacing"}
+BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise"}
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
@@ -219,12 +240,18 @@ def _check(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(map(str, allowed))}", code=2)
-    rules = [(POSITIVE, lambda v: v >= 1, "at least 1"), (NON_NEGATIVE, lambda v: v >= 0, "at least 0"),
-             (POSITIVE_FLOAT, lambda v: v > 0, "greater than 0"), (UNIT_INTERVAL, lambda v: 0 <= v < 1, "in [0, 1)")]
-    for keys, ok, what in rules:
-        for key in keys:
-            if not ok(OmegaConf.select(cfg, key)):
-                raise UserError(f"config key '{key}' must be {what}, got {OmegaConf.select(cfg, key)}", code=2)
+    for key in _all_keys(cfg):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value}", code=2)
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if low is not None and (value < low or (key in ABOVE_LOW and value == low)):
+            raise UserError(f"config key '{key}' must be {'greater than' if key in ABOVE_LOW else 'at least'} "
+                            f"{low}, got {value}", code=2)
+        if high is not None and (value > high or (key in BELOW_HIGH and value == high)):
+            raise UserError(f"config key '{key}' must be {'less than' if key in BELOW_HIGH else 'at most'} {high}, "
+                            f"got {value}", code=2)
     if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp"):
         raise UserError(f"loss.label_noise={cfg.loss.label_noise} applies to the ns, minimax and ls losses only; "
                         f"add loss.label_noise=0 for loss.kind={cfg.loss.kind}", code=2)
@@ -278,11 +305,17 @@ def load_config(argv: list[str]) -> Config:
         if args.config:
             path = Path(args.config)
             if not path.is_file():
-                raise UserError(f"config file '{path}' not found; pass --config configs/<name>.yaml", code=2)
+                raise UserError(f"config file '{path}' {'is not a file' if path.exists() else 'not found'}; pass "
+                                "--config configs/<name>.yaml", code=2)
             try:
                 loaded = OmegaConf.load(path)
-            except yaml.YAMLError as err:
-                raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}", code=2) from None
+            except UnicodeDecodeError:
+                raise UserError(f"config file '{path}' is not UTF-8 text; pass a YAML file", code=2) from None
+            except (yaml.YAMLError, RecursionError) as err:
+                what = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise UserError(f"config file '{path}' is not valid YAML: {what}", code=2) from None
+            except OSError as err:
+                raise UserError(f"config file '{path}' cannot be read ({err.strerror or err})", code=2) from None
             if not OmegaConf.is_dict(loaded):
                 raise UserError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{steps: 500}}')",
                                 code=2)
