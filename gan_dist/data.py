@@ -41,9 +41,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from gan_dist import mnist
 from gan_dist.config import DataConfig
 from gan_dist.errors import UserError
-from gan_dist.images import BadImage, decode_image, sample_label
-from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, open_shard, read_manifest_file, \
-    sample_counts, tar_samples
+from gan_dist.images import BadSample, decode_image, pixel_bound, sample_label
+from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, manifest_counts, open_shard, \
+    tar_samples
 from gan_dist.signals import ignore_in_worker
 
 RESAMPLED_CHUNK = 4  # shards per resampled chunk: a resumed worker re-reads at most this many
@@ -74,11 +74,10 @@ def open_source(cfg: DataConfig) -> Source:
     if not urls:
         raise UserError("data.shards is empty; set it to shard URLs, e.g. data.shards=/data/train-{00000..00009}.tar")
     check_local(urls)
-    manifest_path = cfg.manifest
-    if not manifest_path and not is_remote(urls[0]):
-        beside = Path(urls[0].removeprefix("file:")).parent / "manifest.json"
-        manifest_path = str(beside) if beside.is_file() else ""
-    counts = sample_counts(urls, read_manifest_file(manifest_path), manifest_path) if manifest_path else None
+    manifests = [m for m in cfg.manifest.split("::") if m] if cfg.manifest else sorted({
+        str(beside) for u in urls if not is_remote(u)
+        if (beside := Path(u.removeprefix("file:")).parent / "manifest.json").is_file()})
+    counts = manifest_counts(urls, manifests) if manifests else None
     if cfg.mode == "epoch" and counts is None:
         raise UserError(f"data.mode=epoch needs each shard's sample count, but no manifest.json was found for "
                         f"{urls[0]}; write one with `python scripts/make_shards.py --index SHARD_FOLDER`, point "
@@ -148,31 +147,39 @@ class ShardStream(IterableDataset):
         _say(f"warning: rank {self.rank}: {what}; skipped {lost} sample(s) (data.on_error=raise stops instead)")
 
     def _read(self, url: str, first: int, take: int | None, expected: int | None) -> Iterator[dict]:
-        """Raw samples [first, first + take) of one shard; a fault skips the rest of the shard."""
+        """Raw samples [first, first + take) of one shard (to its manifest count, or its end, when `take` is None).
+        A fault skips the rest of the shard. The range that ends where the manifest says the shard ends reads on to
+        its real end, so a shard holding fewer or more samples than its manifest lists is found and counted."""
         try:
-            stream = open_shard(url)
+            stream = open_shard(url, self.cfg.timeout_s, self.cfg.min_rate_kbs)
         except ShardError as err:
             raise FatalDataError(f"{err}; check data.shards") from None
-        got = 0
+        end = first + take if take is not None else expected
+        at_end = expected is not None and end == expected
+        # A member bigger than 4 bytes per pixel an image may have is no image this run would decode.
+        cap = 4 * pixel_bound(self.cfg.resolution)
+        seen = got = 0
         try:
-            for i, sample in enumerate(tar_samples(stream, url)):
-                if i < first:
-                    continue
-                yield sample
-                got += 1
-                if take is not None and got >= take:
+            for seen, sample in enumerate(tar_samples(stream, url, cap), start=1):
+                if first < seen and (end is None or seen <= end):
+                    yield sample
+                    got += 1
+                if end is not None and seen >= end and not at_end:
                     break
         except ShardError as err:
             if err.key is None and is_remote(url) and first == 0:
-                raise FatalDataError(f"shard {url}: nothing could be read (missing, or the command failed); check "
-                                     f"data.shards") from None
-            missing = (take if take is not None else expected or 0) - got
-            self._skip(str(err), max(missing, 1))
+                raise FatalDataError(f"shard {url}: nothing could be read ({err.reason}); check data.shards "
+                                     f"(and data.timeout_s for a slow source)") from None
+            self._skip(str(err), max((end - first if end is not None else 0) - got, 1))
+            return
         finally:
             try:
                 stream.close()
             except OSError:
                 pass  # a pipe: command closed early by us exits on SIGPIPE
+        if expected is not None and seen != expected and (at_end or seen < end):
+            self._skip(f"shard {url} holds {seen} samples, its manifest lists {expected}",
+                       end - first - got if seen < end else seen - expected)
 
     def _chunk(self, chunk: int, worker: int) -> Iterator[dict]:
         slot, slots = self.rank * self.workers + worker, self.world * self.workers
@@ -200,7 +207,7 @@ class ShardStream(IterableDataset):
                     continue  # consumed before the checkpoint: raw bytes only, never decoded
                 try:
                     items.append(self._decode(sample, chunk))
-                except BadImage as err:
+                except BadSample as err:
                     self._skip(f"sample '{sample['__key__']}' of shard {sample['__url__']}: {err}", 1)
                     continue
                 if len(items) == self.batch:

@@ -1,53 +1,78 @@
-"""Decoding one sample's image bytes to the training resolution, with PIL alone (plain numpy out, no torch).
+"""Decoding one sample's image bytes and label to training inputs, with PIL alone (plain numpy out, no torch).
 
-Only image members (`png`, `jpg`, `jpeg`, `webp`) are ever decoded; other members such as `.pyd` or `.pickle` are
-never unpickled. An image is converted to grayscale or RGB, its shorter side resized to the target resolution, and
-the centre cropped square.
+Only image members (`png`, `jpg`, `jpeg`, `webp`) are ever decoded, each only as the format its extension names
+(bytes of any other format, EPS or PDF included, are refused rather than handed to PIL's other decoders); other
+members such as `.pyd` or `.pickle` are never unpickled. An image is refused before decoding when it has more pixels
+than `pixel_bound(resolution)` (a decompression bomb); PIL's own bomb warning is an error here. It is converted to
+grayscale or RGB, its shorter side resized to the target resolution, and the centre cropped square. A label is
+the `cls` member as a small non-negative integer.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from gan_dist.shards import IMAGE_EXTS
 
+FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+MAX_LABEL = 999_999
+_LABEL = re.compile(rb"\s*(\d{1,6})\s*")
 
-class BadImage(Exception):
-    """A sample without a readable image."""
+
+class BadSample(Exception):
+    """A sample without a readable image, or with an invalid label."""
+
+
+def pixel_bound(resolution: int) -> int:
+    """The most pixels a source image may have: 32x the target side each way, and never under 4096 x 4096."""
+    return max(1024 * resolution * resolution, 4096 * 4096)
 
 
 def decode_image(sample: dict, resolution: int, channels: int, flip: bool = False) -> np.ndarray:
-    """The sample's image as uint8 (resolution, resolution, channels); BadImage when it has none or it is broken."""
+    """The sample's image as uint8 (resolution, resolution, channels); BadSample when it has none or it is broken."""
+    if "__error__" in sample:
+        raise BadSample(sample["__error__"])
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise BadImage(f"no image member (has {', '.join(k for k in sample if not k.startswith('__')) or 'none'})")
+        raise BadSample(f"no image member (has {', '.join(k for k in sample if not k.startswith('__')) or 'none'})")
     mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            # JPEG can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a full decode.
-            img.draft(mode, (resolution, resolution))
-            img = img.convert(mode)
-            w, h = img.size
-            if (w, h) != (resolution, resolution):
-                scale = resolution / min(w, h)
-                size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-                img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-                left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-                img = img.crop((left, top, left + resolution, top + resolution))
-            if flip:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImage(f"unreadable {ext} ({err})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(sample[ext]), formats=[FORMATS[ext]]) as img:
+                if img.width * img.height > pixel_bound(resolution):
+                    raise BadSample(f"{ext} of {img.width}x{img.height} pixels is over the bound of "
+                                    f"{pixel_bound(resolution)} pixels for resolution {resolution}")
+                # JPEG can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a full decode.
+                img.draft(mode, (resolution, resolution))
+                img = img.convert(mode)
+                w, h = img.size
+                if (w, h) != (resolution, resolution):
+                    scale = resolution / min(w, h)
+                    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+                    img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+                    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+                    img = img.crop((left, top, left + resolution, top + resolution))
+                if flip:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                array = np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, MemoryError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise BadSample(f"unreadable {ext} ({err})") from None
     return array[:, :, None] if array.ndim == 2 else array
 
 
 def sample_label(sample: dict) -> int:
-    """The sample's class from its `cls` member, or -1 when it has none."""
-    try:
-        return int(sample["cls"])
-    except (KeyError, ValueError):
+    """The sample's class from its `cls` member, or -1 when it has none; BadSample when `cls` is not an integer
+    from 0 to MAX_LABEL."""
+    if "cls" not in sample:
         return -1
+    match = _LABEL.fullmatch(sample["cls"])
+    if match is None:
+        raise BadSample(f"cls {sample['cls'][:40]!r} is not a class index from 0 to {MAX_LABEL}")
+    return int(match.group(1))

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from gan_dist.errors import UserError
-from gan_dist.shards import MANIFEST_FORMAT, sha256_file
+from gan_dist.files import sha256_file
+from gan_dist.shards import MANIFEST_FORMAT
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

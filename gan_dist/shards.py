@@ -6,16 +6,22 @@ entry per extension, e.g. `png`, `cls`). Shards come from local paths, brace pat
 list. A shard folder's `manifest.json` (format `gan-dist-shards/1`) lists every shard's name and sample count; the
 trainer needs it to split exact epochs, and `scripts/make_shards.py --index` writes one for foreign shards.
 
-Reading here yields raw bytes only: nothing is decoded, and no member is ever unpickled.
+Reading here yields raw bytes only: nothing is decoded, and no member is ever unpickled. Remote shards (http(s),
+`pipe:`) are read with a stall watchdog (`data.timeout_s`, `data.min_rate_kbs`), so none can hang a rank.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+import select
+import signal
+import subprocess
 import tarfile
+import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import IO, Iterator
@@ -68,13 +74,100 @@ def check_local(urls: list[str]) -> None:
                         f"train-{{00000..00009}}.tar must match the files)")
 
 
-def open_shard(url: str) -> IO[bytes]:
-    """A binary stream of the shard at `url`; ShardError naming the URL when it cannot be opened."""
-    try:
-        if is_remote(url):
-            import webdataset  # noqa: PLC0415 - importing it pulls in torch; tools that only index do not need it
+class StreamError(OSError):
+    """A remote stream that stalled, was too slow, or whose command failed; the message says which."""
 
-            return webdataset.gopen(url, "rb")
+
+class _Watched:
+    """A remote byte stream (an http response or a command's stdout) that raises StreamError when no byte arrives
+    for `timeout_s`, or fewer than `min_rate` bytes/s arrive over any `timeout_s` window, so a stalled server or
+    command never hangs a rank."""
+
+    def __init__(self, read1, fileno: int | None, timeout_s: float, min_rate: float, close, finish=None) -> None:
+        self._read1, self._fileno, self.timeout_s, self.min_rate = read1, fileno, timeout_s, min_rate
+        self._close, self._finish = close, finish
+        self._window, self._got = time.monotonic(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = 1 << 16 if size < 0 else size
+        if self._fileno is not None:  # a pipe: wait for data without blocking past the timeout
+            ready, _, _ = select.select([self._fileno], [], [], self.timeout_s)
+            if not ready:
+                raise StreamError(f"stalled: no data for {self.timeout_s:g} s (data.timeout_s)")
+        try:
+            data = self._read1(size)
+        except TimeoutError:
+            raise StreamError(f"stalled: no data for {self.timeout_s:g} s (data.timeout_s)") from None
+        now = time.monotonic()
+        self._got += len(data)
+        if now - self._window >= self.timeout_s:
+            rate = self._got / (now - self._window)
+            if rate < self.min_rate:
+                raise StreamError(f"too slow: {rate / 1000:.2f} kB/s over {now - self._window:.0f} s, under "
+                                  f"data.min_rate_kbs={self.min_rate / 1000:g}")
+            self._window, self._got = now, 0
+        if not data and self._finish is not None:
+            self._finish()
+        return data
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> _Watched:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_http(url: str, timeout_s: float, min_rate: float) -> _Watched:
+    for attempt in range(3):  # a refused or reset connection is retried; a server that answers is not
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout_s)
+            break
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            if attempt == 2:
+                raise OSError(f"no connection after 3 tries: {getattr(err, 'reason', err)}") from None
+            time.sleep(1 + attempt)
+    return _Watched(response.read1, None, timeout_s, min_rate, response.close)
+
+
+def _open_pipe(command: str, timeout_s: float, min_rate: float) -> _Watched:
+    # A session of its own, so that closing kills the whole command (a shell and what it started), not the shell.
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    fd = proc.stdout.fileno()
+
+    def finish() -> None:  # at the end of the data: the command must have succeeded
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StreamError(f"the command closed its output but did not exit within {timeout_s:g} s") from None
+        if code:
+            raise StreamError(f"the command exited with status {code}")
+
+    def close() -> None:  # also before the end: a command we stop reading is killed, not waited for
+        proc.stdout.close()
+        if proc.poll() is None:  # never signal a group id that a reaped command may have freed
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+    return _Watched(lambda n: os.read(fd, n), fd, timeout_s, min_rate, close, finish)
+
+
+def open_shard(url: str, timeout_s: float = 60.0, min_rate_kbs: float = 1.0) -> IO[bytes]:
+    """A binary stream of the shard at `url`; ShardError naming the URL when it cannot be opened. Remote streams
+    fail with StreamError when they stall (see `_Watched`)."""
+    try:
+        if url.startswith("pipe:"):
+            return _open_pipe(url.removeprefix("pipe:"), timeout_s, min_rate_kbs * 1000)
+        if is_remote(url):
+            return _open_http(url, timeout_s, min_rate_kbs * 1000)
         return open(url.removeprefix("file:"), "rb")
     except (OSError, ValueError) as err:
         raise ShardError(url, f"cannot be opened ({err})") from None
@@ -109,11 +202,12 @@ def _check_end(tar: tarfile.TarFile, raw: _Counting) -> None:
         raise tarfile.ReadError("it ends without the end-of-archive blocks")
 
 
-def tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
+def tar_samples(stream: IO[bytes], url: str, max_member_bytes: int | None = None) -> Iterator[dict]:
     """Samples of one tar stream as dicts of raw bytes (`__key__`, `__url__`, one entry per extension).
 
-    A truncated or corrupt tar raises ShardError after yielding every sample before the fault; the sample being
-    read at the fault is dropped."""
+    A member over `max_member_bytes` (a decompression bomb in a compressed tar) is not read: its sample carries
+    `__error__` instead. A truncated or corrupt tar raises ShardError after yielding every sample before the fault;
+    the sample being read at the fault is dropped."""
     sample: dict | None = None
     raw = _Counting(stream)
     try:
@@ -124,28 +218,26 @@ def tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
                 key, ext = split_key(member.name)
                 if key is None or os.path.basename(key).startswith("__"):
                     continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is truncated")
                 if sample is None or sample["__key__"] != key:
                     if sample is not None:
                         yield sample
                     sample = {"__key__": key, "__url__": url}
+                if max_member_bytes is not None and member.size > max_member_bytes:
+                    sample["__error__"] = f"member {member.name} has {member.size} bytes, over the cap of " \
+                                          f"{max_member_bytes}"
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is truncated")
                 sample[ext] = data
             _check_end(tar, raw)
+    except StreamError as err:
+        raise ShardError(url, str(err), sample["__key__"] if sample else None) from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise ShardError(url, f"is truncated or corrupt ({err or type(err).__name__})",
                          sample["__key__"] if sample else None) from None
     if sample is not None:
         yield sample
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest_file(path_or_url: str) -> dict:
@@ -172,22 +264,34 @@ def read_manifest_file(path_or_url: str) -> dict:
     return manifest
 
 
-def shard_name(url: str) -> str:
-    """The file name a URL points at (the last `*.tar` word of a `pipe:` command)."""
+def location(url: str) -> str:
+    """Where a shard or manifest lives, comparable between the two: a local file's absolute path, an http(s) URL,
+    or the last path or URL in a `pipe:` command."""
     if url.startswith("pipe:"):
-        words = [w for w in url.split() if w.endswith(".tar") or ".tar" in w]
+        words = [w.strip("'\"") for w in url.removeprefix("pipe:").split() if "/" in w]
         url = words[-1] if words else url
-    return url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        if "://" in url:
+            return url
+    if url.startswith(("http://", "https://", "pipe:")):
+        return url
+    return str(Path(url.removeprefix("file:")).resolve())
 
 
-def sample_counts(urls: list[str], manifest: dict, source: str) -> list[int]:
-    """Each URL's sample count from `manifest`, matched by file name; UserError naming the first unknown shard."""
-    counts = {s["name"]: int(s["num_samples"]) for split in manifest["splits"].values() for s in split["shards"]}
-    out = []
-    for url in urls:
-        name = shard_name(url)
-        if name not in counts:
-            raise UserError(f"shard {url} is not listed in the manifest {source}; re-index the shards with "
-                            f"scripts/make_shards.py --index SHARD_FOLDER")
-        out.append(counts[name])
-    return out
+def manifest_counts(urls: list[str], manifests: list[str]) -> list[int]:
+    """Each URL's sample count from the `manifests`, whose shard names are taken relative to where each manifest
+    lives; UserError naming the first shard that none of them lists."""
+    known: dict[str, int] = {}
+    for path in manifests:
+        manifest = read_manifest_file(path)
+        base = location(path)
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                entry = base.rsplit("/", 1)[0] + "/" + shard["name"]
+                known[entry if "://" in entry else str(Path(entry).resolve())] = int(shard["num_samples"])
+    counts = [known.get(location(url)) for url in urls]
+    if None in counts:
+        url = urls[counts.index(None)]
+        raise UserError(f"shard {url} is not listed in the manifest {' or '.join(manifests)} (manifests list shards "
+                        "by their path beside the manifest); re-index the shards with scripts/make_shards.py "
+                        "--index SHARD_FOLDER")
+    return counts

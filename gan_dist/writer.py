@@ -35,7 +35,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from gan_dist.errors import UserError
-from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, sha256_file, tar_samples
+from gan_dist.files import sha256_file
+from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, tar_samples
 
 DEFAULT_MAX_COUNT = 1000
 MB = 1_000_000

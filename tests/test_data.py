@@ -16,8 +16,11 @@ import itertools
 import json
 import math
 import random
-import shutil
+import subprocess
+import tarfile
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +33,7 @@ from gan_dist.config import DataConfig
 from gan_dist.data import PointBatches, ShardStream, Source, mixture_centers, open_source, \
     shard_batches, start_positions, to_real
 from gan_dist.errors import UserError
+from gan_dist.shards import tar_samples
 
 SIZES = [7, 13, 10, 4, 9]
 TOTAL = sum(SIZES)
@@ -369,7 +373,6 @@ def test_sources_brace_patterns_lists_folders_pipes_and_manifest(tmp_path):
     assert open_source(cfg(shards=pattern, mode="resampled")).counts is None
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http(s) shards through curl")
 def test_http_shards_and_manifest_from_a_loopback_server(tmp_path):
     write_shards(tmp_path)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -381,10 +384,98 @@ def test_http_shards_and_manifest_from_a_loopback_server(tmp_path):
         assert src.counts == SIZES
         assert sorted(key_ids(stream(src)._chunk(0, 0))) == list(range(TOTAL))
         missing = shard_batches(Source([f"{base}/gone.tar"], None), cfg(mode="resampled"), BATCH, 0, 0, 1)
-        with pytest.raises(UserError, match=r"shard http://127.0.0.1:\d+/gone.tar: nothing could be read"):
+        with pytest.raises(UserError, match=r"shard http://127.0.0.1:\d+/gone.tar: cannot be opened \(HTTP Error 404"):
             next(missing)
     finally:
         server.shutdown()
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    """Sends the first `server.head` bytes of a shard, then `server.trickle` more bytes one every 0.2 s, then
+    nothing for a minute: a hung object store."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.body)))
+        self.end_headers()
+        self.wfile.write(self.server.body[:self.server.head])
+        self.wfile.flush()
+        for i in range(self.server.trickle):
+            time.sleep(0.2)
+            self.wfile.write(self.server.body[self.server.head + i:self.server.head + i + 1])
+            self.wfile.flush()
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("head, trickle, message", [(0, 0, "stalled: no data for 1 s"),
+                                                     (12000, 0, "stalled: no data for 1 s"),
+                                                     (0, 1000, "too slow: 0.00 kB/s")])
+def test_stalled_or_slow_http_shard_fails_within_the_timeout_naming_it(tmp_path, capsys, head, trickle, message):
+    (url,) = write_shards(tmp_path, sizes=[20])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stalling)
+    server.body, server.head, server.trickle, server.daemon_threads = Path(url).read_bytes(), head, trickle, True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{server.server_address[1]}/train-00000.tar"
+    start = time.monotonic()
+    try:
+        s = stream(Source([remote], [20]), mode="resampled", timeout_s=1.0, min_rate_kbs=0.1)
+        if head == 0:  # nothing arrives: the run stops, naming the URL and the stall
+            with pytest.raises(data.FatalDataError, match=f"shard {remote}: nothing could be read .*{message}"):
+                list(s._read(remote, 0, None, 20))
+        else:  # a stall mid-shard: the samples before it are kept, the rest skipped and counted
+            got = list(s._read(remote, 0, None, 20))
+            assert 0 < len(got) < 20 and s.skipped == 20 - len(got)
+            assert f"shard {remote}: {message}" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+    assert time.monotonic() - start < 10
+
+
+def test_stalled_pipe_command_fails_within_the_timeout_and_is_killed(tmp_path):
+    s = stream(Source(["pipe:sleep 30"], None), mode="resampled", timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(data.FatalDataError, match="shard pipe:sleep 30: nothing could be read .*stalled"):
+        list(s._read("pipe:sleep 30", 0, None, None))
+    assert time.monotonic() - start < 5
+    assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).stdout == b"", "the command was killed"
+
+
+def test_shards_unlike_their_manifest_are_named_and_counted(tmp_path, capsys):
+    urls = write_shards(tmp_path, sizes=[6, 6])
+    # The manifest says 8 and 4: shard 0 is short by 2, shard 1 has 2 samples more than listed.
+    src = Source(urls, [8, 4])
+    got = key_ids(stream(src)._chunk(0, 0))
+    err = capsys.readouterr().err
+    assert f"shard {urls[0]} holds 6 samples, its manifest lists 8; skipped 2 sample(s)" in err
+    assert f"shard {urls[1]} holds 6 samples, its manifest lists 4; skipped 2 sample(s)" in err
+    assert sorted(got) == list(range(10)), "every listed sample that exists is read once, the extra ones are not"
+    with pytest.raises(data.FatalDataError, match="holds 6 samples, its manifest lists 8"):
+        list(stream(src, on_error="raise")._chunk(0, 0))
+
+
+def test_manifests_match_shards_by_full_path_not_file_name(tmp_path):
+    a, b = write_shards(tmp_path / "a", sizes=[3]), write_shards(tmp_path / "b", sizes=[5])
+    assert Path(a[0]).name == Path(b[0]).name
+    src = open_source(cfg(shards=f"{a[0]}::{b[0]}"))
+    assert src.counts == [3, 5], "each folder's own manifest counts its own shard"
+    with pytest.raises(UserError, match=f"shard {b[0]} is not listed in the manifest {tmp_path / 'a'}"):
+        open_source(cfg(shards=f"{a[0]}::{b[0]}", manifest=str(tmp_path / "a" / "manifest.json")))
+
+
+def test_oversized_members_are_not_read_and_their_sample_is_skipped(tmp_path, capsys):
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for key, payload in (("a", png(1)), ("b", b"\0" * (1 << 22)), ("c", png(2))):
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with open(path, "rb") as f:
+        samples = list(tar_samples(f, str(path), max_member_bytes=1 << 20))
+    assert [s["__key__"] for s in samples] == ["a", "b", "c"] and "png" not in samples[1]
+    assert "has 4194304 bytes, over the cap of 1048576" in samples[1]["__error__"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Tests for gan_dist.images: decoding one sample to the training resolution with PIL.
 
 Covers: shorter-side resize then centre crop (what is kept of a wide and a tall image), grayscale and RGB output
-from any PIL mode (palette, RGBA, L), JPEG and WebP members, flips, labels from `cls`, and BadImage for a sample
-without an image or with broken bytes (never an unpickled member).
+from any PIL mode (palette, RGBA, L), JPEG and WebP members, flips, labels from `cls`, and BadSample for a sample
+without an image or with broken bytes (never an unpickled member), with bytes of another format than its extension
+(EPS and PDF included), with more pixels than the bound, or with a label that is not a small non-negative integer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gan_dist.images import BadImage, decode_image, sample_label
+from gan_dist.images import MAX_LABEL, BadSample, decode_image, pixel_bound, sample_label
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -72,13 +73,52 @@ def test_flip_mirrors_left_and_right():
 def test_labels_come_from_cls_or_are_minus_one():
     assert sample_label({"cls": b"7"}) == 7
     assert sample_label({"cls": b" 12\n"}) == 12
-    assert sample_label({}) == -1 and sample_label({"cls": b"cat"}) == -1
+    assert sample_label({"cls": str(MAX_LABEL).encode()}) == MAX_LABEL
+    assert sample_label({}) == -1
+
+
+@pytest.mark.parametrize("cls", [b"cat", b"-3", b"99999999999999999999999", b"1e3", b"7.5", b"", b"\xff\xfe",
+                                 b"1 2", "\u0663".encode()])  # an Arabic-Indic 3: a digit to Python, not to us
+def test_labels_that_are_not_small_non_negative_integers_are_bad_samples(cls):
+    with pytest.raises(BadSample, match="is not a class index from 0 to"):
+        sample_label({"cls": cls})
+
+
+def test_image_bytes_are_decoded_only_as_the_format_their_extension_names():
+    png, jpeg = encode(bands(16, 16)), encode(bands(16, 16), "JPEG")
+    assert decode_image({"png": png}, 16, 3).shape == (16, 16, 3)
+    for sample in ({"png": jpeg}, {"jpg": png}, {"webp": png}, {"png": encode(bands(16, 16), "GIF")},
+                   {"png": encode(bands(16, 16), "BMP")}, {"png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"},
+                   {"jpg": b"%PDF-1.4\n1 0 obj\n"}):
+        with pytest.raises(BadSample, match="unreadable"):
+            decode_image(sample, 16, 3)
+
+
+def test_images_over_the_pixel_bound_are_refused_before_decoding():
+    assert pixel_bound(28) == 4096 * 4096 and pixel_bound(256) == 1024 * 256 * 256
+    # A PNG header claiming 20000 x 20000 pixels (400 Mpx, past PIL's own bomb limit) and a bomb under that limit:
+    # neither is decoded.
+    huge = io.BytesIO()
+    Image.new("L", (1, 1)).save(huge, format="PNG")
+    header = bytearray(huge.getvalue())
+    header[16:24] = (20000).to_bytes(4, "big") * 2
+    with pytest.raises(BadSample, match="unreadable png|over the bound"):
+        decode_image({"png": bytes(header)}, 28, 1)
+    big = encode(Image.new("L", (5000, 4000)))  # 20 Mpx of zeros: tiny as PNG, 20 MB decoded
+    with pytest.raises(BadSample, match="5000x4000 pixels is over the bound of 16777216 pixels for resolution 28"):
+        decode_image({"png": big}, 28, 1)
+    assert decode_image({"png": big}, 256, 1).shape == (256, 256, 1)
+
+
+def test_a_sample_marked_by_the_reader_is_bad():
+    with pytest.raises(BadSample, match="over the cap"):
+        decode_image({"__error__": "member k.png has 10 bytes, over the cap of 5", "png": b""}, 8, 1)
 
 
 def test_samples_without_a_readable_image_raise_bad_image():
-    with pytest.raises(BadImage, match="no image member .*has cls, pyd"):
+    with pytest.raises(BadSample, match="no image member .*has cls, pyd"):
         decode_image({"__key__": "k", "cls": b"1", "pyd": pickle.dumps(object())}, 8, 1)
-    with pytest.raises(BadImage, match="unreadable png"):
+    with pytest.raises(BadSample, match="unreadable png"):
         decode_image({"png": b"\x89PNG\r\n\x1a\n broken"}, 8, 1)
-    with pytest.raises(BadImage, match="unreadable jpg"):
+    with pytest.raises(BadSample, match="unreadable jpg"):
         decode_image({"jpg": encode(bands(64, 64), "JPEG")[:200]}, 8, 3)
