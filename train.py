@@ -3,6 +3,7 @@
 See README.md for the config keys and the run-directory layout.
 """
 
+import os
 import sys
 
 from gan_dist.config import load_config
@@ -14,9 +15,14 @@ def main() -> int:
         cfg = load_config(sys.argv[1:])
         from gan_dist.loop import train  # imported late so that config errors come back without loading torch
 
-        train(cfg)
+        if train(cfg):
+            # W&B's finish hung (see wandb.finish_timeout_s); its exit hooks would hang the same way.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not err.quiet:
+            print(f"error: {err}", file=sys.stderr)
         return err.code
     return 0
 

@@ -1,10 +1,22 @@
-"""Checkpoints for exact resume, and the final export.
+"""Checkpoints for exact resume, verified before they are trusted, and the final exports.
 
-A checkpoint is `{run.dir}/checkpoints/step_{step:08d}/`: accelerate's state (both models, both optimizers, the
-scaler, every rank's RNG) plus the registered EMA and TrainState, and a readable `meta.json`. It is written under a
-temporary name and renamed only when every rank has finished, so a checkpoint with the final name is complete, and a
-crash mid-write leaves nothing that `ckpt.resume=auto` would pick. Checkpoints are named by step, never by
-accelerate's automatic counter (which restarts at 0 after a resume and prunes the newest checkpoint).
+A checkpoint is `{run.dir}/checkpoints/step_{step:08d}/`:
+
+- accelerate's state: both models (safetensors), both optimizers, the fp16 scaler and every rank's RNG (torch
+  files, only ever loaded with `weights_only=True`, which cannot run code);
+- gan-dist's own state, never pickled: `ema.safetensors` (G_ema) and TrainState as `train_state.safetensors`
+  (tensors) plus `train_state.json` (everything else);
+- `meta.json`, written last: the step, the world size, and every file with its size and sha256.
+
+It is written under a temporary name, fsynced, and renamed only once every rank has finished, so a directory with
+the final name is complete. Before a checkpoint is loaded it is verified: each file listed with its size and
+digest, every rank's RNG state present, every torch file loadable without running code. `ckpt.resume=auto` falls
+back past a damaged checkpoint to the newest intact one; an explicit `ckpt.resume=PATH` must be intact. Checkpoints
+are named by step, never by accelerate's automatic counter (which restarts at 0 after a resume and prunes the
+newest checkpoint).
+
+A run started from `ckpt.resume=PATH` records PATH as its origin in every checkpoint it writes, so the same command
+after a requeue continues from the run's own newer checkpoints, and pruning never deletes PATH.
 """
 
 from __future__ import annotations
@@ -14,21 +26,37 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as safe_torch_load
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gan_dist.errors import UserError
+from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
+META = "meta.json"
+OWN_FILES = ("ema.safetensors", "train_state.safetensors", "train_state.json")
+ACCELERATE_FILES = ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin")
+TORCH_FILE = re.compile(r".*\.(bin|pkl|pt)$")
+
+
+def rng_file(rank: int) -> str:
+    return f"random_states_{rank}.pkl"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is incomplete, damaged or unsafe; the message names the checkpoint and the file."""
 
 
 @dataclass
 class TrainState:
-    """Loop state saved with every checkpoint (registered with the Accelerator)."""
+    """Loop state saved with every checkpoint."""
 
     step: int = 0
     nimg: int = 0  # real images seen, over all ranks
@@ -38,92 +66,296 @@ class TrainState:
     log_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (world,) sums of the cut interval
     log_steps: int = 0  # micro-steps in those sums
     best: float | None = None  # the best value of eval.best_metric so far (behind best/)
+    scores: dict | None = None  # the last evaluation, which final/metrics.json holds
     wandb_id: str = ""
+    origin: str = ""  # the ckpt.resume=PATH these checkpoints continue from; "" for a run started in its run.dir
 
-    def state_dict(self) -> dict:
-        return dict(self.__dict__)
+    def save(self, folder: Path) -> None:
+        tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos} | {
+            f"log_sums/{k}": v for k, v in self.log_sums.items()}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(folder / "train_state.safetensors"))
+        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("z_fixed", "data_pos",
+                                                                                       "log_sums")}
+        (folder / "train_state.json").write_text(json.dumps(scalars, indent=1) + "\n")
 
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
+    def load(self, folder: Path) -> None:
+        """Restore from `folder`; CheckpointError if a value has the wrong type (nothing is changed then)."""
+        try:
+            tensors = load_file(str(folder / "train_state.safetensors"))
+            scalars = json.loads((folder / "train_state.json").read_text())
+        except (OSError, ValueError, SafetensorError) as err:
+            raise CheckpointError(f"{folder}: train state unreadable ({err})") from None
+        if not isinstance(scalars, dict):
+            scalars = {}
+        types = {"step": int, "nimg": int, "batches": int, "log_steps": int, "best": (float, int, type(None)),
+                 "scores": (dict, type(None)), "wandb_id": str, "origin": str}
+        bad = [k for k, t in types.items() if not isinstance(scalars.get(k), t) or isinstance(scalars.get(k), bool)]
+        if bad or "z_fixed" not in tensors or "data_pos" not in tensors or min(
+                scalars["step"], scalars["nimg"], scalars["batches"], scalars["log_steps"]) < 0:
+            raise CheckpointError(f"{folder}: train_state.json or train_state.safetensors has missing or invalid "
+                                  f"entries ({', '.join(bad) or 'tensors'})")
+        self.__dict__.update({k: scalars[k] for k in types})
+        self.z_fixed, self.data_pos = tensors["z_fixed"], tensors["data_pos"]
+        self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `run_dir`, oldest first."""
+    """Checkpoints in `run_dir` that were completely written (have meta.json), oldest first; not yet verified."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=step_of)
 
 
-def find_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start; a UserError when `ckpt.resume` cannot be honoured."""
+def read_meta(path: Path) -> dict:
+    """meta.json of a checkpoint, checked for the fields everything else relies on; CheckpointError otherwise."""
+    try:
+        meta = json.loads((path / META).read_text())
+        ok = isinstance(meta, dict) and all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)
+                                            for k in ("step", "world_size")) and meta["world_size"] >= 1
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: {META} is unreadable ({err})") from None
+    if not ok or meta["step"] < 0:
+        raise CheckpointError(f"{path}: {META} lacks a valid step and world_size")
+    if not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{path}: {META} lists no files (written by a gan-dist before checkpoints were "
+                              "verified); resume it with that version, or start a new run.dir")
+    return meta
+
+
+def verify(path: Path) -> dict:
+    """meta.json of an intact checkpoint: every file it lists has its size and sha256, nothing the resume needs is
+    missing (every rank's RNG state among it), and every torch file loads without running code. CheckpointError
+    naming the checkpoint and the first bad file otherwise."""
+    meta = read_meta(path)
+    listed = meta["files"]
+    needed = ACCELERATE_FILES + OWN_FILES + tuple(rng_file(r) for r in range(meta["world_size"]))
+    missing = [name for name in needed if name not in listed]
+    if missing:
+        raise CheckpointError(f"{path}: {missing[0]} is missing (not in {META}); the checkpoint is incomplete")
+    for name, want in listed.items():
+        file = path / name
+        if not isinstance(want, dict) or "/" in name or name.startswith("."):
+            raise CheckpointError(f"{path}: {META} has an invalid entry for {name!r}")
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != want.get("size"):
+            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, {META} says {want.get('size')} "
+                                  "(truncated or damaged)")
+        if sha256_file(file) != want.get("sha256"):
+            raise CheckpointError(f"{path}: {name} does not match its sha256 in {META} (damaged)")
+        if TORCH_FILE.match(name):
+            try:
+                safe_torch_load(file, map_location="cpu", mmap=True)
+            except Exception as err:  # any failure to load safely refuses the checkpoint
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise CheckpointError(f"{path}: {name} cannot be loaded without running code or is damaged "
+                                      f"({first[:200]}); refusing it") from None
+    return meta
+
+
+@dataclass
+class Resume:
+    """Where a run starts: `path` None for a fresh start; `step` that checkpoint's step; `origin` what the run's
+    checkpoints record as the ckpt.resume=PATH they grew from (pruning keeps it); `complete` when that checkpoint
+    ends the run and final/ exists, so there is nothing to do."""
+
+    path: Path | None
+    step: int = 0
+    origin: str = ""
+    complete: bool = False
+
+
+def _newest_intact(candidates: list[Path], say: Callable[[str], None]) -> tuple[Path, dict] | None:
+    for path in reversed(candidates):
+        try:
+            return path, verify(path)
+        except CheckpointError as err:
+            say(f"warning: checkpoint {err}; falling back to the one before it")
+    return None
+
+
+def choose_resume(run_dir: str | Path, resume: str, say: Callable[[str], None]) -> Resume:
+    """The checkpoint to resume from (verified), or a fresh start; a UserError when `ckpt.resume` cannot be
+    honoured safely. Call it on the main process only, holding the run.dir's lease."""
     existing = checkpoints(run_dir)
-    if resume == "auto":
-        return existing[-1] if existing else None
     if resume == "none":
         if existing:
             raise UserError(f"run.dir '{run_dir}' already holds checkpoints (latest {existing[-1].name}); "
                             "resume with ckpt.resume=auto, or start fresh in a new run.dir")
-        return None
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise UserError(f"ckpt.resume='{resume}' is not a complete checkpoint (no meta.json there); use "
-                        f"ckpt.resume=auto, none, or a path like {Path(run_dir) / 'checkpoints' / 'step_00001000'}")
-    return path
+        return Resume(None)
+    if resume == "auto":
+        if not existing:
+            return Resume(None)
+        found = _newest_intact(existing, say)
+        if found is None:
+            raise UserError(f"run.dir '{run_dir}' holds checkpoints but none is intact (see the warnings above); "
+                            "nothing was changed. Resume from a copy with ckpt.resume=PATH, or use a new run.dir")
+        path, meta = found
+        return Resume(path, meta["step"], meta.get("origin", ""))
+    path = Path(resume).resolve()
+    if not (path / META).is_file():
+        raise UserError(f"ckpt.resume='{resume}' is not a complete checkpoint (no {META} there); use ckpt.resume=auto, "
+                        f"none, or a path like {Path(run_dir) / 'checkpoints' / 'step_00001000'}")
+    try:
+        meta = verify(path)
+    except CheckpointError as err:
+        raise UserError(f"ckpt.resume: checkpoint {err}") from None
+    # After a requeue the same command runs again: continue the run's own checkpoints that grew from PATH.
+    own = [p for p in existing if p.resolve() != path]
+    grown = [p for p in own if _origin(p) == str(path)]
+    if grown:
+        found = _newest_intact(grown, say)
+        if found is not None:
+            say(f"ckpt.resume={resume}: continuing from {found[0].name}, this run's newest checkpoint since it "
+                "started from there")
+            return Resume(found[0], found[1]["step"], str(path))
+    # Older checkpoints beside PATH are its own past; anything else would be pruned or mixed with this run.
+    foreign = [p for p in own if p not in grown and (p.resolve().parent != path.parent or step_of(p) > meta["step"])]
+    if foreign:
+        raise UserError(f"run.dir '{run_dir}' holds checkpoints that did not grow from ckpt.resume={resume} "
+                        f"(latest {foreign[-1].name}); resume from it in a new run.dir, or move those checkpoints "
+                        "away first (nothing was changed)")
+    return Resume(path, meta["step"], str(path))
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep: int) -> Path:
-    """Write a checkpoint for `state.step` (all ranks call this) and keep only the newest `keep`."""
+def _origin(path: Path) -> str:
+    try:
+        return str(json.loads((path / META).read_text()).get("origin", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _agree(accelerator: Accelerator, ok: bool) -> bool:
+    """True on every rank when `ok` was True on every rank (one all-reduce)."""
+    return accelerator.reduce(torch.tensor(float(not ok), device=accelerator.device), "sum").item() == 0
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: torch.nn.Module,
+                    keep: int) -> Path:
+    """Write a checkpoint for `state.step` (all ranks call this) and keep only the newest `keep`, never
+    `state.origin`. A write that fails on any rank (a full disk) leaves the older checkpoints as they were and
+    raises UserError on every rank."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{state.step:08d}"
     tmp = root / f".tmp-{final.name}"
+    error = None
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+    except OSError as err:
+        error = err
+    if not _agree(accelerator, error is None):
+        raise _write_error(root, error)
+    try:
+        accelerator.save_state(str(tmp))
+        fsync_file(tmp / rng_file(accelerator.process_index))  # each rank flushes what it wrote
+        if accelerator.is_main_process:
+            if accelerator.scaler is not None:
+                # Every rank writes the same scaler file at once; main's identical copy replaces what they left.
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt.new")
+                os.replace(tmp / "scaler.pt.new", tmp / "scaler.pt")
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                      str(tmp / "ema.safetensors"))
+            state.save(tmp)
+    except OSError as err:
+        error = err
+    if not _agree(accelerator, error is None):
+        raise _write_error(root, error)
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        try:
+            _seal(tmp, final, state, accelerator.num_processes)
+        except OSError as err:
+            error = err
+    if not _agree(accelerator, error is None):
+        raise _write_error(root, error)
     if accelerator.is_main_process:
-        meta = {"step": state.step, "nimg": state.nimg, "world_size": accelerator.num_processes,
-                "wandb_id": state.wandb_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(run_dir)[:-keep]:
-            # Renamed before deletion, so a kill mid-delete cannot leave a half-deleted 'step_' directory.
-            doomed = root / f".tmp-del-{old.name}"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed)
-    accelerator.wait_for_everyone()
+        _prune(root, keep, state.origin)
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
-    """Restore everything `save_checkpoint` wrote (all ranks call this); returns meta.json."""
-    accelerator.load_state(str(path))
-    return json.loads((path / "meta.json").read_text())
+def _prune(root: Path, keep: int, origin: str) -> None:
+    for old in checkpoints(root.parent)[:-keep]:
+        if origin and old.resolve() == Path(origin):
+            continue
+        # Renamed before deletion, so a kill mid-delete cannot leave a half-deleted 'step_' directory.
+        doomed = root / f".tmp-del-{old.name}"
+        try:
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+        except OSError as err:
+            print(f"[gan-dist] warning: could not delete the old checkpoint {old} ({err})", flush=True)
+
+
+def _seal(tmp: Path, final: Path, state: TrainState, world: int) -> None:
+    """List every file with its size and digest in meta.json, make it all durable, and rename it into place."""
+    deadline = time.time() + 30
+    while not all((tmp / rng_file(r)).is_file() for r in range(world)):
+        if time.time() > deadline:  # another node's file not visible yet: a filesystem not shared by all nodes
+            raise OSError(f"{tmp} lacks the RNG state of some rank after 30 s; run.dir must be on a filesystem "
+                          "that every node sees")
+        time.sleep(0.1)
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        fsync_file(p)
+        files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    meta = {"step": state.step, "nimg": state.nimg, "world_size": world, "wandb_id": state.wandb_id,
+            "origin": state.origin, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+    write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
+    if final.exists():  # a damaged checkpoint of this step that the run fell back past
+        doomed = final.with_name(f".tmp-del-{final.name}")
+        os.replace(final, doomed)
+        shutil.rmtree(doomed)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _write_error(root: Path, err: OSError | None) -> UserError:
+    why = f" ({err.strerror or err})" if isinstance(err, OSError) and err.strerror else f" ({err})" if err else ""
+    return UserError(f"cannot write a checkpoint in {root}{why}; the checkpoints before it are intact. Free space "
+                     "or fix the folder, then rerun the same command to resume")
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module) -> dict:
+    """Restore a checkpoint `verify` accepted (all ranks call this); returns its meta.json. accelerate loads its
+    part with `weights_only=True` and safetensors; TrainState and G_ema come from safetensors and JSON."""
+    meta = read_meta(path)
+    try:
+        accelerator.load_state(str(path))
+        ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as err:
+        raise CheckpointError(f"{path} does not fit this run's networks or optimizers "
+                              f"({str(err).strip().splitlines()[-1].strip()[:300]}); resume it with the config it "
+                              "was written with (its run's config.yaml), or start a new run.dir") from None
+    state.load(path)
+    if state.data_pos.shape[0] % meta["world_size"]:
+        raise CheckpointError(f"{path}: train_state.safetensors lacks some rank's data position")
+    return meta
 
 
 def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name: str = "final",
                  scores: dict | None = None) -> Path:
-    """Write `{run.dir}/{name}/<module>.safetensors` (plain state_dicts) and, with `scores`, `metrics.json`,
-    atomically; main process only. `final/` is the end of training, `best/` the best evaluation so far."""
-    final = Path(run_dir) / name
-    tmp = final.with_name(f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write `{run.dir}/{name}/<module>.safetensors` (plain state_dicts) and, with `scores`, `metrics.json`; main
+    process only. `final/` is the end of training, `best/` the best evaluation so far. The old export stays in
+    place until the new one is complete and replaces it in one step."""
+    link = Path(run_dir) / name
+    folder = versioned_dir(link)
     for module_name, module in modules.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                  str(tmp / f"{module_name}.safetensors"))
+                  str(folder / f"{module_name}.safetensors"))
     if scores is not None:
-        (tmp / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+        (folder / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
+    publish_dir(folder, link)
+    return link
 
 
 def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool = True) -> dict[str, torch.Tensor]:
@@ -135,18 +367,21 @@ def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool 
             raise UserError(f"{path} does not exist; is {run_dir} a finished run (final/), or one with eval.every "
                             f"set (best/)? Or pass a step that has a checkpoint: "
                             f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none saved'}")
-        return load_file(str(path))
-    if not checkpoint.isdigit():
-        raise UserError(f"--checkpoint {checkpoint} is not final, best or a step number")
-    step_dir = run_dir / "checkpoints" / f"step_{int(checkpoint):08d}"
-    if not (step_dir / "meta.json").is_file():
-        raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
-                        f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
-    if not ema:
-        return load_file(str(step_dir / "model.safetensors"))  # accelerate saves G, the first prepared model, here
-    state = torch.load(step_dir / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)
+    else:
+        if not checkpoint.isdigit():
+            raise UserError(f"--checkpoint {checkpoint} is not final, best or a step number")
+        step_dir = run_dir / "checkpoints" / f"step_{int(checkpoint):08d}"
+        if not (step_dir / META).is_file():
+            raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
+                            f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
+        path = step_dir / ("ema.safetensors" if ema else "model.safetensors")  # G is accelerate's first model
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
     prefix = "averaged.module."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)} if path.name == "ema.safetensors" \
+        else weights
 
 
 def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool = True):
@@ -159,5 +394,9 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the run.dir of a training run")
     cfg = load_config(["--config", str(config)])
     G = build_models(cfg.model)[0]
-    G.load_state_dict(generator_weights(run_dir, checkpoint, ema))
+    try:
+        G.load_state_dict(generator_weights(run_dir, checkpoint, ema))
+    except RuntimeError as err:
+        raise UserError(f"the weights of {run_dir} ({checkpoint}) do not fit its config.yaml "
+                        f"({str(err).strip().splitlines()[-1].strip()})") from None
     return G.eval(), cfg

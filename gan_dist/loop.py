@@ -16,16 +16,18 @@ from typing import Callable, TypeVar
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, \
-    TorchDynamoPlugin, broadcast, set_seed
+    TorchDynamoPlugin, broadcast, broadcast_object_list, set_seed
 from tqdm import tqdm
 
-from gan_dist.checkpoint import TrainState, export_final, find_resume, load_checkpoint, save_checkpoint
+from gan_dist.checkpoint import CheckpointError, Resume, TrainState, choose_resume, export_final, load_checkpoint, \
+    save_checkpoint
 from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
 from gan_dist.data import DeviceBatches, PointBatches, ShardBatches, mixture_centers, open_source, shard_batches, \
     start_positions
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
+from gan_dist.lease import RunLease
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models, eval_mode
 from gan_dist.optim import lr_factor, make_optimizers, set_lr
@@ -60,6 +62,33 @@ def local_main_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     if failed.item() > 0:
         raise UserError("data preparation failed on a node's main process (its message is above)")
     return fn()
+
+
+def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:
+    """`fn()` on the main process alone, its result handed to every rank. A UserError there is raised on every rank
+    (quietly on the others: main prints it), so no rank is left waiting in a collective for a main that gave up."""
+    box = [None, None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = fn()
+        except UserError as err:
+            box[1] = (str(err), err.code)
+    broadcast_object_list(box)
+    if box[1] is not None:
+        raise UserError(*box[1], quiet=not accelerator.is_main_process)
+    return box[0]
+
+
+def open_run(cfg: Config, lease: RunLease, say: Callable[[str], None]) -> Resume:
+    """Main process: take the run.dir's lease before anything there is read, then choose where to resume."""
+    lease.acquire()
+    resume = choose_resume(cfg.run.dir, cfg.ckpt.resume, say)
+    final = Path(cfg.run.dir) / "final"
+    if resume.path is not None and resume.step >= cfg.train.steps and final.is_dir():
+        say(f"run '{cfg.run.dir}' is complete (step {resume.step} of {cfg.train.steps}); final weights in {final}. "
+            "Raise train.steps to train it further")
+        return Resume(resume.path, resume.step, resume.origin, complete=True)
+    return resume
 
 
 def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: TrainState) -> PointBatches | ShardBatches:
@@ -112,18 +141,27 @@ def make_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s)), ddp])
 
 
-def train(cfg: Config) -> None:
+def train(cfg: Config) -> bool:
+    """Train (or continue) the run `cfg` describes. Returns True when W&B's finish hung and was left behind: the
+    process should then exit without waiting for W&B's exit hooks (os._exit)."""
     # Stop signals only set a flag while training runs; after it (or a crash) they act as usual again.
     with StopFlag() as flag:
-        run(cfg, flag)
+        accelerator = make_accelerator(cfg)
+        # One writer per run.dir: the main process holds its lease from before it reads anything there to the end.
+        lease = RunLease(cfg.run.dir, cfg.run.lease_timeout_s, accelerator.print) if accelerator.is_main_process \
+            else None
+        try:
+            resume = on_main(accelerator, lambda: open_run(cfg, lease, accelerator.print))
+            return False if resume.complete else run(cfg, accelerator, flag, resume, lease)
+        finally:
+            if lease is not None:
+                lease.release()
 
 
-def run(cfg: Config, flag: StopFlag) -> None:
-    accelerator = make_accelerator(cfg)
+def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, lease: RunLease | None) -> bool:
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     batch = micro_batch(cfg.train, world)
     run_dir = Path(cfg.run.dir)
-    resume_from = find_resume(run_dir, cfg.ckpt.resume)
 
     # Build networks, EMA and optimizers from one seed on every rank, so G_ema starts identical everywhere.
     set_seed(cfg.seed)
@@ -138,14 +176,18 @@ def run(cfg: Config, flag: StopFlag) -> None:
     exported = {"generator": G_raw, "generator_ema": ema.G_ema,
                 "discriminator": accelerator.unwrap_model(D, keep_torch_compile=False)}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
-    state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4))
-    accelerator.register_for_checkpointing(ema, state)
+    state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4), origin=resume.origin)
 
-    # Resume, or seed each rank's noise differently; load_state restores every rank's RNG exactly.
+    # Resume (the checkpoint main chose and verified), or seed each rank's noise differently; load_checkpoint
+    # restores every rank's RNG exactly.
     set_seed(cfg.seed, device_specific=True)
-    if resume_from is not None:
-        meta = load_checkpoint(accelerator, resume_from)
-        accelerator.print(f"resumed from {resume_from} (step {state.step}, {state.nimg} images, "
+    if resume.path is not None:
+        try:
+            meta = load_checkpoint(accelerator, resume.path, state, ema)
+        except CheckpointError as err:
+            raise UserError(f"checkpoint {err}") from None
+        state.origin = resume.origin
+        accelerator.print(f"resumed from {resume.path} (step {state.step}, {state.nimg} images, "
                           f"saved with world size {meta['world_size']})")
         if meta["world_size"] != world:
             accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from "
@@ -157,9 +199,8 @@ def run(cfg: Config, flag: StopFlag) -> None:
     batches = DeviceBatches(make_batches(cfg, accelerator, batch, state), device, cfg.perf.prefetch,
                             cfg.perf.channels_last)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed))
-    best_name, scores = best_metric(cfg.eval, cfg.data), None
-    if is_main:  # only now, so that a run stopped by bad input has written nothing
-        run_dir.mkdir(parents=True, exist_ok=True)
+    best_name = best_metric(cfg.eval, cfg.data)
+    if is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker = Tracker(is_main, cfg.wandb, run_dir, state.wandb_id,
                       to_dict(cfg) | run_info(world) | {"micro_batch": batch}, resumed_step=state.step)
@@ -244,23 +285,29 @@ def run(cfg: Config, flag: StopFlag) -> None:
                                accelerator.gather, device) | {"step": state.step, "kimg": state.nimg / 1000}
             tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
                         {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
-            if is_main and better(best_name, scores[best_name], state.best):  # TrainState is saved by main only
-                state.best = scores[best_name]
-                export_final(run_dir, exported, "best", scores)
+            improved = is_main and better(best_name, scores[best_name], state.best)
+            if is_main:  # TrainState is saved by main only
+                state.scores, state.best = scores, scores[best_name] if improved else state.best
+            on_main(accelerator, lambda: improved and export_final(run_dir, exported, "best", scores))
 
-        # Stop signals: all ranks agree in one collective, so all of them checkpoint and stop at the same step.
-        if state.step % cfg.dist.stop_check_every == 0:
-            asked = torch.tensor([flag.requested > 0, flag.requested == 2], dtype=torch.float32, device=device)
-            stop, requeue_asked = (accelerator.reduce(asked, "sum") > 0).tolist()
+        # Stop signals and a lost lease: all ranks agree in one collective, so all of them stop at the same step.
+        ckpt_due = state.step % cfg.ckpt.every == 0 or is_last
+        if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
+            asked = torch.tensor([flag.requested > 0, flag.requested == 2, lease is not None and lease.lost],
+                                 dtype=torch.float32, device=device)
+            stop, requeue_asked, lost = (accelerator.reduce(asked, "sum") > 0).tolist()
+            if lost:
+                raise UserError(f"another run took over run.dir '{run_dir}' (its lease went stale); this one stops "
+                                "without writing anything more", quiet=not is_main)
 
         # Checkpoint (all ranks), with every rank's data position gathered into the saved state.
-        if state.step % cfg.ckpt.every == 0 or is_last or stop:
+        if ckpt_due or stop:
             sync_buffers(ema.G_ema)
             state.data_pos = accelerator.gather(batches.state().to(device)).cpu()
             keys = sorted(sums)
             rows = accelerator.gather(torch.stack([sums[k] for k in keys])[None]).cpu() if keys else None
             state.log_sums, state.log_steps = {k: rows[:, i] for i, k in enumerate(keys)}, tick_steps
-            save_checkpoint(accelerator, run_dir, state, cfg.ckpt.keep)
+            save_checkpoint(accelerator, run_dir, state, ema, cfg.ckpt.keep)
         if stop:
             break
     progress.close()
@@ -269,14 +316,17 @@ def run(cfg: Config, flag: StopFlag) -> None:
     if stop:
         accelerator.print(f"stopped at step {state.step} by {flag.name or 'a signal to another rank'}; "
                           "checkpoint saved")
-    elif is_main:
-        final = export_final(run_dir, exported, scores=scores)
+    else:
+        final = on_main(accelerator, lambda: export_final(run_dir, exported, scores=state.scores))
         accelerator.print(f"done: step {state.step}, {state.nimg / 1000:.1f} kimg; final weights in {final}")
     tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
-    # Requeue last, once everything is written: SLURM cancels the job's processes at once.
+    # Requeue last, once everything is written and the lease is free: SLURM cancels the job's processes at once.
+    if lease is not None:
+        lease.release()
     if stop and is_main:
         job = slurm_job_id() if requeue_asked and cfg.dist.requeue else None
         print(requeue(job) if job else "rerun the same command to continue from it", flush=True)
+    return tracker.stalled

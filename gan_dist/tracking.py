@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +20,35 @@ from PIL import Image
 
 from gan_dist.config import WandbConfig
 from gan_dist.evaluation import LOWER_IS_BETTER, NAMES
+from gan_dist.files import write_atomic
 
 
 def _say(msg: str) -> None:
     print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
 
 
+def _row_step(line: str) -> int | None:
+    try:
+        step = json.loads(line)["train/step"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def _trim_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` by a run that died before its next checkpoint."""
+    """Drop lines logged after `last_step` by a run that died before its next checkpoint, and a line torn by a
+    kill mid-write (it can only be the last one)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["train/step"] <= last_step]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    steps = [_row_step(line) for line in lines]
+    kept = [line for line, step in zip(lines, steps) if step is not None and step <= last_step]
+    torn = steps.count(None)
+    if torn:
+        _say(f"metrics.jsonl: dropped {torn} unreadable line(s) (a kill mid-write)")
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
@@ -44,12 +60,14 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
     if mode == "online" and os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         mode = os.environ["WANDB_MODE"]
     try:
-        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off", quiet=True), **kwargs)
+        run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off", quiet=True,
+                                                            finish_timeout=cfg.finish_timeout_s), **kwargs)
     except Exception as err:  # no API key, no network, W&B down: the run matters more than the dashboard
         if mode != "online":
             raise
         _say(f"W&B online init failed ({type(err).__name__}: {str(err).splitlines()[0]}); logging offline")
-        run = wandb.init(mode="offline", settings=wandb.Settings(console="off", quiet=True), **kwargs)
+        run = wandb.init(mode="offline", settings=wandb.Settings(console="off", quiet=True,
+                                                                 finish_timeout=cfg.finish_timeout_s), **kwargs)
     if run.settings.mode == "offline" or mode == "offline":
         _say(f"W&B is offline; upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*")
     # Every metric is plotted against train/step; train/kimg rides in every row, so the x axis can switch to it.
@@ -83,6 +101,8 @@ class Tracker:
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.run = None
+        self.finish_timeout_s = cfg.finish_timeout_s
+        self.stalled = False  # W&B's finish did not return in time: the process must not wait for it at exit
         if not is_main:
             return
         self.jsonl = self.run_dir / "metrics.jsonl"
@@ -118,5 +138,15 @@ class Tracker:
             self.run.log({k: wandb.Histogram(v) for k, v in values.items()} | {"train/step": step})
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
+        """Close the W&B run within wandb.finish_timeout_s (a preempted job must requeue within its grace period).
+        W&B gives up its uploads after that long itself; a finish that hangs anyway is left behind in its thread
+        (`stalled`). What is not uploaded stays in the local run files, for `wandb sync`."""
+        if self.run is None:
+            return
+        done = threading.Thread(target=self.run.finish, name="wandb-finish", daemon=True)
+        done.start()
+        done.join(self.finish_timeout_s + 5)
+        if done.is_alive():
+            self.stalled = True
+            _say(f"W&B did not finish within wandb.finish_timeout_s={self.finish_timeout_s:g} s; the run's data is "
+                 f"in {self.run_dir / 'wandb'}: upload the rest with `wandb sync` on that folder")

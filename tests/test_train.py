@@ -229,7 +229,7 @@ def test_shards_from_an_image_folder_train_rgb32_on_two_processes(tmp_path, shar
     assert G["net.10.weight"].shape == (8, 3, 4, 4), "G ends in 3 channels (RGB): 4x4 up to 32x32"
     # Every weight of G, D and G_ema moved between the checkpoints of steps 10 and 20.
     step10 = run_dir / "checkpoints" / "step_00000010"
-    ema = torch.load(step10 / "custom_checkpoint_0.pkl", weights_only=False)
+    ema = load_file(step10 / "ema.safetensors")
     for name, before in (("generator", load_file(step10 / "model.safetensors")),
                          ("discriminator", load_file(step10 / "model_1.safetensors")),
                          ("generator_ema", {k.removeprefix("averaged.module."): v for k, v in ema.items()})):
