@@ -3,7 +3,7 @@ its share, the shares gathered in index order, and the metrics of `metrics.py` b
 
 - MNIST: the classifier's features and class probabilities (`classifier.py`; trained on first use). The training
   set's feature statistics, a fixed 5,000-image reference subset, and the floors (the real test set scored like a
-  generator) are computed once per classifier and cached beside it.
+  generator) are computed once per classifier and dataset (keyed by both files' contents) and cached beside it.
 - 2-D mixtures: modes covered, % high-quality samples and reverse KL against the configured modes.
 - RGB images: Inception FID against `eval.num_samples` real images, when StyleGAN's TorchScript Inception
   (`eval.inception`) is given; otherwise skipped with one line.
@@ -14,6 +14,7 @@ No accelerate here: the caller passes `gather` (concatenate equal-shaped tensors
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -21,13 +22,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gan_dist import metrics, mnist
 from gan_dist.classifier import ensure_classifier
 from gan_dist.config import DataConfig, EvalConfig
 from gan_dist.data import mixture_centers, open_source, shard_batches
 from gan_dist.errors import UserError
+from gan_dist.files import sha256_file
 from gan_dist.models import eval_mode
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -59,11 +62,30 @@ def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bat
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def _reference(net: torch.nn.Module, path: Path, mnist_dir: str, batch: int) -> dict[str, torch.Tensor]:
-    """Training-set statistics and real-data floors for `net`, cached at `path` (written by the caller's rank)."""
-    if path.is_file():
-        return load_file(str(path))
+REFERENCE_KEYS = ("mu", "cov", "ref", "radii")
+
+
+def _reference(net: torch.nn.Module, classifier: Path, mnist_dir: str, batch: int) -> dict[str, torch.Tensor]:
+    """Training-set statistics and real-data floors for `net`, cached beside the classifier under a name and a
+    metadata key made of the classifier's and the data's sha256: another classifier or other data never reuses
+    them, and a damaged cache is rebuilt (written by the caller's rank)."""
     data = mnist.load_mnist(mnist_dir)
+    digest = hashlib.sha256(sha256_file(classifier).encode())
+    for split in sorted(data):
+        for array in data[split]:
+            digest.update(array.tobytes())
+    key = digest.hexdigest()
+    path = classifier.with_name(f"{classifier.stem}.reference-{key[:16]}.safetensors")
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    cached = {k: f.get_tensor(k) for k in f.keys()}
+                    if all(k in cached for k in REFERENCE_KEYS):
+                        return cached
+        except (OSError, SafetensorError):
+            pass
+        print(f"[gan-dist] warning: the evaluation cache {path} is damaged or stale; rebuilding it", file=sys.stderr)
     feats, probs = {}, {}
     for split, (images, _) in data.items():
         x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
@@ -77,7 +99,7 @@ def _reference(net: torch.nn.Module, path: Path, mnist_dir: str, batch: int) -> 
     out = {"mu": mu, "cov": cov, "ref": ref, "radii": radii} | {f"{k}_real": torch.tensor(v) for k, v in floors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # nodes sharing a filesystem may write it at once
-    save_file(out, str(tmp))
+    save_file(out, str(tmp), metadata={"key": key})
     os.replace(tmp, path)
     return out
 
@@ -98,8 +120,7 @@ class Evaluator:
             return
         if data.dataset == "mnist":
             self.net, _ = ensure_classifier(cfg.classifier, data.mnist_dir)
-            cache = Path(cfg.classifier).with_suffix(".reference.safetensors")
-            self.ref = _reference(self.net, cache, data.mnist_dir, cfg.batch)
+            self.ref = _reference(self.net, Path(cfg.classifier), data.mnist_dir, cfg.batch)
         elif data.dataset == "webdataset":
             if not cfg.inception:
                 print("[gan-dist] eval: no eval.inception weights given, so no FID for these images (give "

@@ -50,10 +50,10 @@ def micro_batch(cfg: TrainConfig, world: int) -> int:
 def local_main_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
     """Run `fn` on each node's main process, then on the others; if it fails there, every rank stops with the
     failure instead of waiting for it forever."""
-    error = None
+    result = error = None
     if accelerator.is_local_main_process:
         try:
-            fn()
+            result = fn()
         except UserError as err:
             error = err
     failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
@@ -61,7 +61,7 @@ def local_main_first(accelerator: Accelerator, fn: Callable[[], T]) -> T:
         raise error
     if failed.item() > 0:
         raise UserError("data preparation failed on a node's main process (its message is above)")
-    return fn()
+    return result if accelerator.is_local_main_process else fn()
 
 
 def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:

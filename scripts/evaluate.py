@@ -1,7 +1,12 @@
 """Every metric for one checkpoint of a run, printed as a table beside the real-data floors and written as JSON.
 
     python scripts/evaluate.py --run RUN [--checkpoint final|best|STEP] [--num N] [--out FILE.json] [--no-ema]
+                               [--inception PATH] [--shards SPEC]
     accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --run RUN    # same result, split
+
+A run directory may come from someone else, so nothing in it that could run code is used unless given here: the
+Inception network for FID (TorchScript is code) only with `--inception`, and `pipe:` shard commands only with
+`--shards` (the run's `eval.inception` and `pipe:` shards in its config.yaml are not used).
 
 Each process generates its share of the N samples (the same noise per sample index whatever the process count);
 the shares are gathered in index order, so 1 and 2 processes give the same metrics up to float rounding. The JSON
@@ -28,6 +33,8 @@ from accelerate import Accelerator  # noqa: E402
 from gan_dist.checkpoint import load_run_generator  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
 from gan_dist.evaluation import Evaluator  # noqa: E402
+from gan_dist.loop import local_main_first  # noqa: E402
+from gan_dist.shards import expand_urls  # noqa: E402
 
 
 def main() -> int:
@@ -37,23 +44,29 @@ def main() -> int:
     parser.add_argument("--num", type=int, help="generated samples (default: the run's eval.num_samples)")
     parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw G instead of G_ema")
+    parser.add_argument("--inception", default="", help="StyleGAN's TorchScript inception-2015-12-05.pt, for FID "
+                        "on RGB data (loading TorchScript runs its code: only give a file you trust)")
+    parser.add_argument("--shards", help="the real images for FID (data.shards syntax), instead of the run's; "
+                        "needed to run the run's pipe: commands")
     args = parser.parse_args()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
         G, cfg = load_run_generator(args.run, args.checkpoint, ema=not args.no_ema)
-        eval_cfg = dataclasses.replace(cfg.eval, every=1, num_samples=args.num or cfg.eval.num_samples)
+        eval_cfg = dataclasses.replace(cfg.eval, every=1, num_samples=args.num or cfg.eval.num_samples,
+                                       inception=args.inception)
+        data_cfg = dataclasses.replace(cfg.data, shards=args.shards) if args.shards else cfg.data
         if eval_cfg.num_samples < 2:
             raise UserError("--num must be at least 2")
+        if not args.shards and eval_cfg.inception and any(u.startswith("pipe:") for u in expand_urls(data_cfg.shards)):
+            raise UserError(f"the run's data.shards has pipe: commands, which this script runs only when you give "
+                            f"them: pass --shards '{data_cfg.shards}' if you trust them")
         # Each node's main process trains the classifier if it is missing; the others then load it.
-        evaluator = None
-        if accelerator.is_local_main_process:
-            evaluator = Evaluator(eval_cfg, cfg.data, cfg.model.z_dim, cfg.seed)
-        accelerator.wait_for_everyone()
-        evaluator = evaluator or Evaluator(eval_cfg, cfg.data, cfg.model.z_dim, cfg.seed)
+        evaluator = local_main_first(accelerator, lambda: Evaluator(eval_cfg, data_cfg, cfg.model.z_dim, cfg.seed))
         if not evaluator.active:
-            raise UserError(f"nothing to evaluate for data.dataset={cfg.data.dataset} without eval.inception")
+            raise UserError(f"nothing to evaluate for data.dataset={cfg.data.dataset} without --inception")
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not err.quiet:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     scores = evaluator(G.to(accelerator.device), accelerator.process_index, accelerator.num_processes,
                        accelerator.gather, accelerator.device)

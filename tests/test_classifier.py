@@ -5,7 +5,8 @@ Run from the repo root:
     . .venv/bin/activate && python -m pytest tests/test_classifier.py -q
 
 Nothing here trains the full classifier (about a minute on 2 cores): one short run on a 3,000-image subset, shared by
-the module, stands in for a trained model, and the script tests replace training with a stub.
+the module, stands in for a trained model, and the script tests replace training with a stub. The evaluation's
+cache of reference statistics, keyed by the classifier and the data, is tested here too.
 """
 
 from __future__ import annotations
@@ -321,3 +322,39 @@ def test_loading_does_not_draw_from_the_global_rng(tmp_path):
     torch.manual_seed(0)
     load_classifier(path)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_reference_statistics_are_keyed_by_the_classifier_and_the_data(trained, tmp_path, capsys):
+    """The cached training-set statistics and floors belong to one classifier file and one MNIST copy: another
+    dataset or a retrained classifier gets its own, and a damaged cache is rebuilt with a warning."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mnist import make_mnist
+
+    from gan_dist.evaluation import _reference
+
+    model, accuracy = trained
+    clf = save_classifier(model, accuracy, tmp_path / "clf.safetensors")
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_mnist(a, n_train=300, n_test=100, seed=0)
+    make_mnist(b, n_train=300, n_test=100, seed=1)
+    caches = lambda: sorted(tmp_path.glob("clf.reference-*.safetensors"))  # noqa: E731
+
+    ref_a = _reference(model, clf, str(a), 500)
+    (cache_a,) = caches()
+    written = cache_a.stat().st_mtime_ns
+    assert torch.equal(_reference(model, clf, str(a), 500)["mu"], ref_a["mu"])
+    assert cache_a.stat().st_mtime_ns == written, "the cache was reused, not rebuilt"
+
+    ref_b = _reference(model, clf, str(b), 500)
+    assert len(caches()) == 2 and not torch.equal(ref_b["mu"], ref_a["mu"]), "other data, other statistics"
+
+    cache_a.write_bytes(cache_a.read_bytes()[:100])
+    assert torch.equal(_reference(model, clf, str(a), 500)["mu"], ref_a["mu"])
+    assert f"the evaluation cache {cache_a} is damaged or stale; rebuilding it" in capsys.readouterr().err
+
+    retrained, _ = train_classifier(MNIST, epochs=1, seed=1, limit=500, test_limit=200)
+    save_classifier(retrained, 0.5, clf)
+    ref_new = _reference(retrained, clf, str(a), 500)
+    assert len(caches()) == 3 and not torch.equal(ref_new["mu"], ref_a["mu"]), "another classifier, its own cache"
