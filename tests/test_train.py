@@ -10,68 +10,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from runs import WEIGHTS, jsonl, kill_tree, launch, weights, without_timing  # noqa: E402
 from wandb_records import config, history, run_id  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
-WEIGHTS = ("generator", "generator_ema", "discriminator")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
-           config: str = "configs/debug.yaml"):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--num_processes", str(nproc)]
-    if nproc > 1:
-        cmd.append("--multi_gpu")
-    cmd += ["train.py", "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
-            f"data.mnist_dir={MNIST}", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    env.pop("WANDB_MODE", None)
-    if background:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
-
-
-def weights(run_dir: Path) -> dict:
-    return {name: load_file(run_dir / "final" / f"{name}.safetensors") for name in WEIGHTS}
-
-
-def jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
 
 def wandb_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
 def test_two_process_run_writes_outputs_and_wandb_log(tmp_path, shards):
@@ -165,10 +122,7 @@ def test_stopped_then_rerun_is_bit_identical(tmp_path, shards, reference_run, np
     while not list(run_dir.glob("checkpoints/step_*/meta.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     if stop == "kill":
-        # torchrun starts each rank in a session of its own, so the process tree is killed, not the group.
-        tree = psutil.Process(proc.pid)
-        for p in [tree, *tree.children(recursive=True)]:
-            p.send_signal(signal.SIGKILL)
+        kill_tree(proc)
     else:
         proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
@@ -207,7 +161,8 @@ def rgb_shards(tmp_path_factory) -> Path:
         Image.fromarray(pixels).save(folder / f"im{i:03d}.{'png' if i % 4 else 'jpg'}")
     out = root / "shards"
     made = subprocess.run([sys.executable, "scripts/make_shards.py", "--src", str(root / "images"), "--out", str(out),
-                           "--max-count", "25", "--workers", "2"], cwd=REPO, capture_output=True, text=True)
+                           "--max-count", "25", "--workers", "2"], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True)
     assert made.returncode == 0, made.stderr
     assert [s["num_samples"] for s in json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"]] \
         == [25, 25, 25, 25, 20]

@@ -1,0 +1,81 @@
+"""Launching real training runs from tests, and reading what they leave: `accelerate launch train.py` on CPU (gloo
+for more than one process), the final weights, `metrics.jsonl`, and killing a launch's whole process tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+WEIGHTS = ("generator", "generator_ema", "discriminator")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
+           config: str = "configs/debug.yaml", check: bool = True, env: dict | None = None):
+    """`accelerate launch train.py` of `config` in `run_dir` on MNIST `shards`. Returns the Popen with `background`
+    (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
+    False (then the CompletedProcess)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--num_processes", str(nproc)]
+    if nproc > 1:
+        cmd.append("--multi_gpu")
+    cmd += ["train.py", "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
+            f"data.mnist_dir={MNIST}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true") | (env or {})
+    env.pop("WANDB_MODE", None)
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if not check:
+        return proc
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch and everything under it (torchrun starts each rank in a session of its own)."""
+    try:
+        tree = psutil.Process(proc.pid)
+        victims = [tree, *tree.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def weights(run_dir: Path, folder: str = "final") -> dict:
+    return {name: load_file(run_dir / folder / f"{name}.safetensors") for name in WEIGHTS}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for name in WEIGHTS:
+        assert a[name].keys() == b[name].keys()
+        for key in b[name]:
+            assert a[name][key].equal(b[name][key]), f"{name}.{key} differs"
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
