@@ -7,6 +7,7 @@
 # - processes per node: GPUS_PER_NODE, else the GPUs nvidia-smi sees, else 1 CPU process (gloo);
 # - signals: torchrun's agent forwards SIGUSR1/SIGUSR2 to the ranks only when told to (PET_SIGNALS_TO_HANDLE);
 #   the ranks get TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds to checkpoint before the agent kills them;
+# - --quiet: a one-process run that fails ends with its own error line, without the launcher's traceback after it;
 # - --kill-on-bad-exit: a task that fails (a rank killed, a node lost) ends the whole step instead of leaving the
 #   other nodes waiting; dist.timeout_s bounds any collective still waiting on a dead rank.
 set -euo pipefail
@@ -30,6 +31,6 @@ echo "[gan-dist] job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $(date -I
   "$GAN_DIST_MAIN_ADDR:$GAN_DIST_MAIN_PORT; train.py $*"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
   echo "[gan-dist] node $SLURM_NODEID of $SLURM_JOB_NUM_NODES ($SLURMD_NODENAME): accelerate launch, machine rank $SLURM_NODEID"
-  exec accelerate launch $GAN_DIST_MULTI --num_machines "$SLURM_JOB_NUM_NODES" --machine_rank "$SLURM_NODEID" \
+  exec accelerate launch --quiet $GAN_DIST_MULTI --num_machines "$SLURM_JOB_NUM_NODES" --machine_rank "$SLURM_NODEID" \
     --num_processes "$GAN_DIST_PROCS" --main_process_ip "$GAN_DIST_MAIN_ADDR" \
     --main_process_port "$GAN_DIST_MAIN_PORT" --mixed_precision no --dynamo_backend no train.py "$@"' gan-dist "$@"

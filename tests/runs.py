@@ -30,7 +30,8 @@ def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background:
     """`accelerate launch train.py` of `config` in `run_dir` on MNIST `shards`. Returns the Popen with `background`
     (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
     False (then the CompletedProcess)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+    # --quiet: a failing single-process run ends with its own error line, not also the launcher's traceback.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--num_processes", str(nproc)]
     if nproc > 1:
         cmd.append("--multi_gpu")
