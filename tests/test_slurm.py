@@ -4,10 +4,12 @@
 - preemption: `scancel --signal=USR2` mid-run -> every rank checkpoints at one step, the job requeues itself,
   restarts (Restarts=1), resumes, completes, and its final weights equal the uninterrupted run's bit for bit, in
   the same W&B run;
+- a one-process job (slurm/train.sbatch) preempted the same way requeues within its grace period although W&B's
+  finish hangs, and ends bit-identical to an uninterrupted one-process run;
 - `kill -9` of one rank ends the job within `dist.timeout_s`, and a resubmission on one node resumes from the last
   complete checkpoint (the log says the world size changed) and completes.
 
-Skipped, with the reason, only where SLURM cannot be installed (no root or no apt). About 2 minutes on 2 cores.
+Skipped, with the reason, only where SLURM cannot be installed (no root or no apt). About 3 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,12 +27,21 @@ import pytest
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from runs import launch  # noqa: E402
 from wandb_records import run_id  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 STEPS = 150
+JOB = (f"train.steps={STEPS}", "ckpt.every=25", "ckpt.keep=10", "data.num_workers=2", "eval.every=0")
+# Imported by every Python of a job that has its folder on PYTHONPATH: W&B's finish then hangs, as it does when the
+# network to W&B stalls during a preemption.
+STALLED_WANDB = """import time
+import wandb.sdk.wandb_run
+
+wandb.sdk.wandb_run.Run.finish = lambda self, *args, **kwargs: time.sleep(3600)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +55,17 @@ def cluster():
     assert up.returncode == 0, f"the local SLURM cluster did not come up:\n{up.stderr}"
 
 
-def submit(script: str, run_dir: Path, shards: Path, *overrides: str, wait: bool = False) -> str:
+def submit(script: str, run_dir: Path, shards: Path, *overrides: str, wait: bool = False,
+           env: dict | None = None) -> str:
     """Submit the debug config; the job id. With `wait`, `sbatch --wait` returns when the job has ended and fails
     unless it completed."""
     sbatch = ["sbatch", "--parsable", f"--output={run_dir.parent / (run_dir.name + '-%j.out')}"]
     sbatch += ["--wait"] if wait else []
     args = ["--config", "configs/debug.yaml", f"run.dir={run_dir}", f"data.cache_dir={shards}",
-            f"data.mnist_dir={MNIST}", f"train.steps={STEPS}", "ckpt.every=25", "ckpt.keep=10", "data.num_workers=2",
-            "eval.every=0",
-            *overrides]
+            f"data.mnist_dir={MNIST}", *JOB, *overrides]
     # The job inherits this environment: the test's Python must come first on PATH for `accelerate`.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", OMP_NUM_THREADS="1",
-               WANDB_SILENT="true")
+               WANDB_SILENT="true") | (env or {})
     env.pop("WANDB_MODE", None)
     done = subprocess.run([*sbatch, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     job_id = done.stdout.strip().split(";")[0]
@@ -139,6 +149,35 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(referen
             assert resumed[name][key].equal(value), f"{name}.{key} differs from the uninterrupted run"
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2 and {f.stem.removeprefix("run-") for f in files} == {run_id(files[1])}
+
+
+def test_one_process_job_requeues_within_its_grace_period_past_a_stalled_wandb_finish(cluster, shards, tmp_path):
+    """slurm/train.sbatch on a node without GPUs runs one process (accelerate's simple launcher): USR2 checkpoints it,
+    W&B's hung finish is left after wandb.finish_timeout_s, the job requeues, resumes and ends bit-identical to an
+    uninterrupted one-process run."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STALLED_WANDB)
+    reference = tmp_path / "reference"
+    launch(reference, shards, 1, *JOB)
+    run_dir = tmp_path / "preempted"
+    job_id = submit("slurm/train.sbatch", run_dir, shards, "wandb.finish_timeout_s=3", env={"PYTHONPATH": str(hook)})
+    first_checkpoint(run_dir)
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for(lambda: job(job_id).get("Restarts") == "1" and job(job_id).get("JobState") == "PENDING", 120,
+             "the requeue")
+    requeued_after = time.time() - signalled
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    info = finished(job_id)
+    log = log_of(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "1 node(s) (n1) x 1 process(es) (CPU)" in log and "stopped at step" in log and "by SIGUSR2" in log
+    assert log.count("W&B did not finish within wandb.finish_timeout_s=3 s") == 2, log
+    assert f"requeued SLURM job {job_id}" in log and requeued_after < 60, (requeued_after, log)
+    for name, tensors in weights(reference).items():
+        for key, value in tensors.items():
+            assert weights(run_dir)[name][key].equal(value), f"{name}.{key} differs from the uninterrupted run"
 
 
 def test_killed_rank_ends_the_job_and_a_one_node_resubmission_completes(cluster, shards, tmp_path):
