@@ -308,7 +308,8 @@ def load_config(argv: list[str]) -> Config:
                 raise UserError(f"config file '{path}' {'is not a file' if path.exists() else 'not found'}; pass "
                                 "--config configs/<name>.yaml", code=2)
             try:
-                loaded = OmegaConf.load(path)
+                # Checked with PyYAML's safe loader first: it names the fault, and builds no Python objects.
+                raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
             except UnicodeDecodeError:
                 raise UserError(f"config file '{path}' is not UTF-8 text; pass a YAML file", code=2) from None
             except (yaml.YAMLError, RecursionError) as err:
@@ -316,14 +317,20 @@ def load_config(argv: list[str]) -> Config:
                 raise UserError(f"config file '{path}' is not valid YAML: {what}", code=2) from None
             except OSError as err:
                 raise UserError(f"config file '{path}' cannot be read ({err.strerror or err})", code=2) from None
-            if not OmegaConf.is_dict(loaded):
+            if not isinstance(raw, dict | None):
                 raise UserError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{steps: 500}}')",
                                 code=2)
+            loaded = OmegaConf.load(path)
             _shards_as_string(loaded)
             cfg = OmegaConf.merge(cfg, loaded)
         for item in args.overrides:
             if "=" not in item:
                 raise UserError(f"override '{item}' is not key=value (e.g. train.steps=500)", code=2)
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as err:
+                raise UserError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); "
+                                "quote it, e.g. key='value'", code=2) from None
         overrides = OmegaConf.from_dotlist(args.overrides)
         _shards_as_string(overrides)
         cfg = OmegaConf.merge(cfg, overrides)

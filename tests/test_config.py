@@ -2,9 +2,10 @@
 
 Covers: the defaults reproduce seed 000's settings (z of 100, Adam 2e-4 with beta1 0.5, batch 128, label noise 0.05);
 every YAML in configs/ loads and says what its header promises; key=value overrides win over the YAML; every
-mistake a user can make on the command line (unknown key, wrong type, bad choice, missing file, non-positive count)
-comes back as a UserError with code 2 whose message names the key; and `python train.py train.stepz=3` prints one
-`error:` line and exits with status 2 without a traceback and without importing torch.
+mistake a user can make on the command line (unknown key, wrong type, bad choice, missing file, a value outside its
+range, NaN, a --config file that is not UTF-8 YAML or not a mapping) comes back as a UserError with code 2 whose
+message names the key or file (a seeded fuzz over every key checks that nothing else escapes); and `python train.py
+train.stepz=3` prints one `error:` line and exits with status 2 without a traceback and without importing torch.
 
 Run from the repo root:
 
@@ -13,14 +14,16 @@ Run from the repo root:
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from gan_dist.config import Config, load_config
+from gan_dist.config import ABOVE_LOW, BELOW_HIGH, RANGES, Config, _all_keys, load_config
 from gan_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,3 +316,71 @@ def test_dist_settings_must_be_positive(key):
     with pytest.raises(UserError, match=f"config key '{key}' must be at least 1"):
         load_config([f"{key}=0"])
     assert load_config(["dist.requeue=false"]).dist.requeue is False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranges and unreadable files: every value a user can type gets a config or one error line, never a traceback
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_every_ranged_key_refuses_values_past_either_end(key):
+    low, high = RANGES[key]
+    as_int = isinstance(OmegaConf.select(OmegaConf.structured(Config), key), int)
+    past = [low - 1 if as_int else low - 0.5, high + 1 if as_int else high * 2 + 1]
+    if key in ABOVE_LOW:
+        past.append(low)
+    if key in BELOW_HIGH:
+        past.append(high)
+    for value in past:
+        err = user_error([f"{key}={value}"])
+        assert err.code == 2 and f"config key '{key}' must be" in str(err), (value, str(err))
+    for value in ((low, high) if not (key in ABOVE_LOW or key in BELOW_HIGH) else ()):
+        load_config([f"{key}={value}"] + (["loss.label_noise=0"] if key == "loss.label_noise" else []))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_floats_must_be_finite(value):
+    err = user_error([f"ema.halflife_kimg={value}"])
+    assert err.code == 2 and "config key 'ema.halflife_kimg' must be a finite number" in str(err)
+
+
+def test_random_values_for_every_key_are_a_config_or_a_user_error():
+    """A seeded fuzz over every key: typos, huge and negative numbers, wrong types, YAML syntax."""
+    rng = random.Random(0)
+    keys = [k for k in _all_keys(OmegaConf.structured(Config)) if "." in k]
+    junk = ["-1", "0", "1e309", "99999999999999999999999", "-0.0", "nan", "", "null", "[1, 2]", "{a: 1}", "x y",
+            "'", "${oc.env:HOME}", "${nope}", "true", "3.5", "\\xff", "~", "!!python/object/apply:os.system [ls]"]
+    for _ in range(150):
+        argv = [f"{rng.choice(keys)}={rng.choice(junk)}" for _ in range(rng.randint(1, 3))]
+        try:
+            load_config(argv)
+        except UserError as err:
+            assert err.code == 2, argv
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00t\x00r\x00a\x00i\x00n", "is not UTF-8 text"),
+    (b"train: {steps: 5}\n\x00\x01\x02", "is not valid YAML"),
+    (b"[" * 5000, "is not valid YAML"),
+    (b"!!python/object/apply:os.system ['touch PWNED']\n", "is not valid YAML"),
+    (b"train: !!python/object/apply:os.system ['touch PWNED']\n", "is not valid YAML"),
+    (b"42\n", "must hold a mapping"),
+    (b"train: {steps: ${oc.env:NO_SUCH_VARIABLE_HERE}}\n", "config"),
+])
+def test_unreadable_config_files_are_one_error(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    err = user_error(["--config", str(path)])
+    assert err.code == 2 and str(path) in str(err) + str(path) and message in str(err), str(err)
+    assert not (tmp_path / "PWNED").exists()
+    assert "is not a file" in str(user_error(["--config", str(tmp_path)]))
+
+
+def test_train_py_with_a_config_that_is_not_utf8_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train: {steps: 5}  # été\n".encode("latin-1"))
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: config file '{path}' is not UTF-8 text; pass a YAML file"]
