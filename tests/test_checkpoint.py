@@ -422,3 +422,19 @@ def test_checkpoints_past_eight_digit_steps_are_found(run):
         assert choose_resume(run.dir, "auto", print).path.name == "step_100000000"
     finally:
         run.state.step = saved
+
+
+def test_a_failed_write_leaves_the_older_checkpoints_and_says_so(run, saved, monkeypatch):
+    """A full disk mid-save: one UserError naming the folder, and the checkpoints before it as they were."""
+    before = {p.name: verify(p)["files"] for p in checkpoints(saved.dir)}
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run.acc, "save_state", full)
+    run.state.step = 4
+    with pytest.raises(UserError, match=f"cannot write a checkpoint in {saved.root} \\(No space left on device\\); "
+                                        "the checkpoints before it are intact"):
+        run.save(keep=5, run_dir=saved.dir)
+    assert {p.name: verify(p)["files"] for p in checkpoints(saved.dir)} == before
+    assert choose_resume(saved.dir, "auto", print).path == step_dir(saved, 3)
