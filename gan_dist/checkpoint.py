@@ -139,6 +139,9 @@ def verify(path: Path) -> dict:
     missing = [name for name in needed if name not in listed]
     if missing:
         raise CheckpointError(f"{path}: {missing[0]} is missing (not in {META}); the checkpoint is incomplete")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != META and p.name not in listed)
+    if unlisted:
+        raise CheckpointError(f"{path}: {unlisted[0]} is not listed in {META} (no checkpoint of this run holds it)")
     for name, want in listed.items():
         file = path / name
         if not isinstance(want, dict) or "/" in name or name.startswith("."):

@@ -112,7 +112,7 @@ class EvalConfig:
 @dataclass
 class DistConfig:
     timeout_s: int = 600  # process-group timeout: a collective waiting on a dead rank fails after this long
-    stop_check_every: int = 10  # steps between the all-rank check for stop signals (an all-reduce and a host sync)
+    stop_check_every: int = 10  # steps between all-rank stop-signal checks (all-reduce, host sync); and checkpoints
     requeue: bool = True  # under SLURM, SIGUSR1/SIGUSR2 save a checkpoint and requeue the job (scontrol requeue)
     bucket_cap_mb: int = 25  # DDP: gradients are all-reduced in buckets of this size, overlapping the backward
     gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (one copy less)

@@ -73,6 +73,8 @@ def on_main(accelerator: Accelerator, fn: Callable[[], T]) -> T:
             box[0] = fn()
         except UserError as err:
             box[1] = (str(err), err.code)
+        except OSError as err:  # run.dir not writable, a full disk
+            box[1] = (f"cannot write {err.filename or 'in run.dir'} ({err.strerror or err})", 1)
     broadcast_object_list(box)
     if box[1] is not None:
         raise UserError(*box[1], quiet=not accelerator.is_main_process)

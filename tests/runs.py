@@ -31,8 +31,9 @@ def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background:
     (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
     False (then the CompletedProcess)."""
     # --quiet: a failing single-process run ends with its own error line, not also the launcher's traceback.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "--num_processes", str(nproc)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--num_processes", str(nproc)]
     if nproc > 1:
         cmd.append("--multi_gpu")
     cmd += ["train.py", "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",

@@ -135,8 +135,9 @@ def snapshot(r) -> dict:
     return {
         "G": clone(r.G.state_dict()), "D": clone(r.D.state_dict()), "ema": clone(r.ema.state_dict()),
         "opt_G": opt(r.opt_G), "opt_D": opt(r.opt_D),
-        "state": (r.state.step, r.state.nimg, r.state.batches, r.state.wandb_id, r.state.scores, r.state.z_fixed.clone(),
-                  r.state.data_pos.clone(), {k: v.clone() for k, v in r.state.log_sums.items()}),
+        "state": (r.state.step, r.state.nimg, r.state.batches, r.state.wandb_id, r.state.scores,
+                  r.state.z_fixed.clone(), r.state.data_pos.clone(),
+                  {k: v.clone() for k, v in r.state.log_sums.items()}),
     }
 
 

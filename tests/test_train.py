@@ -1,7 +1,8 @@
 """End-to-end runs of the real `accelerate launch train.py` on CPU (gloo): outputs, W&B offline logs, SIGTERM and
 bit-exact resume with 2 processes and 2 loader workers each, with every speed switch that must not change a bit
-(kill -9 at random moments is tests/test_faults.py's chaos test); RGB shards written by scripts/make_shards.py from a folder of PNG and JPEG files,
-trained at 32x32 with the speed switches that change the arithmetic, also with a truncated shard.
+(kill -9 at random moments is tests/test_faults.py's chaos test); RGB shards written by scripts/make_shards.py from a
+folder of PNG and JPEG files, trained at 32x32 with the speed switches that change the arithmetic, also with a
+truncated shard.
 
 Run: python -m pytest tests/test_train.py -q   (about 2 minutes on 2 cores)
 """
