@@ -2,8 +2,8 @@
 
 Covers: a free run.dir is taken and given back without a trace; a live holder (this process, another host with a
 fresh heartbeat, the same SLURM job not requeued) is refused at once, naming host, pid and job; a holder that is gone
-(its process ended on this host, a requeue of its SLURM job, no heartbeat for the timeout, an unreadable old file)
-is taken over with a message; a holder that stalled past the timeout finds out it lost the lease; of many processes
+(its process ended or is a zombie on this host, a requeue of its SLURM job, no heartbeat for the timeout, an
+unreadable old file) is taken over with a message; a holder that stalled past the timeout finds out it lost the lease; of many processes
 racing for one run.dir exactly one wins.
 
 Run: python -m pytest tests/test_lease.py -q
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -68,13 +69,16 @@ def test_a_live_holder_is_refused_at_once_naming_it(tmp_path, monkeypatch):
     assert time.time() - start < 2
 
 
-@pytest.mark.parametrize("case", ["ended", "requeued", "silent", "unreadable"])
+@pytest.mark.parametrize("case", ["ended", "zombie", "requeued", "silent", "unreadable"])
 def test_a_holder_that_is_gone_is_taken_over_with_a_message(tmp_path, monkeypatch, case):
     said = []
-    if case == "ended":
+    if case in ("ended", "zombie"):  # a zombie: killed, not yet reaped by its parent
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
-        plant(tmp_path, host=os.uname().nodename, pid=dead.pid)
+        if case == "ended":
+            dead.wait()
+        else:
+            time.sleep(1)
+        plant(tmp_path, host=socket.gethostname(), pid=dead.pid)
         why = f"its process {dead.pid} on"
     elif case == "requeued":
         plant(tmp_path, job="777", restart=0)
