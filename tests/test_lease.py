@@ -3,8 +3,8 @@
 Covers: a free run.dir is taken and given back without a trace; a live holder (this process, another host with a
 fresh heartbeat, the same SLURM job not requeued) is refused at once, naming host, pid and job; a holder that is gone
 (its process ended or is a zombie on this host, a requeue of its SLURM job, no heartbeat for the timeout, an
-unreadable old file) is taken over with a message; a holder that stalled past the timeout finds out it lost the lease; of many processes
-racing for one run.dir exactly one wins.
+unreadable old file) is taken over with a message; a holder that stalled past the timeout finds out it lost the
+lease; of many processes racing for one run.dir exactly one wins.
 
 Run: python -m pytest tests/test_lease.py -q
 """
