@@ -201,7 +201,7 @@ def choose_resume(run_dir: str | Path, resume: str, say: Callable[[str], None]) 
             raise UserError(f"run.dir '{run_dir}' holds checkpoints but none is intact (see the warnings above); "
                             "nothing was changed. Resume from a copy with ckpt.resume=PATH, or use a new run.dir")
         path, meta = found
-        return Resume(path, meta["step"], meta.get("origin", ""))
+        return Resume(path, meta["step"], _origin(path))
     path = Path(resume).resolve()
     if not (path / META).is_file():
         raise UserError(f"ckpt.resume='{resume}' is not a complete checkpoint (no {META} there); use ckpt.resume=auto, "
@@ -229,10 +229,12 @@ def choose_resume(run_dir: str | Path, resume: str, say: Callable[[str], None]) 
 
 
 def _origin(path: Path) -> str:
+    """The ckpt.resume=PATH a checkpoint's run grew from, or ""."""
     try:
-        return str(json.loads((path / META).read_text()).get("origin", ""))
+        origin = json.loads((path / META).read_text()).get("origin")
     except (OSError, ValueError, AttributeError):
         return ""
+    return origin if isinstance(origin, str) else ""
 
 
 def _agree(accelerator: Accelerator, ok: bool) -> bool:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_losses import CASES  # noqa: E402
-from test_train import REPO, _free_port  # noqa: E402
+from runs import REPO, _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_two_process_run_with_every_d_option_counts_its_steps(tmp_path):
     # WGAN-GP with 2 critic steps, lazy R1, spectral norm, cosine decay after warmup and 2 accumulation
     # micro-batches, through the real train.py: D's optimizer steps n_critic times per G step, both end at the
     # scheduled rates, and every penalty is logged.
-    from test_train import jsonl, launch  # noqa: PLC0415
+    from runs import jsonl, launch  # noqa: PLC0415
     steps, batch = 12, 32
     launch(tmp_path, tmp_path / "no-shards", 2, f"train.steps={steps}", f"train.batch_size={batch}", "train.grad_accum=2",
            "loss.kind=wgan_gp", "loss.label_noise=0", "loss.n_critic=2", "loss.r1_gamma=1", "loss.r1_every=3",
