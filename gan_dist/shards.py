@@ -80,16 +80,18 @@ class StreamError(OSError):
 
 class _Watched:
     """A remote byte stream (an http response or a command's stdout) that raises StreamError when no byte arrives
-    for `timeout_s`, or fewer than `min_rate` bytes/s arrive over any `timeout_s` window, so a stalled server or
-    command never hangs a rank."""
+    for `timeout_s`, or fewer than `min_rate` bytes/s arrive over any `timeout_s` spent waiting on it, so a stalled
+    server or command never hangs a rank. Only time spent inside `read` counts: a reader that pauses (a loader
+    worker whose queue is full) is not the source being slow."""
 
     def __init__(self, read1, fileno: int | None, timeout_s: float, min_rate: float, close, finish=None) -> None:
         self._read1, self._fileno, self.timeout_s, self.min_rate = read1, fileno, timeout_s, min_rate
         self._close, self._finish = close, finish
-        self._window, self._got = time.monotonic(), 0
+        self._waited, self._got = 0.0, 0
 
     def read(self, size: int = -1) -> bytes:
         size = 1 << 16 if size < 0 else size
+        start = time.monotonic()
         if self._fileno is not None:  # a pipe: wait for data without blocking past the timeout
             ready, _, _ = select.select([self._fileno], [], [], self.timeout_s)
             if not ready:
@@ -98,14 +100,14 @@ class _Watched:
             data = self._read1(size)
         except TimeoutError:
             raise StreamError(f"stalled: no data for {self.timeout_s:g} s (data.timeout_s)") from None
-        now = time.monotonic()
+        self._waited += time.monotonic() - start
         self._got += len(data)
-        if now - self._window >= self.timeout_s:
-            rate = self._got / (now - self._window)
+        if self._waited >= self.timeout_s:
+            rate = self._got / self._waited
             if rate < self.min_rate:
-                raise StreamError(f"too slow: {rate / 1000:.2f} kB/s over {now - self._window:.0f} s, under "
+                raise StreamError(f"too slow: {rate / 1000:.2f} kB/s over {self._waited:.0f} s, under "
                                   f"data.min_rate_kbs={self.min_rate / 1000:g}")
-            self._window, self._got = now, 0
+            self._waited, self._got = 0.0, 0
         if not data and self._finish is not None:
             self._finish()
         return data

@@ -33,7 +33,7 @@ from gan_dist.config import DataConfig
 from gan_dist.data import PointBatches, ShardStream, Source, mixture_centers, open_source, \
     shard_batches, start_positions, to_real
 from gan_dist.errors import UserError
-from gan_dist.shards import tar_samples
+from gan_dist.shards import open_shard, tar_samples
 
 SIZES = [7, 13, 10, 4, 9]
 TOTAL = sum(SIZES)
@@ -432,6 +432,16 @@ def test_stalled_or_slow_http_shard_fails_within_the_timeout_naming_it(tmp_path,
     finally:
         server.shutdown()
     assert time.monotonic() - start < 10
+
+
+def test_a_reader_that_pauses_is_not_taken_for_a_slow_source(tmp_path):
+    """A loader worker whose queue is full stops reading for a while; only time spent waiting on the source counts."""
+    (url,) = write_shards(tmp_path, sizes=[20])
+    with open_shard(f"pipe:cat {url}", timeout_s=0.5, min_rate_kbs=1000) as stream:
+        first = stream.read(512)
+        time.sleep(1.5)
+        rest = b"".join(iter(lambda: stream.read(1 << 16), b""))
+    assert first + rest == Path(url).read_bytes()
 
 
 def test_stalled_pipe_command_fails_within_the_timeout_and_is_killed(tmp_path):
