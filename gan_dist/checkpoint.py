@@ -118,7 +118,7 @@ def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META).read_text())
         ok = isinstance(meta, dict) and all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)
-                                            for k in ("step", "world_size")) and meta["world_size"] >= 1
+                                            for k in ("step", "world_size")) and 1 <= meta["world_size"] <= 1 << 16
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: {META} is unreadable ({err})") from None
     if not ok or meta["step"] < 0:
