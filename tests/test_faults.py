@@ -241,7 +241,7 @@ def test_evaluate_runs_nothing_from_a_run_directory_it_was_handed(pair, tmp_path
     assert not target.exists()
 
 
-CHAOS = ("train.steps=24", "ckpt.every=1", "ckpt.keep=2", "eval.every=0", "log.every=4", "log.sample_every=12",
+CHAOS = ("train.steps=40", "ckpt.every=1", "ckpt.keep=2", "eval.every=0", "log.every=4", "log.sample_every=12",
          "wandb.mode=disabled")
 
 
@@ -257,6 +257,11 @@ def fresh(run_dir: Path, pattern: str, since: float) -> list[Path]:
     return out
 
 
+def newest(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint, -1 without one."""
+    return max((int(p.name[5:]) for p in run_dir.glob("checkpoints/step_*")), default=-1)
+
+
 def wait(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while proc.poll() is None and not ready() and time.time() < deadline:
@@ -266,38 +271,37 @@ def wait(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
 @pytest.mark.parametrize("nproc, trials", [(1, 14), (2, 6)])
 def test_chaos_kills_at_random_moments_and_every_rerun_resumes_bit_identical(tmp_path, shards, nproc, trials):
     """Each trial kills the whole process tree at one of three kinds of moment, then the next trial reruns the same
-    command: during start-up (a random time before an uninterrupted run's first checkpoint: lease, resume, data),
-    while a checkpoint is being written, or a random time after 1-3 new checkpoints (between and inside steps).
-    A trial gains at most 3 steps, so none finishes the run; the last launch does."""
+    command: during start-up (a random time before an uninterrupted run's first checkpoint, and before this launch
+    saves any: lease, resume, data), while a checkpoint is being written, or a random time after 1-3 new checkpoints
+    (between and inside steps). A trial gains a few steps at most, so none finishes the run; the last launch does."""
     args = (*CHAOS, f"data.num_workers={2 * (nproc - 1)}")  # 2 processes with 2 loader workers each
     start = time.time()
     reference = launch(tmp_path / "reference", shards, nproc, *args, background=True)
     wait(reference, lambda: list((tmp_path / "reference").glob("checkpoints/step_*")))
     startup = time.time() - start
     assert reference.wait(timeout=300) == 0, reference.communicate()[0]
-    step_time = (time.time() - start - startup) / 24
+    step_time = (time.time() - start - startup) / 40
     run_dir, rng, moments = tmp_path / "run", random.Random(nproc), []
     for trial in range(trials):
         proc = launch(run_dir, shards, nproc, *args, background=True)
-        begun, kind = time.time(), ("start-up", "mid-save", "mid-training")[trial % 3]
-        if kind == "start-up":
-            time.sleep(rng.uniform(0, startup))
+        begun, before, kind = time.time(), newest(run_dir), ("start-up", "mid-save", "mid-training")[trial % 3]
+        if kind == "start-up":  # a random moment, but before the first step this launch saves
+            wait(proc, lambda delay=rng.uniform(0, startup): time.time() - begun > delay or newest(run_dir) > before)
         elif kind == "mid-save":
             wait(proc, lambda: fresh(run_dir, "checkpoints/.tmp-step_*", begun))
         else:
-            wait(proc, lambda n=rng.randint(1, 3): len(fresh(run_dir, "checkpoints/step_*", begun)) >= n)
+            wait(proc, lambda n=rng.randint(1, 3): newest(run_dir) >= max(before, 0) + n)
             time.sleep(rng.uniform(0, step_time))
         saving = bool(fresh(run_dir, "checkpoints/.tmp-step_*", begun))
         kill_tree(proc)
         output = proc.communicate(timeout=60)[0]
         assert proc.returncode and "Traceback" not in output and "error:" not in output, output
         resumed = [line.split()[2].rsplit("_", 1)[-1] for line in output.splitlines() if "resumed from" in line]
-        newest = max((p.name[5:] for p in run_dir.glob("checkpoints/step_*")), default="none")
         moments.append(f"{kind} {time.time() - begun:.2f} s{' (a save under way)' if saving else ''}: resumed "
-                       f"{resumed[0] if resumed else 'nothing'}, newest after {newest}")
+                       f"{resumed[0] if resumed else 'nothing'}, newest after {newest(run_dir)}")
     assert not (run_dir / "final").exists(), "a trial finished the run"
     out = launch(run_dir, shards, nproc, *args)
-    assert "resumed from" in out and "done: step 24" in out
+    assert "resumed from" in out and "done: step 40" in out
     assert_same_weights(weights(run_dir), weights(tmp_path / "reference"))
     assert without_timing(jsonl(run_dir)) == without_timing(jsonl(tmp_path / "reference"))
     print(f"\nchaos, {nproc} process(es), {trials} kills:\n  " + "\n  ".join(moments))
