@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import load as safe_torch_load
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gan_dist.errors import UserError
@@ -131,8 +131,8 @@ def read_meta(path: Path) -> dict:
 
 def verify(path: Path) -> dict:
     """meta.json of an intact checkpoint: every file it lists has its size and sha256, nothing the resume needs is
-    missing (every rank's RNG state among it), and every torch file loads without running code. CheckpointError
-    naming the checkpoint and the first bad file otherwise."""
+    missing (every rank's RNG state and data position among it), and every torch file loads without running code.
+    CheckpointError naming the checkpoint and the first bad file otherwise."""
     meta = read_meta(path)
     listed = meta["files"]
     needed = ACCELERATE_FILES + OWN_FILES + tuple(rng_file(r) for r in range(meta["world_size"]))
@@ -160,6 +160,14 @@ def verify(path: Path) -> dict:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise CheckpointError(f"{path}: {name} cannot be loaded without running code or is damaged "
                                       f"({first[:200]}); refusing it") from None
+    try:  # each rank's data position: one row per rank and loader worker
+        with safe_open(str(path / "train_state.safetensors"), framework="pt") as f:
+            rows = f.get_slice("data_pos").get_shape()[0] if "data_pos" in f.keys() else 0
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: train_state.safetensors is unreadable ({err})") from None
+    if rows < meta["world_size"] or rows % meta["world_size"]:
+        raise CheckpointError(f"{path}: train_state.safetensors lacks some rank's data position ({rows} rows for "
+                              f"{meta['world_size']} ranks)")
     return meta
 
 
@@ -342,8 +350,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema
                               f"({str(err).strip().splitlines()[-1].strip()[:300]}); resume it with the config it "
                               "was written with (its run's config.yaml), or start a new run.dir") from None
     state.load(path)
-    if state.data_pos.shape[0] % meta["world_size"]:
-        raise CheckpointError(f"{path}: train_state.safetensors lacks some rank's data position")
     return meta
 
 

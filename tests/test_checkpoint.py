@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gan_dist.checkpoint import CheckpointError, TrainState, checkpoints, choose_resume, export_final, \
     load_checkpoint, save_checkpoint, verify
@@ -333,6 +333,18 @@ def test_a_checkpoint_missing_a_ranks_rng_state_is_refused(saved):
     meta["world_size"] = 2  # as if rank 1's file had never been written
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="random_states_1.pkl is missing .*incomplete"):
+        verify(path)
+
+
+def test_a_checkpoint_missing_a_data_position_is_refused(saved):
+    path = step_dir(saved, 3)
+    tensors = load_file(str(path / "train_state.safetensors"))
+    save_file(tensors | {"data_pos": torch.empty(0, 3, dtype=torch.int64)}, str(path / "train_state.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["train_state.safetensors"] = {"size": (path / "train_state.safetensors").stat().st_size,
+                                                "sha256": sha256_file(path / "train_state.safetensors")}
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lacks some rank's data position \\(0 rows for 1 ranks\\)"):
         verify(path)
 
 
