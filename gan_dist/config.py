@@ -188,12 +188,14 @@ CHOICES = {
     "eval.model": ("ema", "G"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
-# Allowed ranges, both ends inclusive (None: no bound); ABOVE_LOW keys must be strictly above their low end, and
-# BELOW_HIGH keys strictly below their high end. Upper bounds catch typos (a missing decimal point, an extra 0).
-RANGES: dict[str, tuple[float | None, float | None]] = {
+# Allowed ranges of every number not fixed by CHOICES (or following data.*), both ends inclusive; ABOVE_LOW keys must
+# be strictly above their low end, BELOW_HIGH keys strictly below their high end. Upper bounds catch typos (a
+# missing decimal point, an extra 0).
+RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
     "run.lease_timeout_s": (5, 86400),
     "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
+    "model.dropout": (0, 1),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
     "optim.warmup_steps": (0, 10**12),
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
@@ -211,7 +213,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "perf.ema_every": (1, 10**6),
 }
 ABOVE_LOW = {"optim.lr_G", "optim.lr_D", "optim.eps", "data.timeout_s", "data.std", "data.radius", "data.spacing"}
-BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise"}
+BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
@@ -246,10 +248,10 @@ def _check(cfg) -> None:
             raise UserError(f"config key '{key}' must be a finite number, got {value}", code=2)
     for key, (low, high) in RANGES.items():
         value = OmegaConf.select(cfg, key)
-        if low is not None and (value < low or (key in ABOVE_LOW and value == low)):
+        if value < low or (key in ABOVE_LOW and value == low):
             raise UserError(f"config key '{key}' must be {'greater than' if key in ABOVE_LOW else 'at least'} "
                             f"{low}, got {value}", code=2)
-        if high is not None and (value > high or (key in BELOW_HIGH and value == high)):
+        if value > high or (key in BELOW_HIGH and value == high):
             raise UserError(f"config key '{key}' must be {'less than' if key in BELOW_HIGH else 'at most'} {high}, "
                             f"got {value}", code=2)
     if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp"):
