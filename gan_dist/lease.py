@@ -160,8 +160,8 @@ class RunLease:
         while not self._stop.wait(self.timeout_s / 4):
             if not self.holds():
                 self.lost = True
-                self.say(f"error: lost the lease on run.dir '{self.dir.parent}' to another run; stopping without "
-                         "writing anything more")
+                self.say(f"lost the lease on run.dir '{self.dir.parent}' to another run; the run stops at its "
+                         "next check")
                 return
             self.holder.heartbeat, self.holder.beats = time.time(), self.holder.beats + 1
             try:

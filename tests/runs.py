@@ -1,8 +1,11 @@
 """Launching real training runs from tests, and reading what they leave: `accelerate launch train.py` on CPU (gloo
-for more than one process), the final weights, `metrics.jsonl`, and killing a launch's whole process tree."""
+for more than one process), the final weights, `metrics.jsonl`, a digest of a run.dir, and killing a launch's whole
+process tree. Also what a hostile checkpoint is made of: a pickle that runs a command, with meta.json's digests made
+to match, as someone handing it over would."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import psutil
 from safetensors.torch import load_file
+
+from gan_dist.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -81,3 +86,32 @@ def jsonl(run_dir: Path) -> list[dict]:
 
 def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Every file under `root` with its sha256, and every symlink (final/, best/) with its target."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class RunsCommand:
+    """Unpickled, it runs `touch target`: what a hostile checkpoint file would do."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def reseal(checkpoint: Path, name: str) -> None:
+    """Make meta.json's size and sha256 of `name` match the file as it is now."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    file = checkpoint / name
+    meta["files"][name] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))

@@ -8,13 +8,15 @@ Run: python -m pytest tests/test_bad_input.py -q
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -29,11 +31,6 @@ def train(*overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     return subprocess.run([*cmd, "--config", "configs/debug.yaml", "wandb.mode=disabled", *overrides], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=180)
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +53,11 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> No
 
 def test_missing_mnist_names_the_folder_and_the_fix(tmp_path, finished_run):
     run_dir, _ = finished_run
-    before = tree_digest(run_dir)
+    before = digest(run_dir)
     proc = train(f"run.dir={run_dir}", f"data.mnist_dir={tmp_path / 'nowhere'}", "data.download=false",
                  f"data.cache_dir={tmp_path / 'shards'}", "train.steps=20")
     assert_clean_failure(proc, str(tmp_path / "nowhere"), "data.mnist_dir")
-    assert tree_digest(run_dir) == before
+    assert digest(run_dir) == before
 
 
 def test_missing_mnist_stops_both_ranks_without_a_hang(tmp_path):
@@ -94,19 +91,19 @@ def test_batch_that_does_not_split_over_processes(tmp_path, finished_run):
 
 def test_resume_path_that_is_not_a_checkpoint(tmp_path, finished_run):
     run_dir, shards = finished_run
-    before = tree_digest(run_dir)
+    before = digest(run_dir)
     proc = train(f"run.dir={run_dir}", f"data.cache_dir={shards}", f"ckpt.resume={tmp_path / 'nothing'}",
                  "train.steps=20")
     assert_clean_failure(proc, "ckpt.resume", str(tmp_path / "nothing"))
-    assert tree_digest(run_dir) == before
+    assert digest(run_dir) == before
 
 
 def test_fresh_start_over_existing_checkpoints_is_refused(finished_run):
     run_dir, shards = finished_run
-    before = tree_digest(run_dir)
+    before = digest(run_dir)
     proc = train(f"run.dir={run_dir}", f"data.cache_dir={shards}", "ckpt.resume=none", "train.steps=20")
     assert_clean_failure(proc, str(run_dir), "ckpt.resume=auto")
-    assert tree_digest(run_dir) == before
+    assert digest(run_dir) == before
 
 
 def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, shards):

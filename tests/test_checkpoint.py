@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,9 +39,11 @@ from gan_dist.checkpoint import CheckpointError, TrainState, checkpoints, choose
 from gan_dist.config import EMAConfig, LossConfig, ModelConfig
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
-from gan_dist.files import sha256_file
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import RunsCommand, reseal  # noqa: E402
 
 
 def make_ckpt(run_dir: Path, name: str, meta: bool = True) -> Path:
@@ -340,20 +343,9 @@ def test_a_checkpoint_missing_a_data_position_is_refused(saved):
     path = step_dir(saved, 3)
     tensors = load_file(str(path / "train_state.safetensors"))
     save_file(tensors | {"data_pos": torch.empty(0, 3, dtype=torch.int64)}, str(path / "train_state.safetensors"))
-    meta = json.loads((path / "meta.json").read_text())
-    meta["files"]["train_state.safetensors"] = {"size": (path / "train_state.safetensors").stat().st_size,
-                                                "sha256": sha256_file(path / "train_state.safetensors")}
-    (path / "meta.json").write_text(json.dumps(meta))
+    reseal(path, "train_state.safetensors")
     with pytest.raises(CheckpointError, match="lacks some rank's data position \\(0 rows for 1 ranks\\)"):
         verify(path)
-
-
-class _Payload:
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.target}",)
 
 
 @pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
@@ -361,18 +353,15 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(saved, tmp_path_
     """A checkpoint handed over by someone else, with the digests in meta.json made to match: still refused."""
     target = tmp_path_factory.mktemp("victim") / "pwned"
     path = step_dir(saved, 3)
-    torch.save({"state": _Payload(target)}, path / name)  # torch's zip format
-    meta = json.loads((path / "meta.json").read_text())
-    meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
-    (path / "meta.json").write_text(json.dumps(meta))
+    torch.save({"state": RunsCommand(target)}, path / name)  # torch's zip format
+    reseal(path, name)
     with pytest.raises(CheckpointError, match=f"{name} cannot be loaded without running code"):
         verify(path)
     with pytest.raises(UserError, match=f"{name} cannot be loaded without running code"):
         choose_resume(saved.dir, str(path), print)
     assert not target.exists()
-    (path / name).write_bytes(pickle.dumps(_Payload(target)))  # a bare pickle, which torch.load also reads
-    meta["files"][name] = {"size": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
-    (path / "meta.json").write_text(json.dumps(meta))
+    (path / name).write_bytes(pickle.dumps(RunsCommand(target)))  # a bare pickle, which torch.load also reads
+    reseal(path, name)
     with pytest.raises(CheckpointError, match="cannot be loaded without running code"):
         verify(path)
     assert not target.exists()

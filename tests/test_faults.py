@@ -20,11 +20,9 @@ Run: python -m pytest tests/test_faults.py -q -s   (-s prints the chaos trials' 
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import io
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -40,22 +38,10 @@ import webdataset as wds
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runs import REPO, assert_same_weights, jsonl, kill_tree, launch, weights, without_timing  # noqa: E402
-
-from gan_dist.files import sha256_file  # noqa: E402
+from runs import REPO, RunsCommand, assert_same_weights, digest, jsonl, kill_tree, launch, reseal, weights, \
+    without_timing  # noqa: E402
 
 RUN = ("train.steps=300", "ckpt.every=50", "ckpt.keep=10", "eval.every=100", "wandb.mode=disabled")
-
-
-def digest(root: Path) -> dict[str, str]:
-    """Every file under `root` (through the final/ and best/ symlinks) with its sha256, and every symlink target."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(root))] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def errors(output: str) -> list[str]:
@@ -127,24 +113,13 @@ def test_damaged_newest_checkpoint_and_torn_log_line_resume_from_the_one_before(
     assert without_timing(jsonl(run_dir)) == without_timing(jsonl(solo))
 
 
-class Payload:
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.target}",)
-
-
 def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(pair, shards, tmp_path):
     first, _, _, _ = pair
     handed = tmp_path / "handed_over"
     shutil.copytree(first / "checkpoints" / "step_00000150", handed)
     target = tmp_path / "pwned"
-    torch.save({"state": Payload(target), "param_groups": []}, handed / "optimizer.bin")
-    meta = json.loads((handed / "meta.json").read_text())  # its digests made to match, as an attacker would
-    meta["files"]["optimizer.bin"] = {"size": (handed / "optimizer.bin").stat().st_size,
-                                      "sha256": sha256_file(handed / "optimizer.bin")}
-    (handed / "meta.json").write_text(json.dumps(meta))
+    torch.save({"state": RunsCommand(target), "param_groups": []}, handed / "optimizer.bin")
+    reseal(handed, "optimizer.bin")
     proc = launch(tmp_path / "run", shards, 1, *RUN, f"ckpt.resume={handed}", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     (line,) = errors(proc.stderr)
