@@ -65,6 +65,9 @@ class TrainState:
     data_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))  # see data.py
     log_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (world,) sums of the cut interval
     log_steps: int = 0  # micro-steps in those sums
+    # G's and D's buffers on every rank, name -> (world, ...): without DDP's buffer broadcasts each rank's
+    # BatchNorm statistics are its own, and D's shape its G step. Rank 0's alone are in the model files.
+    rank_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     best: float | None = None  # the best value of eval.best_metric so far (behind best/)
     scores: dict | None = None  # the last evaluation, which final/metrics.json holds
     wandb_id: str = ""
@@ -72,11 +75,12 @@ class TrainState:
 
     def save(self, folder: Path) -> None:
         tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos} | {
-            f"log_sums/{k}": v for k, v in self.log_sums.items()}
+            f"log_sums/{k}": v for k, v in self.log_sums.items()} | {
+            f"rank_buffers/{k}": v for k, v in self.rank_buffers.items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(folder / "train_state.safetensors"))
         scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("z_fixed", "data_pos",
-                                                                                       "log_sums")}
+                                                                                       "log_sums", "rank_buffers")}
         (folder / "train_state.json").write_text(json.dumps(scalars, indent=1) + "\n")
 
     def load(self, folder: Path) -> None:
@@ -98,6 +102,8 @@ class TrainState:
         self.__dict__.update({k: scalars[k] for k in types})
         self.z_fixed, self.data_pos = tensors["z_fixed"], tensors["data_pos"]
         self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
+        self.rank_buffers = {k.removeprefix("rank_buffers/"): v for k, v in tensors.items()
+                             if k.startswith("rank_buffers/")}
 
 
 def step_of(path: Path) -> int:

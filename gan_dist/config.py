@@ -91,7 +91,8 @@ class DataConfig:
     mnist_dir: str = "data/mnist"  # the four MNIST IDX files (downloaded here when missing and online)
     cache_dir: str = "data/mnist-shards"  # prepared webdataset shards + manifest.json
     download: bool = True
-    num_workers: int = 2
+    num_workers: int = 2  # loader processes per rank (none with the device cache)
+    device_cache: str = "auto"  # auto | true | false: decode the whole dataset once into a uint8 tensor on the device
     shuffle_buffer: int = 2000  # samples held by each loader worker's shuffle buffer
     std: float = 0.05  # per-mode standard deviation for ring8 / grid25
     radius: float = 2.0  # ring8 radius
@@ -117,6 +118,7 @@ class DistConfig:
     bucket_cap_mb: int = 25  # DDP: gradients are all-reduced in buckets of this size, overlapping the backward
     gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (one copy less)
     static_graph: bool = False  # DDP: every step uses the same parameters in the same order, so DDP can skip checks
+    broadcast_buffers: bool = False  # DDP: send rank 0's BatchNorm buffers to every rank before each forward
 
 
 @dataclass
@@ -185,6 +187,7 @@ CHOICES = {
     "data.mode": ("epoch", "resampled"),
     "data.channels": (1, 3),
     "data.on_error": ("warn", "raise"),
+    "data.device_cache": ("auto", "true", "false"),
     "eval.model": ("ema", "G"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
@@ -271,6 +274,9 @@ def _check_images(cfg) -> None:
     if data.dataset != "webdataset" and data.shards:
         raise UserError(f"data.shards is set but data.dataset is '{data.dataset}'; set data.dataset=webdataset to "
                         "train on the shards", code=2)
+    if data.device_cache == "true" and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
+        raise UserError(f"data.device_cache=true holds an image dataset read in epochs, but data.dataset is "
+                        f"'{data.dataset}' and data.mode '{data.mode}'; use data.device_cache=auto", code=2)
     if data.dataset not in ("mnist", "webdataset"):
         return
     for key in ("channels", "resolution"):
@@ -336,6 +342,8 @@ def load_config(argv: list[str]) -> Config:
         overrides = OmegaConf.from_dotlist(args.overrides)
         _shards_as_string(overrides)
         cfg = OmegaConf.merge(cfg, overrides)
+        # YAML reads true/false as booleans, which this str key then holds as 'True'/'False'.
+        cfg.data.device_cache = str(cfg.data.device_cache).lower()
         _check(cfg)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -18,6 +18,9 @@ without decoding any of it. Bad images and truncated shards are skipped with a w
 `data.on_error=raise`); the skip count travels with the position. 2-D mixtures are drawn per batch from a generator
 seeded by (seed, rank, batch index).
 
+With `data.device_cache` (MNIST, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
+decoded once into a uint8 tensor on the device and batches are gathered from it (`CachedBatches`).
+
 This module knows the rank and world size only as numbers it is given; it does not touch the Accelerator.
 """
 
@@ -213,7 +216,8 @@ class ShardStream(IterableDataset):
                 if len(items) == self.batch:
                     images = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)
                     labels = torch.tensor([label for _, label in items])
-                    yield images, labels, torch.tensor([worker, chunk, taken, self.skipped])
+                    # Plain ints: the main process reads the position without touching a tensor.
+                    yield images, labels, (worker, chunk, taken, self.skipped)
                     items = []
             offset = 0
             empty = 0 if taken else empty + 1
@@ -253,8 +257,7 @@ class ShardBatches:
         item = next(self.loader)
         if isinstance(item, dict):
             raise UserError(item["error"])
-        images, labels, info = item
-        worker, *position = info.tolist()
+        images, labels, (worker, *position) = item
         self.positions[worker] = position
         return images, labels
 
@@ -294,6 +297,98 @@ def shard_batches(source: Source, cfg: DataConfig, batch: int, seed: int, rank: 
                         f"data.num_workers, or use data.mode=resampled")
     positions = positions or [[0, 0, 0] for _ in range(workers)]
     return ShardBatches(ShardStream(source, cfg, batch, seed, rank, world, start_batch, positions), pin_memory)
+
+
+DEVICE_CACHE_AUTO_BYTES = 1 << 30  # data.device_cache=auto holds a dataset on the device up to this decoded size
+
+
+def wants_device_cache(cfg: DataConfig, source: Source) -> bool:
+    """Whether this run's images are decoded once and held on the device (`data.device_cache`)."""
+    if cfg.device_cache == "false" or cfg.mode != "epoch" or not source.counts:
+        return False
+    return cfg.device_cache == "true" or \
+        sum(source.counts) * cfg.channels * cfg.resolution ** 2 <= DEVICE_CACHE_AUTO_BYTES
+
+
+def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every sample of `source` as uint8 images (N, C, H, W) and int64 labels (N,), in shard order, and the count
+    of bad samples skipped. MNIST at its own 28x28 grayscale comes straight from its IDX files."""
+    if cfg.dataset == "mnist" and (cfg.resolution, cfg.channels) == (28, 1) and mnist.files_present(cfg.mnist_dir):
+        images, labels = mnist.load_mnist(cfg.mnist_dir)["train"]
+        return images[:, None], labels.astype(np.int64), 0
+    reader = ShardStream(source, cfg, 1, 0, 0, 1, 0, [[0, 0, 0]])
+    images, labels = [], []
+    try:
+        for url, count in zip(source.urls, source.counts):
+            for sample in reader._read(url, 0, None, count):
+                try:
+                    images.append(decode_image(sample, cfg.resolution, cfg.channels))
+                    labels.append(sample_label(sample))
+                except BadSample as err:
+                    reader._skip(f"sample '{sample['__key__']}' of shard {sample['__url__']}: {err}", 1)
+    except FatalDataError as err:
+        raise UserError(str(err)) from None
+    if not images:
+        raise UserError(f"the shards in data.shards hold no readable image ({reader.skipped} skipped); check them")
+    return np.stack(images).transpose(0, 3, 1, 2), np.array(labels, dtype=np.int64), reader.skipped
+
+
+class CachedBatches:
+    """A rank's batches drawn from the whole dataset held on its device (`data.device_cache`), with no loader.
+
+    Epoch e is a permutation of all N samples seeded by (seed, e), with per-sample flips drawn beside it; the epochs
+    laid end to end are one stream. Each step takes the stream's next world x batch samples and rank r the r-th
+    batch of them: ranks are disjoint, batches equal, and an epoch's last batch is completed with the next epoch's
+    first samples (nothing dropped or repeated within an epoch). The position, shared by every rank, is the stream
+    index of the next step, saved as [epoch, index in it, samples skipped while decoding]. Every index and image
+    stays on the device: a batch is one gather, no host sync."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, batch: int, seed: int,
+                 rank: int, world: int, position: Position, skipped: int = 0) -> None:
+        self.images, self.labels, self.n = images, labels, len(images)
+        self.batch, self.seed, self.rank, self.world, self.hflip = batch, seed, rank, world, cfg.hflip
+        self.next = position[0] * self.n + position[1]
+        self.skipped, self.epoch_size = skipped, self.n
+        self.orders: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if epoch not in self.orders:
+            rng = torch.Generator().manual_seed(_seed(self.seed, epoch))
+            order = torch.randperm(self.n, generator=rng)
+            flips = torch.randint(0, 2, (self.n,), generator=rng, dtype=torch.bool) if self.hflip else None
+            self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+            self.orders[epoch] = (_to_device(order, self.images.device),
+                                  None if flips is None else _to_device(flips, self.images.device))
+        return self.orders[epoch]
+
+    def __iter__(self) -> CachedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        index, flips = [], []
+        at, end = self.next + self.rank * self.batch, self.next + (self.rank + 1) * self.batch
+        while at < end:
+            epoch, i = divmod(at, self.n)
+            take = min(end - at, self.n - i)
+            order, flip = self._order(epoch)
+            index.append(order[i:i + take])
+            flips.append(None if flip is None else flip[index[-1]])
+            at += take
+        index = torch.cat(index) if len(index) > 1 else index[0]
+        images = self.images[index]
+        if self.hflip:
+            flip = torch.cat(flips) if len(flips) > 1 else flips[0]
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        self.next += self.world * self.batch
+        return images, self.labels[index]
+
+    def state(self) -> torch.Tensor:
+        return torch.tensor([[*divmod(self.next, self.n), self.skipped]], dtype=torch.int64)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pinned memory the copy is queued like a kernel; from pageable memory it would wait for the device.
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 class PointBatches:
@@ -337,8 +432,8 @@ class DeviceBatches:
     loader's pinned memory, on a side CUDA stream) overlaps the step that uses the current one. `state()` and
     `skipped` describe the batches handed out, not the one fetched ahead, so a checkpoint still resumes exactly."""
 
-    def __init__(self, batches: PointBatches | ShardBatches, device: torch.device, prefetch: bool = True,
-                 channels_last: bool = False) -> None:
+    def __init__(self, batches: PointBatches | ShardBatches | CachedBatches, device: torch.device,
+                 prefetch: bool = True, channels_last: bool = False) -> None:
         self.batches, self.device, self.epoch_size = batches, device, batches.epoch_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None

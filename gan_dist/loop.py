@@ -9,10 +9,12 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, \
@@ -22,8 +24,8 @@ from tqdm import tqdm
 from gan_dist.checkpoint import CheckpointError, Resume, TrainState, choose_resume, export_final, load_checkpoint, \
     save_checkpoint
 from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
-from gan_dist.data import DeviceBatches, PointBatches, ShardBatches, mixture_centers, open_source, shard_batches, \
-    start_positions
+from gan_dist.data import CachedBatches, DeviceBatches, PointBatches, decode_dataset, mixture_centers, open_source, \
+    shard_batches, start_positions, wants_device_cache
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
@@ -93,18 +95,27 @@ def open_run(cfg: Config, lease: RunLease, say: Callable[[str], None]) -> Resume
     return resume
 
 
-def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: TrainState) -> PointBatches | ShardBatches:
-    """This rank's batches, continuing at the data position saved in `state`."""
-    seed, rank, world = cfg.seed, accelerator.process_index, accelerator.num_processes
+def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: TrainState) -> DeviceBatches:
+    """This rank's real batches on its device, continuing at the data position saved in `state`."""
+    seed, rank, world, device = cfg.seed, accelerator.process_index, accelerator.num_processes, accelerator.device
     if cfg.data.dataset not in ("mnist", "webdataset"):
-        return PointBatches(cfg.data, batch, seed, rank, state.batches)
+        return DeviceBatches(PointBatches(cfg.data, batch, seed, rank, state.batches), device, cfg.perf.prefetch)
     # Each node's main process writes MNIST's shards on first use while the other ranks wait.
     source = local_main_first(accelerator, lambda: open_source(cfg.data))
     epoch = state.nimg // sum(source.counts) if source.counts else 0
-    positions = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1), epoch,
-                                accelerator.print)
-    return shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
-                         pin_memory=accelerator.device.type == "cuda" and cfg.perf.prefetch)
+    cached = wants_device_cache(cfg.data, source)
+    positions = start_positions(state.data_pos, cfg.data.mode, rank, world, 1 if cached else max(
+        cfg.data.num_workers, 1), epoch, accelerator.print)
+    if cached:
+        images, labels, skipped = decode_dataset(source, cfg.data)
+        accelerator.print(f"data: {len(images)} images ({images.nbytes / 2**20:.0f} MB) decoded once and held on "
+                          f"{device.type} (data.device_cache={cfg.data.device_cache})")
+        batches = CachedBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), cfg.data,
+                                batch, seed, rank, world, positions[0], skipped)
+        return DeviceBatches(batches, device, prefetch=False, channels_last=cfg.perf.channels_last)
+    batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
+                            pin_memory=device.type == "cuda" and cfg.perf.prefetch)
+    return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last)
 
 
 @torch.no_grad()
@@ -123,10 +134,60 @@ def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: 
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
-def sync_buffers(module: torch.nn.Module) -> None:
-    # BatchNorm statistics drift per rank between DDP's broadcasts; rank 0's copy is the one that counts.
-    for b in module.buffers():
+def sync_buffers(*modules: torch.nn.Module) -> None:
+    # BatchNorm statistics are each rank's own (dist.broadcast_buffers=false), or drift between DDP's broadcasts;
+    # rank 0's copy is the one that counts.
+    for b in (b for m in modules for b in m.buffers()):
         b.copy_(broadcast(b, from_process=0))
+
+
+def gather_buffers(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every rank's buffers of `modules`, '<module>.<buffer>' -> (world, ...), for the checkpoint."""
+    return {f"{name}.{key}": accelerator.gather(b[None]).cpu()
+            for name, module in modules.items() for key, b in module.named_buffers()}
+
+
+@torch.no_grad()
+def restore_buffers(saved: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], rank: int,
+                    world: int) -> None:
+    """This rank's own buffers from a checkpoint of the same world size (else rank 0's, from the model files)."""
+    for name, module in modules.items():
+        for key, b in module.named_buffers():
+            rows = saved.get(f"{name}.{key}")
+            if rows is not None and len(rows) == world and rows.shape[1:] == b.shape:
+                b.copy_(rows[rank])
+
+
+class StopVote:
+    """Whether any rank was asked to stop (or to requeue) or lost the run.dir lease, agreed by every rank.
+
+    With one process the answer is the local one: no collective, no tensor. With more, a vote is an all-reduce of
+    a host tensor over a gloo group of its own, so it never waits for the GPU's queue. Between checkpoints a vote's
+    result is read at the next vote (dist.stop_check_every steps later, when it has long arrived); at a checkpoint
+    the vote is waited for, so every rank agrees before anything is written."""
+
+    def __init__(self, world: int, timeout_s: int) -> None:
+        self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) \
+            if world > 1 else None
+        self.pending: list[tuple[torch.Tensor, torch.distributed.Work]] = []
+
+    def __call__(self, local: tuple[bool, bool, bool], now: bool) -> tuple[bool, bool, bool]:
+        if self.group is None:
+            return local
+        votes = torch.tensor(local, dtype=torch.int32)
+        self.pending.append((votes, torch.distributed.all_reduce(votes, group=self.group, async_op=True)))
+        ready, self.pending = (self.pending, []) if now else (self.pending[:-1], self.pending[-1:])
+        return tuple(bool(x) for x in sum((self._wait(*vote) for vote in ready), np.zeros(3, dtype=np.int32)))
+
+    @staticmethod
+    def _wait(votes: torch.Tensor, work: torch.distributed.Work) -> np.ndarray:
+        work.wait()
+        return votes.numpy()  # a host tensor: .numpy() refuses a device one, so this can never sync
+
+    def close(self) -> None:
+        for vote in self.pending:
+            self._wait(*vote)
+        self.pending = []
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -134,7 +195,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     each believe they are alone. A collective waiting on a dead rank fails after dist.timeout_s, so the whole job
     ends instead of hanging. With perf.compile, accelerate compiles G and D after wrapping them in DDP."""
     ddp = DistributedDataParallelKwargs(bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
-                                        gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view)
+                                        gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+                                        broadcast_buffers=cfg.dist.broadcast_buffers)
     return Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -172,11 +234,15 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     ema = EMA(G, cfg.ema)
     opt_G, opt_D = make_optimizers(G, D, cfg.optim)
-    G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+    with warnings.catch_warnings():
+        # torch 2.13 renames DDP's broadcast_buffers; accelerate's DDP handler passes only the old name, whose
+        # False (no sync at init either) is right here: every rank builds the same networks from one seed.
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
     G_raw = accelerator.unwrap_model(G, keep_torch_compile=False)
     # What final/ and best/ hold: the unwrapped modules, so the state_dicts carry no DDP or compile prefix.
-    exported = {"generator": G_raw, "generator_ema": ema.G_ema,
-                "discriminator": accelerator.unwrap_model(D, keep_torch_compile=False)}
+    D_raw = accelerator.unwrap_model(D, keep_torch_compile=False)
+    exported = {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": D_raw}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4), origin=resume.origin)
 
@@ -189,6 +255,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         except CheckpointError as err:
             raise UserError(f"checkpoint {err}") from None
         state.origin = resume.origin
+        restore_buffers(state.rank_buffers, {"G": G_raw, "D": D_raw}, accelerator.process_index, world)
         accelerator.print(f"resumed from {resume.path} (step {state.step}, {state.nimg} images, "
                           f"saved with world size {meta['world_size']})")
         if meta["world_size"] != world:
@@ -198,8 +265,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
 
     # Data: each rank reads its own slice of the shards, continuing at its saved position. Evaluation needs
     # the MNIST classifier, which each node's main process trains on first use while the other ranks wait.
-    batches = DeviceBatches(make_batches(cfg, accelerator, batch, state), device, cfg.perf.prefetch,
-                            cfg.perf.channels_last)
+    batches = make_batches(cfg, accelerator, batch, state)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed))
     best_name = best_metric(cfg.eval, cfg.data)
     if is_main:
@@ -216,7 +282,10 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     # Metric sums of the log interval the checkpoint cut, restored per rank so the interval logs as if never cut.
     sums = {k: v[accelerator.process_index].to(device) for k, v in state.log_sums.items() if len(v) == world}
     tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, state.log_steps if sums else 0, 0.0
-    stop = requeue_asked = False
+    vote, stop, requeue_asked = StopVote(world, cfg.dist.timeout_s), False, False
+    # CUDA graphs replay into the same output memory: each step must tell them that the last one's outputs are done.
+    mark_step = torch.compiler.cudagraph_mark_step_begin if cfg.perf.compile and \
+        cfg.perf.compile_mode == "reduce-overhead" else lambda: None
     while state.step < cfg.train.steps:
         # One step: n_critic D steps, each on its own real batches, then one G step. Each optimizer steps once
         # per grad_accum micro-batches; accelerate counts micro-batches across both blocks, so each block is
@@ -228,6 +297,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                 wait_start = time.perf_counter()
                 real = next(batches)
                 data_wait += time.perf_counter() - wait_start
+                mark_step()
                 with accelerator.accumulate(D):
                     z = torch.randn(len(real), cfg.model.z_dim, device=device)
                     metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due,
@@ -237,6 +307,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.loss.n_critic
         for _ in range(cfg.train.grad_accum):
+            mark_step()
             with accelerator.accumulate(G):
                 z = torch.randn(batch, cfg.model.z_dim, device=device)
                 loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none)["loss_g"]
@@ -282,7 +353,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
 
         # Evaluate (every rank generates its share, the main process scores them) and export the best weights.
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:
-            sync_buffers(ema.G_ema)
+            sync_buffers(ema.G_ema, G_raw)  # G's running statistics feed nothing in training but its eval mode
             scores = evaluator(ema.G_ema if cfg.eval.model == "ema" else G_raw, accelerator.process_index, world,
                                accelerator.gather, device) | {"step": state.step, "kimg": state.nimg / 1000}
             tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
@@ -292,12 +363,11 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                 state.scores, state.best = scores, scores[best_name] if improved else state.best
             on_main(accelerator, lambda: improved and export_final(run_dir, exported, "best", scores))
 
-        # Stop signals and a lost lease: all ranks agree in one collective, so all of them stop at the same step.
+        # Stop signals and a lost lease: all ranks agree in one vote, so all of them stop at the same step.
         ckpt_due = state.step % cfg.ckpt.every == 0 or is_last
         if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
-            asked = torch.tensor([flag.requested > 0, flag.requested == 2, lease is not None and lease.lost],
-                                 dtype=torch.float32, device=device)
-            stop, requeue_asked, lost = (accelerator.reduce(asked, "sum") > 0).tolist()
+            stop, requeue_asked, lost = vote((flag.requested > 0, flag.requested == 2,
+                                              lease is not None and lease.lost), now=ckpt_due)
             if lost:
                 raise UserError(f"another run took over run.dir '{run_dir}' (its lease went stale); this one stops "
                                 "without writing anything more", quiet=not is_main)
@@ -309,9 +379,11 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
             keys = sorted(sums)
             rows = accelerator.gather(torch.stack([sums[k] for k in keys])[None]).cpu() if keys else None
             state.log_sums, state.log_steps = {k: rows[:, i] for i, k in enumerate(keys)}, tick_steps
+            state.rank_buffers = gather_buffers(accelerator, {"G": G_raw, "D": D_raw})
             save_checkpoint(accelerator, run_dir, state, ema, cfg.ckpt.keep)
         if stop:
             break
+    vote.close()
     progress.close()
 
     # Export the final weights of the unwrapped modules, unless a signal stopped the run early.

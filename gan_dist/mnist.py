@@ -121,6 +121,11 @@ def _missing_files(src: Path) -> list[str]:
     return [name for pair in FILES.values() for name in pair if _find(src, name) is None]
 
 
+def files_present(src: str | Path) -> bool:
+    """Whether `src` holds all four MNIST files (each as NAME.gz or NAME)."""
+    return Path(src).is_dir() and not _missing_files(Path(src))
+
+
 def load_mnist(src: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read the four MNIST files from `src` (each as NAME.gz or NAME): {"train": (images, labels), "test": ...}."""
     src = Path(src)

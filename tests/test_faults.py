@@ -13,7 +13,8 @@
 - a stalled http server: the run stops within seconds, naming the URL;
 - a run directory from someone else: scripts/evaluate.py neither loads its TorchScript nor runs its pipe: commands;
 - chaos: the whole process tree killed at random moments (and right in the middle of checkpoint saves) 20 times over
-  1 and 2 processes, rerunning after each; every rerun resumes and the final weights are bit-identical.
+  1 process (shards through the loader) and 2 (device-resident data), rerunning after each; every rerun resumes and
+  the final weights are bit-identical.
 
 Run: python -m pytest tests/test_faults.py -q -s   (-s prints the chaos trials' kill moments; about 4 minutes)
 """
@@ -249,7 +250,8 @@ def test_chaos_kills_at_random_moments_and_every_rerun_resumes_bit_identical(tmp
     command: during start-up (a random time before an uninterrupted run's first checkpoint, and before this launch
     saves any: lease, resume, data), while a checkpoint is being written, or a random time after 1-3 new checkpoints
     (between and inside steps). A trial gains a few steps at most, so none finishes the run; the last launch does."""
-    args = (*CHAOS, f"data.num_workers={2 * (nproc - 1)}")  # 2 processes with 2 loader workers each
+    # One process reads the shards through the loader, two draw from the device-resident dataset.
+    args = (*CHAOS, f"data.device_cache={'false' if nproc == 1 else 'true'}")
     start = time.time()
     reference = launch(tmp_path / "reference", shards, nproc, *args, background=True)
     wait(reference, lambda: list((tmp_path / "reference").glob("checkpoints/step_*")))

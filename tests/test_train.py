@@ -96,7 +96,7 @@ SAME_RESULT_SWITCHES = ("dist.gradient_as_bucket_view=true", "dist.static_graph=
 def test_sigterm_then_rerun_is_bit_identical(tmp_path, shards):
     """SIGTERM to the launcher alone (which then checkpoints at once), 2 processes with 2 loader workers each."""
     # 60 steps of 32 images stop mid-epoch (MNIST has 60,000), so resume continues inside an epoch.
-    args = ("data.num_workers=2", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
+    args = ("data.device_cache=false", "data.num_workers=2", "train.steps=60", "ckpt.every=10", "ckpt.keep=10")
     reference = tmp_path / "reference"
     launch(reference, shards, 2, *args)
 
