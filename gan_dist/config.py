@@ -301,6 +301,15 @@ def _shards_as_string(node) -> None:
         data.shards = "::".join(str(u) for u in data.shards)
 
 
+def _merge(cfg, part, what: str):
+    _shards_as_string(part)
+    try:
+        return OmegaConf.merge(cfg, part)
+    except TypeError:  # OmegaConf's own error for a mapping given where a list belongs, or the other way round
+        raise UserError(f"{what}: a value has the wrong shape for its key (a mapping where a list or a single "
+                        "value belongs, or the other way round)", code=2) from None
+
+
 def load_config(argv: list[str]) -> Config:
     """Parse `[--config PATH] [key=value ...]` into a validated Config."""
     parser = argparse.ArgumentParser(prog="train.py", description="Train a GAN (see README for the config keys).")
@@ -328,20 +337,16 @@ def load_config(argv: list[str]) -> Config:
             if not isinstance(raw, dict | None):
                 raise UserError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{steps: 500}}')",
                                 code=2)
-            loaded = OmegaConf.load(path)
-            _shards_as_string(loaded)
-            cfg = OmegaConf.merge(cfg, loaded)
+            cfg = _merge(cfg, OmegaConf.load(path), f"config file '{path}'")
         for item in args.overrides:
             if "=" not in item:
                 raise UserError(f"override '{item}' is not key=value (e.g. train.steps=500)", code=2)
             try:
-                OmegaConf.from_dotlist([item])
+                override = OmegaConf.from_dotlist([item])
             except yaml.YAMLError as err:
                 raise UserError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); "
                                 "quote it, e.g. key='value'", code=2) from None
-        overrides = OmegaConf.from_dotlist(args.overrides)
-        _shards_as_string(overrides)
-        cfg = OmegaConf.merge(cfg, overrides)
+            cfg = _merge(cfg, override, f"override '{item}'")
         # YAML reads true/false as booleans, which this str key then holds as 'True'/'False'.
         cfg.data.device_cache = str(cfg.data.device_cache).lower()
         _check(cfg)

@@ -31,8 +31,10 @@ def _free_port() -> int:
 
 
 def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
-           config: str = "configs/debug.yaml", check: bool = True, env: dict | None = None):
-    """`accelerate launch train.py` of `config` in `run_dir` on MNIST `shards`. Returns the Popen with `background`
+           config: str = "configs/debug.yaml", check: bool = True, env: dict | None = None,
+           script: tuple[str, ...] = ("train.py",)):
+    """`accelerate launch train.py` (or another `script` taking train.py's arguments after its own) of `config` in
+    `run_dir` on MNIST `shards`. Returns the Popen with `background`
     (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
     False (then the CompletedProcess)."""
     # --quiet: a failing single-process run ends with its own error line, not also the launcher's traceback.
@@ -41,7 +43,7 @@ def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background:
            "--num_processes", str(nproc)]
     if nproc > 1:
         cmd.append("--multi_gpu")
-    cmd += ["train.py", "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
+    cmd += [*script, "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
             f"data.mnist_dir={MNIST}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true") | (env or {})
     env.pop("WANDB_MODE", None)

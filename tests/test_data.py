@@ -238,7 +238,7 @@ def test_resume_decodes_none_of_the_skipped_samples(monkeypatch, source):
     s = stream(source)
     it = s._batches(0)
     for _ in range(k):
-        position = next(it)[2][1:].tolist()
+        position = list(next(it)[2][1:])
     decoded = []
 
     def counting(sample, *args):
@@ -554,3 +554,93 @@ def test_gaussian_is_standard_normal():
     assert np.abs(p.std(axis=0) - 1).max() < 0.05
     assert abs(np.corrcoef(p.T)[0, 1]) < 0.05
     assert labels.unique().tolist() == [0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device-resident data (data.device_cache)
+
+
+def cached(source, rank=0, world=1, position=(0, 0, 0), seed=0, batch=BATCH, **kw) -> data.CachedBatches:
+    images, labels, skipped = data.decode_dataset(source, cfg(**kw))
+    return data.CachedBatches(torch.from_numpy(images), torch.from_numpy(labels), cfg(**kw), batch, seed, rank,
+                              world, list(position), skipped)
+
+
+def test_device_cache_decodes_every_sample_in_shard_order(source):
+    images, labels, skipped = data.decode_dataset(source, cfg())
+    assert images.shape == (TOTAL, 1, 4, 4) and images.dtype == np.uint8 and skipped == 0
+    assert images[:, 0, 0, 0].tolist() == list(range(TOTAL)) and labels.tolist() == [3] * TOTAL
+
+
+@pytest.mark.parametrize("world, batch", [(2, 4), (3, 5), (1, 43), (2, 20)])
+def test_device_cache_ranks_cover_each_epoch_exactly_once_in_equal_batches(source, world, batch):
+    ranks = [cached(source, rank=r, world=world, batch=batch) for r in range(world)]
+    steps = 3 * TOTAL // (world * batch)
+    stream = []  # the global stream: each step, rank 0's batch, then rank 1's, ...
+    for _ in range(steps):
+        parts = [ids(next(b)[0]) for b in ranks]
+        assert all(len(p) == batch for p in parts)
+        stream += sum(parts, [])
+    epochs = [stream[e * TOTAL:(e + 1) * TOTAL] for e in range(len(stream) // TOTAL)]
+    # Every sample exactly once per epoch, so ranks never share one within an epoch.
+    assert len(epochs) >= 2 and all(sorted(e) == list(range(TOTAL)) for e in epochs), "each epoch exactly once"
+    assert epochs[0] != epochs[1] != epochs[0][::-1], "each epoch is shuffled anew"
+    assert [ids(next(cached(source, rank=r, world=world, batch=batch))[0]) for r in range(world)] == [
+        stream[r * batch:(r + 1) * batch] for r in range(world)], "the order is seeded: the same every time"
+
+
+def test_device_cache_resumes_exactly_from_its_saved_position(source):
+    first = cached(source, rank=1, world=2)
+    for _ in range(7):  # past the end of the first epoch (43 samples, 8 per step)
+        next(first)
+    position = first.state()
+    assert position.tolist() == [[56 // TOTAL, 56 % TOTAL, 0]]
+    resumed = cached(source, rank=1, world=2, position=position[0].tolist())
+    for _ in range(12):
+        assert ids(next(first)[0]) == ids(next(resumed)[0])
+
+
+def test_device_cache_flips_per_sample_and_epoch_deterministically(tmp_path):
+    arrow = np.zeros((4, 4), np.uint8)
+    arrow[:, 0] = 255
+    path = tmp_path / "train-00000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(64):
+            out = io.BytesIO()
+            Image.fromarray(arrow).save(out, format="PNG")
+            writer.write({"__key__": f"s{i:03d}", "png": out.getvalue()})
+    src = Source([str(path)], [64])
+
+    def right_edges(**kw) -> list[bool]:
+        b = cached(src, batch=16, **kw)
+        return [bool(im[0, 0, 3] == 255) for _ in range(8) for im in next(b)[0]]
+
+    flips = right_edges(hflip=True)
+    assert 0.3 < sum(flips[:64]) / 64 < 0.7 and flips[:64] != flips[64:], "about half, drawn anew each epoch"
+    assert right_edges(hflip=True) == flips and not any(right_edges())
+
+
+def test_device_cache_skips_bad_samples_and_counts_them(tmp_path, capsys):
+    urls = write_shards(tmp_path / "bad", sizes=[5, 5], corrupt={2, 7})
+    b = cached(Source(urls, [5, 5]), batch=2)
+    assert b.n == 8 and b.skipped == 2 and b.state()[0, 2] == 2
+    assert capsys.readouterr().err.count("warning:") == 2
+
+
+def test_device_cache_mnist_idx_files_equal_their_shards(shards):
+    """The IDX fast path gives the pixels and labels that decoding MNIST's own shards gives."""
+    from conftest import MNIST
+    first = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    src = Source([str(shards / first["name"])], [first["num_samples"]])
+    from_shard = data.decode_dataset(src, cfg(resolution=28))
+    from_idx = data.decode_dataset(src, cfg(dataset="mnist", resolution=28, mnist_dir=str(MNIST)))
+    n = first["num_samples"]
+    assert np.array_equal(from_shard[0], from_idx[0][:n]) and np.array_equal(from_shard[1], from_idx[1][:n])
+
+
+@pytest.mark.parametrize("setting, mode, counts, wanted", [
+    ("auto", "epoch", [60000], True), ("auto", "epoch", [10**7], False), ("true", "epoch", [10**7], True),
+    ("false", "epoch", [10], False), ("auto", "resampled", [10], False), ("auto", "epoch", None, False)])
+def test_device_cache_auto_holds_what_fits(setting, mode, counts, wanted):
+    c = cfg(device_cache=setting, mode=mode, resolution=28)
+    assert data.wants_device_cache(c, Source(["a.tar"], counts)) is wanted

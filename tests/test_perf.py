@@ -3,7 +3,8 @@
 `perf.compile` (a real `train.py` run). Each must train (finite losses, weights move) and give the plain path's
 result: bit for bit where only the memory layout of the work changes, within a tolerance where the arithmetic does.
 DDP's options, per-step host syncs and prefetch in a 2-process run are checked bit for bit in tests/test_train.py
-(the SIGTERM resume case); bf16 autocast trains in its RGB run.
+(the SIGTERM resume case); bf16 autocast trains in its RGB run. No host sync between log steps, with 1 and 2
+processes, the loader or the device-resident data (scripts/count_syncs.py).
 
 Run: python -m pytest tests/test_perf.py -q   (about 40 s on 2 cores, most of it compiling)
 """
@@ -27,6 +28,9 @@ from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models
 from gan_dist.optim import make_optimizers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(arch="dcgan", z_dim=8, width=4, channels=1, resolution=8)
@@ -190,3 +194,24 @@ def test_compiled_training_matches_eager(tmp_path):
     G0 = build_models(load_config(["--config", "configs/toy2d.yaml"]).model)[0]
     assert not load_file(tmp_path / "compiled" / "final" / "generator.safetensors")["net.0.weight"].equal(
         G0.state_dict()["net.0.weight"]), "G trained"
+
+
+# Host syncs between log steps, counted by scripts/count_syncs.py: every log, sample, evaluation and checkpoint
+# falls on the last step, and a stop vote runs every 2 steps. One process reads the shards through a loader worker,
+# two draw from the device-resident dataset; per-step losses on the progress bar (perf.step_sync) show the count
+# is real: 2 reads per step.
+SYNC_RUN = ("train.steps=30", "log.every=30", "log.sample_every=30", "eval.every=0", "ckpt.every=30",
+            "dist.stop_check_every=2", "wandb.mode=disabled")
+
+
+@pytest.mark.parametrize("nproc, overrides, per_step", [
+    (1, ("data.device_cache=false", "data.num_workers=1"), 0),
+    (2, ("data.device_cache=true",), 0),
+    (1, ("data.device_cache=true", "perf.step_sync=true"), 2),
+])
+def test_no_host_sync_between_log_steps(tmp_path, shards, nproc, overrides, per_step):
+    launch(tmp_path / "run", shards, nproc, *SYNC_RUN, *overrides,
+           script=("scripts/count_syncs.py", "--out", str(tmp_path / "syncs.json")))
+    for rank in range(nproc):
+        counted = json.loads((tmp_path / f"syncs.rank{rank}.json").read_text())
+        assert counted["batches"] == 30 and counted["syncs"] == 30 * per_step, counted["calls"]
