@@ -1,7 +1,9 @@
 """Decoding one sample's image bytes and label to training inputs, with PIL alone (plain numpy out, no torch).
 
-Only image members (`png`, `jpg`, `jpeg`, `webp`) are ever decoded, each only as the format its extension names
-(bytes of any other format, EPS or PDF included, are refused rather than handed to PIL's other decoders); other
+Pre-decoded images (`npy`, written by `make_shards.py --format npy`) are read with `numpy.load(allow_pickle=False)`
+after their header is checked: uint8, (H, W, C), exactly as many bytes as that shape needs, already at the run's
+resolution. Other image members (`png`, `jpg`, `jpeg`, `webp`) are decoded, each only as the format its extension
+names (bytes of any other format, EPS or PDF included, are refused rather than handed to PIL's other decoders); other
 members such as `.pyd` or `.pickle` are never unpickled. An image is refused before decoding when it has more pixels
 than `pixel_bound(resolution)` (a decompression bomb); PIL's own bomb warning is an error here. It is converted to
 grayscale or RGB, its shorter side resized to the target resolution, and the centre cropped square. A label is
@@ -11,6 +13,7 @@ the `cls` member as a small non-negative integer.
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 
@@ -33,10 +36,38 @@ def pixel_bound(resolution: int) -> int:
     return max(1024 * resolution * resolution, 4096 * 4096)
 
 
+def npy_shape(data: bytes) -> tuple[int, ...]:
+    """The shape of a pre-decoded image (`npy` member: a uint8 (H, W, C) array in NumPy's format), from its header
+    alone; BadSample unless the bytes hold exactly such an array."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=1024)
+    except (ValueError, OSError, SyntaxError) as err:
+        raise BadSample(f"unreadable npy ({err})") from None
+    if dtype != np.uint8 or fortran or len(shape) != 3 or shape[2] not in (1, 3) or \
+            len(data) - f.tell() != math.prod(shape):
+        raise BadSample(f"npy holds a {'Fortran-order ' if fortran else ''}{dtype} array of shape {shape} in "
+                        f"{len(data)} bytes, not a uint8 (H, W, 1 or 3) image")
+    return shape
+
+
+def _decode_npy(data: bytes, resolution: int, channels: int, flip: bool) -> np.ndarray:
+    shape = npy_shape(data)  # checked before numpy allocates anything
+    if shape != (resolution, resolution, channels):
+        raise BadSample(f"npy of shape {shape}, this run needs ({resolution}, {resolution}, {channels}); write the "
+                        f"shards with make_shards.py --format npy --resolution {resolution} --channels {channels}")
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    return np.ascontiguousarray(array[:, ::-1]) if flip else array
+
+
 def decode_image(sample: dict, resolution: int, channels: int, flip: bool = False) -> np.ndarray:
     """The sample's image as uint8 (resolution, resolution, channels); BadSample when it has none or it is broken."""
     if "__error__" in sample:
         raise BadSample(sample["__error__"])
+    if "npy" in sample:
+        return _decode_npy(sample["npy"], resolution, channels, flip)
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise BadSample(f"no image member (has {', '.join(k for k in sample if not k.startswith('__')) or 'none'})")

@@ -31,11 +31,13 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
+from gan_dist.images import decode_image, npy_shape
 from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, tar_samples
 
 DEFAULT_MAX_COUNT = 1000
@@ -68,8 +70,11 @@ class _Scanned(NamedTuple):
 
 
 def make_shards(src: str | Path, out: str | Path, max_count: int | None = None, max_size_mb: float | None = None,
-                workers: int | None = None, seed: int = 0, split: str = "train", progress: bool = False) -> dict:
-    """Write the images under `src` as shards `{split}-NNNNN.tar` and manifest.json into `out`; returns the manifest."""
+                workers: int | None = None, seed: int = 0, split: str = "train", progress: bool = False,
+                npy: tuple[int, int] | None = None) -> dict:
+    """Write the images under `src` as shards `{split}-NNNNN.tar` and manifest.json into `out`; returns the manifest.
+    With `npy` = (resolution, channels), each image is stored decoded, resized and cropped as training reads it: a
+    uint8 (resolution, resolution, channels) array (`npy` member), so a loader worker only copies bytes."""
     src, out = Path(src), Path(out)
     if max_count is None and max_size_mb is None:
         max_count = DEFAULT_MAX_COUNT
@@ -77,7 +82,7 @@ def make_shards(src: str | Path, out: str | Path, max_count: int | None = None, 
     _check_workers(workers)
     _check_out(out)
     rels, classes, ignored = _list_images(src)
-    items = _shuffled_items(src, rels, classes, seed)
+    items = _shuffled_items(src, rels, classes, seed, npy)
     bounds = _plan(items, max_count, None if max_size_mb is None else int(max_size_mb * MB))
 
     import webdataset  # noqa: F401, PLC0415 - imported before the pool forks, so workers need not import torch again
@@ -86,7 +91,7 @@ def make_shards(src: str | Path, out: str | Path, max_count: int | None = None, 
     results: list[_Written] = []
     try:
         tmp.mkdir(parents=True)
-        jobs = [(str(src), str(tmp), i, start, items[start:stop]) for i, (start, stop) in enumerate(bounds)]
+        jobs = [(str(src), str(tmp), i, start, items[start:stop], npy) for i, (start, stop) in enumerate(bounds)]
         with tqdm(total=len(items), unit="img", disable=not progress) as bar:
             for result in _imap(_write_shard, jobs, workers):
                 results.append(result)
@@ -206,13 +211,14 @@ def _extras(rel: str, cls: int | None) -> dict[str, bytes]:
     return extras
 
 
-def _shuffled_items(src: Path, rels: list[str], classes: list[str], seed: int) -> list[_Item]:
+def _shuffled_items(src: Path, rels: list[str], classes: list[str], seed: int,
+                    npy: tuple[int, int] | None) -> list[_Item]:
     index = {name: i for i, name in enumerate(classes)}
     items = []
     for rel in rels:
         cls = index[rel.split("/", 1)[0]] if classes else None
         try:
-            size = os.stat(src / rel).st_size
+            size = len(_as_npy(np.zeros((npy[0], npy[0], npy[1]), np.uint8))) if npy else os.stat(src / rel).st_size
         except OSError:
             size = 0  # a broken link: the writer reports it as unreadable and skips it
         extras = sum(_member_bytes(len(data)) for data in _extras(rel, cls).values())
@@ -246,10 +252,16 @@ def _check_image(data: bytes) -> tuple[int, int, int]:
     return shape
 
 
-def _write_shard(job: tuple[str, str, int, int, list[_Item]]) -> _Written:
+def _as_npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def _write_shard(job: tuple[str, str, int, int, list[_Item], tuple[int, int] | None]) -> _Written:
     import webdataset  # noqa: PLC0415 - see the module docstring
 
-    src, tmp, shard, first, items = job
+    src, tmp, shard, first, items, npy = job
     path = Path(tmp, f"{shard:05d}.part")
     shapes, skipped = Counter(), []
     with open(path, "wb") as f, webdataset.TarWriter(f, encoder=False, compress=False, mtime=0) as writer:
@@ -258,12 +270,17 @@ def _write_shard(job: tuple[str, str, int, int, list[_Item]]) -> _Written:
         for key, item in enumerate(items, first):
             try:
                 data = Path(src, item.rel).read_bytes()
-                shapes[_check_image(data)] += 1
+                shape = _check_image(data)
+                if npy:
+                    ext = _image_ext(item.rel)
+                    data, shape = _as_npy(decode_image({ext: data}, *npy)), (npy[0], npy[0], npy[1])
+                shapes[shape] += 1
             # PIL's decoders raise assorted types on corrupt data (OSError, SyntaxError, struct.error, bomb errors...).
             except Exception as err:  # noqa: BLE001
                 skipped.append(f"{Path(src, item.rel)} ({_reason(err)})")
                 continue
-            writer.write({"__key__": f"{key:08d}", _image_ext(item.rel): data, **_extras(item.rel, item.cls)})
+            member = "npy" if npy else _image_ext(item.rel)
+            writer.write({"__key__": f"{key:08d}", member: data, **_extras(item.rel, item.cls)})
     return _Written(shard, sum(shapes.values()), shapes, skipped, sha256_file(path))
 
 
@@ -275,17 +292,19 @@ def _scan_shard(url: str) -> _Scanned:
                 count += 1
                 if "cls" in sample:
                     classes.add(sample["cls"].decode("utf-8", "replace").strip())
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                ext = next((e for e in ("npy", *IMAGE_EXTS) if e in sample), None)
                 if ext is not None:
-                    shapes[_header_shape(sample[ext], url, sample["__key__"])] += 1
+                    shapes[_header_shape(sample[ext], url, sample["__key__"], ext)] += 1
     except ShardError as err:
         # Raised as UserError here: ShardError's constructor does not survive the pickling back to the parent.
         raise UserError(f"{err}; re-write this shard or remove it from the folder, then index again") from None
     return _Scanned(Path(url).name, count, shapes, classes, sha256_file(Path(url)))
 
 
-def _header_shape(data: bytes, url: str, key: str) -> tuple[int, int, int]:
+def _header_shape(data: bytes, url: str, key: str, ext: str) -> tuple[int, int, int]:
     try:
+        if ext == "npy":
+            return npy_shape(data)
         with Image.open(io.BytesIO(data)) as img:  # parses the header only
             return img.height, img.width, 1 if img.mode in GRAY_MODES else 3
     except Exception as err:  # noqa: BLE001 - as in _write_shard
