@@ -1,8 +1,8 @@
 """Decoding one sample's image bytes and label to training inputs, with PIL alone (plain numpy out, no torch).
 
-Pre-decoded images (`npy`, written by `make_shards.py --format npy`) are read with `numpy.load(allow_pickle=False)`
-after their header is checked: uint8, (H, W, C), exactly as many bytes as that shape needs, already at the run's
-resolution. Other image members (`png`, `jpg`, `jpeg`, `webp`) are decoded, each only as the format its extension
+Pre-decoded images (`npy`, written by `make_shards.py --format npy`) are read as `numpy.load(allow_pickle=False)`
+reads them, NumPy's header reader and then the raw bytes, with no per-image parse: uint8, (H, W, C), exactly as many
+bytes as that shape needs, already at the run's resolution. Other image members (`png`, `jpg`, `jpeg`, `webp`) are decoded, each only as the format its extension
 names (bytes of any other format, EPS or PDF included, are refused rather than handed to PIL's other decoders); other
 members such as `.pyd` or `.pickle` are never unpickled. An image is refused before decoding when it has more pixels
 than `pixel_bound(resolution)` (a decompression bomb); PIL's own bomb warning is an error here. It is converted to
@@ -12,6 +12,7 @@ the `cls` member as a small non-negative integer.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -36,30 +37,39 @@ def pixel_bound(resolution: int) -> int:
     return max(1024 * resolution * resolution, 4096 * 4096)
 
 
-def npy_shape(data: bytes) -> tuple[int, ...]:
-    """The shape of a pre-decoded image (`npy` member: a uint8 (H, W, C) array in NumPy's format), from its header
-    alone; BadSample unless the bytes hold exactly such an array."""
-    f = io.BytesIO(data)
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    # Every image of a shard has the same header, so NumPy's parser (ast.literal_eval) runs once per shape.
+    f = io.BytesIO(header)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f, max_header_size=1024)
+
+
+def npy_image(data: bytes) -> np.ndarray:
+    """A pre-decoded image (`npy` member: a uint8 (H, W, C) array in NumPy's format) as a read-only view of the
+    bytes. The header is checked before anything is read: NumPy's own header reader, never a pickle, and exactly as
+    many bytes as the shape needs; BadSample otherwise."""
+    two = data[6:7] != b"\x01"  # format 2.0 and 3.0 have a 4-byte header length
+    start = (12 + int.from_bytes(data[8:12], "little")) if two else (10 + int.from_bytes(data[8:10], "little"))
     try:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f, max_header_size=1024)
+        shape, fortran, dtype = _npy_header(data[:start])
     except (ValueError, OSError, SyntaxError) as err:
         raise BadSample(f"unreadable npy ({err})") from None
     if dtype != np.uint8 or fortran or len(shape) != 3 or shape[2] not in (1, 3) or \
-            len(data) - f.tell() != math.prod(shape):
+            len(data) - start != math.prod(shape):
         raise BadSample(f"npy holds a {'Fortran-order ' if fortran else ''}{dtype} array of shape {shape} in "
                         f"{len(data)} bytes, not a uint8 (H, W, 1 or 3) image")
-    return shape
+    return np.frombuffer(data, np.uint8, offset=start).reshape(shape)
 
 
 def _decode_npy(data: bytes, resolution: int, channels: int, flip: bool) -> np.ndarray:
-    shape = npy_shape(data)  # checked before numpy allocates anything
-    if shape != (resolution, resolution, channels):
-        raise BadSample(f"npy of shape {shape}, this run needs ({resolution}, {resolution}, {channels}); write the "
-                        f"shards with make_shards.py --format npy --resolution {resolution} --channels {channels}")
-    array = np.load(io.BytesIO(data), allow_pickle=False)
-    return np.ascontiguousarray(array[:, ::-1]) if flip else array
+    array = npy_image(data)
+    if array.shape != (resolution, resolution, channels):
+        raise BadSample(f"npy of shape {array.shape}, this run needs ({resolution}, {resolution}, {channels}); "
+                        f"write the shards with make_shards.py --format npy --resolution {resolution} --channels "
+                        f"{channels}")
+    return array[:, ::-1] if flip else array
 
 
 def decode_image(sample: dict, resolution: int, channels: int, flip: bool = False) -> np.ndarray:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
-from gan_dist.images import decode_image, npy_shape
+from gan_dist.images import decode_image, npy_image
 from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, tar_samples
 
 DEFAULT_MAX_COUNT = 1000
@@ -218,7 +218,7 @@ def _shuffled_items(src: Path, rels: list[str], classes: list[str], seed: int,
     for rel in rels:
         cls = index[rel.split("/", 1)[0]] if classes else None
         try:
-            size = len(_as_npy(np.zeros((npy[0], npy[0], npy[1]), np.uint8))) if npy else os.stat(src / rel).st_size
+            size = len(as_npy(np.zeros((npy[0], npy[0], npy[1]), np.uint8))) if npy else os.stat(src / rel).st_size
         except OSError:
             size = 0  # a broken link: the writer reports it as unreadable and skips it
         extras = sum(_member_bytes(len(data)) for data in _extras(rel, cls).values())
@@ -252,7 +252,7 @@ def _check_image(data: bytes) -> tuple[int, int, int]:
     return shape
 
 
-def _as_npy(array: np.ndarray) -> bytes:
+def as_npy(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=False)
     return out.getvalue()
@@ -273,7 +273,7 @@ def _write_shard(job: tuple[str, str, int, int, list[_Item], tuple[int, int] | N
                 shape = _check_image(data)
                 if npy:
                     ext = _image_ext(item.rel)
-                    data, shape = _as_npy(decode_image({ext: data}, *npy)), (npy[0], npy[0], npy[1])
+                    data, shape = as_npy(decode_image({ext: data}, *npy)), (npy[0], npy[0], npy[1])
                 shapes[shape] += 1
             # PIL's decoders raise assorted types on corrupt data (OSError, SyntaxError, struct.error, bomb errors...).
             except Exception as err:  # noqa: BLE001
@@ -304,7 +304,7 @@ def _scan_shard(url: str) -> _Scanned:
 def _header_shape(data: bytes, url: str, key: str, ext: str) -> tuple[int, int, int]:
     try:
         if ext == "npy":
-            return npy_shape(data)
+            return npy_image(data).shape
         with Image.open(io.BytesIO(data)) as img:  # parses the header only
             return img.height, img.width, 1 if img.mode in GRAY_MODES else 3
     except Exception as err:  # noqa: BLE001 - as in _write_shard

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 try:
@@ -58,6 +59,8 @@ SWITCHES = {
     "adam_fused": (["optim.impl=fused"], 1),
     "adam_foreach": (["optim.impl=foreach"], 1),
     "adam_single": (["optim.impl=single"], 1),
+    "no_device_cache": (["data.device_cache=false"], 1),
+    "broadcast_buffers": (["dist.broadcast_buffers=true"], 2),
     "zero_grad_to_zeros": (["optim.set_to_none=false"], 1),
     "no_prefetch": (["perf.prefetch=false"], 1),
     "ema_every_4": (["perf.ema_every=4"], 1),
@@ -96,7 +99,10 @@ def bare_loop(cfg: Config, batch: int, steps: int, warmup: int, device: torch.de
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
-        G, D = DistributedDataParallel(G, device_ids=ids), DistributedDataParallel(D, device_ids=ids)
+        with warnings.catch_warnings():  # torch 2.13 renames the option; the old name's False is the trainer's
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            G, D = [DistributedDataParallel(m, device_ids=ids, broadcast_buffers=cfg.dist.broadcast_buffers)
+                    for m in (G, D)]
     opt_G, opt_D = make_optimizers(G, D, cfg.optim)
     if cfg.perf.compile:
         G, D = torch.compile(G, mode=cfg.perf.compile_mode), torch.compile(D, mode=cfg.perf.compile_mode)
@@ -145,9 +151,11 @@ def trainer(argv: list[str], processes: int, batch: int, steps: int, run_dir: st
     train(cfg)
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     (row,) = [r for r in rows if r.get("train/step") == 2 * steps and "perf/img_per_sec" in r]
+    compiled = torch._dynamo.utils.counters  # graphs torch.compile built, recompiles included
     return {"img_per_sec": row["perf/img_per_sec"], "seconds": steps * processes * batch / row["perf/img_per_sec"],
             "data_wait_frac": row["perf/data_wait_frac"], "peak_mb": peak_mb(device),
-            "loss_d": row["train/loss_d"], "loss_g": row["train/loss_g"]}
+            "loss_d": row["train/loss_d"], "loss_g": row["train/loss_g"],
+            "graphs_compiled": compiled["stats"]["unique_graphs"], "frames_compiled": compiled["frames"]["total"]}
 
 
 def worker(args: argparse.Namespace, argv: list[str]) -> int:
@@ -201,6 +209,49 @@ def launch(args: argparse.Namespace, argv: list[str], processes: int, bare: bool
     return result
 
 
+def count_syncs(argv: list[str], processes: int, steps: int, batch: int, tmp: Path) -> int:
+    """Host syncs between log steps (scripts/count_syncs.py) over `steps` steps of the trainer, all ranks."""
+    out = tmp / "syncs.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
+           str(processes), "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), *(["--multi_gpu"] if processes > 1 else []), str(REPO / "scripts" / "count_syncs.py"),
+           "--out", str(out), *argv, f"run.dir={tmp / 'syncs'}", f"train.batch_size={processes * batch}",
+           "train.grad_accum=1", f"train.steps={steps}", f"log.every={steps}", f"log.sample_every={steps}",
+           f"ckpt.every={steps}", "dist.stop_check_every=2", "ckpt.resume=none", "eval.every=0", "wandb.mode=disabled"]
+    env = dict(os.environ, WANDB_SILENT="true") | ({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise UserError(f"the host-sync count exited {proc.returncode}:\n" +
+                        "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:]))
+    return sum(json.loads((tmp / f"syncs.rank{r}.json").read_text())["syncs"] for r in range(processes))
+
+
+def goals(result: dict) -> list[tuple[str, str, str]]:
+    """(goal, measured, verdict) for every goal of the fast-path issue this run can speak to."""
+    runs, batch, gpu = result["runs"], result["batch_per_process"], torch.cuda.is_available()
+    verdict = {True: "**met**", False: "**not met**"}
+    rows = []
+    for p, r in runs.items():
+        rows.append((f"trainer / bare loop time <= 1.03, {p} process(es), global batch {int(p) * batch}",
+                     f"{r['ratio']:.3f}", verdict[r["ratio"] <= 1.03]))
+        wait = r["trainer"]["data_wait_frac"]
+        rows.append((f"data wait < 1%, {p} process(es)", f"{100 * wait:.2f}%", verdict[wait < 0.01]))
+    if "2" in runs:
+        eff = runs["2"]["trainer"]["efficiency"]
+        rows.append(("weak scaling >= 0.90, 2 processes", f"{eff:.3f}", verdict[eff >= 0.90]))
+    if result.get("syncs") is not None:
+        rows.append((f"host syncs between log steps = 0 ({result['sync_steps']} steps, all ranks)",
+                     str(result["syncs"]), verdict[result["syncs"] == 0]))
+    for goal_batch, goal in ((1024, 100_000), (128, 30_000)):
+        name = f"one GPU, seed DCGAN, global batch {goal_batch}: >= {goal:,} img/s"
+        if gpu and "1" in runs and batch == goal_batch:
+            rate = runs["1"]["trainer"]["img_per_sec"]
+            rows.append((name, f"{rate:,.0f} img/s", verdict[rate >= goal]))
+        elif not gpu:
+            rows.append((name, "-", "not measured: no GPU"))
+    return rows
+
+
 def markdown(result: dict) -> str:
     batch, lines = result["batch_per_process"], []
     lines.append(f"Device: {result['device']}; {result['threads']} thread(s) per process; {batch} images per "
@@ -214,6 +265,13 @@ def markdown(result: dict) -> str:
                      f"{b.get('efficiency', 1):.3f} | {b['peak_mb']:,.0f} | |")
         lines.append(f"| trainer | {p} | {int(p) * batch} | {t['img_per_sec']:,.1f} | {r['ratio']:.3f} time ratio | "
                      f"{t.get('efficiency', 1):.3f} | {t['peak_mb']:,.0f} | {100 * t['data_wait_frac']:.2f}% |")
+    compiled = [r["trainer"]["graphs_compiled"] for r in result["runs"].values()]
+    if any(compiled):
+        lines += ["", "Graphs torch.compile built in each trainer run (recompiles included): " +
+                  ", ".join(f"{p} process(es): {r['trainer']['graphs_compiled']} graphs from "
+                            f"{r['trainer']['frames_compiled']} frames" for p, r in result["runs"].items())]
+    lines += ["", "| goal | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {goal} | {measured} | {verdict} |" for goal, measured, verdict in goals(result)]
     if result["switches"]:
         lines += ["", "| switch | overrides | processes | images/s | vs baseline |", "| --- | --- | --- | --- | --- |"]
         for name, s in result["switches"].items():
@@ -232,6 +290,8 @@ def main() -> int:
     parser.add_argument("--processes", default="1,2", help="process counts, comma-separated (default 1,2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--switches", default="", help=f"'all' or some of {','.join(SWITCHES)}")
+    parser.add_argument("--syncs", type=int, default=20, help="steps over which host syncs are counted, with the "
+                        "largest process count (scripts/count_syncs.py; 0 skips it)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -270,6 +330,7 @@ def main() -> int:
                     if p > 1:
                         r[kind]["efficiency"] = r[kind]["img_per_sec"] / (p * runs["1"][kind]["img_per_sec"])
                 runs[str(p)] = r
+            syncs = count_syncs(argv, counts[-1], args.syncs, args.batch, Path(tmp)) if args.syncs else None
             for name in switches:
                 overrides, p = SWITCHES[name]
                 p = p or counts[-1]
@@ -284,7 +345,8 @@ def main() -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "device": hardware(torch.cuda.is_available()), "torch": torch.__version__,
               "threads": args.threads, "batch_per_process": args.batch, "steps": args.steps,
               "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
-              "wall_s": time.perf_counter() - start, "runs": runs, "switches": done}
+              "wall_s": time.perf_counter() - start, "runs": runs, "switches": done, "syncs": syncs,
+              "sync_steps": args.syncs}
     print(markdown(result))
     print(f"\n(benchmark wall time {result['wall_s']:.0f} s)")
     if args.out:

@@ -11,6 +11,10 @@ Three numbers, each for the config's model, batch and data settings, on one proc
 2. trainer: images/s the training step consumes (D step + G step of the configured model, data already in memory);
 3. a real run of `train.py` for --steps steps with the first worker count: `perf/data_wait_frac`, the share of
    wall time the loop spent waiting for the next batch, over the whole run and per log interval after the first.
+4. with --npy-shards N: the first N shards of the data, written again as pre-decoded `npy` shards
+   (`make_shards.py --format npy`), and one worker's images/s (in-process, 0 workers) on each: the decode cost
+   that pre-decoding removes (goal: >= 10x);
+5. with --cache: a second real run with the dataset held on the device (`data.device_cache=true`), its data wait.
 Prints a markdown table and writes the numbers as JSON with --out.
 """
 
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import platform
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +38,9 @@ except ImportError:
 import torch  # noqa: E402
 
 from gan_dist.config import Config, load_config  # noqa: E402
-from gan_dist.data import open_source, shard_batches  # noqa: E402
+from gan_dist.data import Source, decode_dataset, open_source, shard_batches  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.writer import as_npy, index_shards  # noqa: E402
 from benchmark import bare_loop  # noqa: E402 - scripts/ is on the path of a script run from it
 
 
@@ -50,6 +56,31 @@ def loader_rate(cfg: Config, workers: int, batches: int) -> dict:
     elapsed = time.perf_counter() - start
     del it
     return {"workers": workers, "img_per_sec": batches * cfg.train.batch_size / elapsed, "first_batch_s": first}
+
+
+def npy_vs_png(cfg: Config, shards: int, batches: int, folder: Path) -> dict:
+    """One worker's images/s on the first `shards` shards as they are, and as npy shards of the same samples."""
+    import webdataset as wds  # noqa: PLC0415 - only this measurement writes shards
+
+    source = open_source(cfg.data)
+    subset = Source(source.urls[:shards], source.counts[:shards])
+    plain = dataclasses.replace(cfg.data, dataset="webdataset", shards="::".join(subset.urls), num_workers=0)
+    images, labels, _ = decode_dataset(subset, plain)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, count in enumerate(subset.counts):
+        with wds.TarWriter(str(folder / f"train-{i:05d}.tar")) as out:
+            out.tarstream.format = tarfile.USTAR_FORMAT  # as make_shards.py writes them: one header per member
+            for k in range(start, start + count):
+                out.write({"__key__": f"{k:08d}", "npy": as_npy(images[k].transpose(1, 2, 0)),
+                           "cls": str(int(labels[k])).encode()})
+        start += count
+    index_shards(folder)
+    npy = dataclasses.replace(plain, shards=str(folder), manifest="")
+    png_rate = loader_rate(dataclasses.replace(cfg, data=plain), 0, batches)["img_per_sec"]
+    npy_rate = loader_rate(dataclasses.replace(cfg, data=npy), 0, batches)["img_per_sec"]
+    return {"shards": shards, "samples": len(images), "png_img_per_sec": png_rate, "npy_img_per_sec": npy_rate,
+            "speedup": npy_rate / png_rate}
 
 
 def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
@@ -81,6 +112,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="steps of the real run (0 skips it)")
     parser.add_argument("--log-every", type=int, default=10, help="log interval of the real run")
     parser.add_argument("--run-workers", type=int, default=2, help="loader workers of the real run (default 2)")
+    parser.add_argument("--npy-shards", type=int, default=0, help="shards to rewrite as npy and compare (0: skip)")
+    parser.add_argument("--cache", action="store_true", help="a second real run with data.device_cache=true")
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
@@ -94,25 +127,35 @@ def main() -> int:
         # What the loop asks of the loader: the bare D + G steps on a batch already in memory.
         consumed = bare_loop(cfg, cfg.train.batch_size, args.train_steps, 1, torch.device("cpu"),
                              ddp=False)["img_per_sec"]
-        run = run_wait(argv, args.run_workers, args.steps, args.log_every) if args.steps else None
+        with tempfile.TemporaryDirectory() as tmp:
+            npy = npy_vs_png(cfg, args.npy_shards, args.batches, Path(tmp)) if args.npy_shards else None
+        loader_argv = argv + ["data.device_cache=false"]
+        run = run_wait(loader_argv, args.run_workers, args.steps, args.log_every) if args.steps else None
+        cached = run_wait(argv + ["data.device_cache=true"], 0, args.steps, args.log_every) \
+            if args.steps and args.cache else None
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.code
     result = {"date": time.strftime("%Y-%m-%d"), "host": f"{platform.machine()}, {torch.get_num_threads()} torch "
               f"threads", "command": " ".join(["python", "scripts/benchmark_data.py"] + sys.argv[1:]),
               "batch": cfg.train.batch_size, "model": f"{cfg.model.arch} width {cfg.model.width}",
-              "trainer_img_per_sec": consumed, "loaders": loaders, "run": run}
+              "trainer_img_per_sec": consumed, "loaders": loaders, "run": run, "npy": npy, "cached_run": cached}
     print("\n| measure | value |\n| --- | --- |")
     print(f"| trainer consumes (in-memory D+G steps, batch {cfg.train.batch_size}) | {consumed:,.0f} img/s |")
     for r in loaders:
         print(f"| loader, {r['workers']} workers | {r['img_per_sec']:,.0f} img/s "
               f"({r['img_per_sec'] / consumed:.1f}x the trainer; first batch {r['first_batch_s']:.2f} s) |")
-    if run:
-        print(f"| real run, {run['workers']} workers, {run['steps']} steps: data wait | "
-              f"{100 * run['wait_frac_run']:.2f}% of step time over the run; "
-              f"{100 * run['wait_frac_steady']:.2f}% after the first interval (max "
-              f"{100 * run['wait_frac_max_steady']:.2f}%), {100 * run['wait_frac_first_interval']:.1f}% in the first "
-              f"(worker start-up); {run['train_img_per_sec_steady']:,.0f} img/s |")
+    if npy:
+        print(f"| one worker, {npy['samples']} samples of {npy['shards']} shards: PNG vs npy | "
+              f"{npy['png_img_per_sec']:,.0f} vs {npy['npy_img_per_sec']:,.0f} img/s: **{npy['speedup']:.1f}x** "
+              f"(goal >= 10x: {'met' if npy['speedup'] >= 10 else 'not met'}) |")
+    for what, r in (("loader", run), ("device cache", cached)):
+        if r:
+            print(f"| real run, {what}, {r['workers']} workers, {r['steps']} steps: data wait | "
+                  f"{100 * r['wait_frac_run']:.2f}% of step time over the run; "
+                  f"{100 * r['wait_frac_steady']:.2f}% after the first interval (max "
+                  f"{100 * r['wait_frac_max_steady']:.2f}%), {100 * r['wait_frac_first_interval']:.1f}% in the "
+                  f"first; {r['train_img_per_sec_steady']:,.0f} img/s |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
