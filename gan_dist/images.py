@@ -1,13 +1,14 @@
 """Decoding one sample's image bytes and label to training inputs, with PIL alone (plain numpy out, no torch).
 
 Pre-decoded images (`npy`, written by `make_shards.py --format npy`) are read as `numpy.load(allow_pickle=False)`
-reads them, NumPy's header reader and then the raw bytes, with no per-image parse: uint8, (H, W, C), exactly as many
-bytes as that shape needs, already at the run's resolution. Other image members (`png`, `jpg`, `jpeg`, `webp`) are decoded, each only as the format its extension
-names (bytes of any other format, EPS or PDF included, are refused rather than handed to PIL's other decoders); other
-members such as `.pyd` or `.pickle` are never unpickled. An image is refused before decoding when it has more pixels
-than `pixel_bound(resolution)` (a decompression bomb); PIL's own bomb warning is an error here. It is converted to
-grayscale or RGB, its shorter side resized to the target resolution, and the centre cropped square. A label is
-the `cls` member as a small non-negative integer.
+reads them, NumPy's header reader and then the raw bytes, with the header parsed once per shape: uint8, (H, W, C),
+exactly as many bytes as that shape needs, already at the run's resolution. Other image members (`png`, `jpg`,
+`jpeg`, `webp`) are decoded, each only as the format its extension names (bytes of any other format, EPS or PDF
+included, are refused rather than handed to PIL's other decoders); other members such as `.pyd` or `.pickle` are
+never unpickled. An image is refused before decoding when it has more pixels than `pixel_bound(resolution)` (a
+decompression bomb); PIL's own bomb warning is an error here. It is converted to grayscale or RGB, its shorter side
+resized to the target resolution, and the centre cropped square. A label is the `cls` member as a small
+non-negative integer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Throughput: the trainer's images/s beside a bare PyTorch loop's, and its weak scaling over processes.
 
     python scripts/benchmark.py [--config FILE] [--batch 128] [--steps 10] [--warmup STEPS] [--processes 1,2]
-                                [--threads 1] [--switches all|NAME,...] [--out FILE.json] [key=value ...]
+                                [--threads 1] [--syncs 20] [--switches all|NAME,...] [--out FILE.json] [key=value ...]
 
 For each process count P in --processes, one launch (`accelerate launch`, CPU gloo without CUDA, NCCL with it) trains
 --batch images per process and step, a global batch of P x batch:
@@ -13,9 +13,12 @@ trainer's. The headline is the trainer / bare time ratio. The weak-scaling effic
 P times the 1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
 The bare loop is timed over --steps steps after --warmup (default --steps); the trainer over its second log interval
 of --steps steps (the first, which pays worker start-up, first-call allocations and compilation, is not counted).
-Also reported: peak memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends)
-and the trainer's data wait (`perf/data_wait_frac`). --switches adds one trainer run per speed switch (SWITCHES), each against the
-baseline at its process count. Prints a markdown table; --out writes everything as JSON.
+Also reported: peak memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends),
+the trainer's data wait (`perf/data_wait_frac`), the graphs torch.compile built (recompiles included), and the host
+syncs between log steps over --syncs steps of the trainer at the largest process count (scripts/count_syncs.py).
+A goal table gives each goal of the fast path with its verdict (GPU rows: not measured without a GPU).
+--switches adds one trainer run per speed switch (SWITCHES), each against the baseline at its process count.
+Prints markdown tables; --out writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -342,7 +345,8 @@ def main() -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.code
-    result = {"date": time.strftime("%Y-%m-%d"), "device": hardware(torch.cuda.is_available()), "torch": torch.__version__,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": hardware(torch.cuda.is_available()),
+              "torch": torch.__version__,
               "threads": args.threads, "batch_per_process": args.batch, "steps": args.steps,
               "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:]),
               "wall_s": time.perf_counter() - start, "runs": runs, "switches": done, "syncs": syncs,

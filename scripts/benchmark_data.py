@@ -12,8 +12,8 @@ Three numbers, each for the config's model, batch and data settings, on one proc
 3. a real run of `train.py` for --steps steps with the first worker count: `perf/data_wait_frac`, the share of
    wall time the loop spent waiting for the next batch, over the whole run and per log interval after the first.
 4. with --npy-shards N: the first N shards of the data, written again as pre-decoded `npy` shards
-   (`make_shards.py --format npy`), and one worker's images/s (in-process, 0 workers) on each: the decode cost
-   that pre-decoding removes (goal: >= 10x);
+   (`make_shards.py --format npy`), and one worker's images/s (in-process, 0 workers) on each (goal: >= 10x),
+   and the images/s of decoding alone, on samples already in memory;
 5. with --cache: a second real run with the dataset held on the device (`data.device_cache=true`), its data wait.
 Prints a markdown table and writes the numbers as JSON with --out.
 """
@@ -40,6 +40,8 @@ import torch  # noqa: E402
 from gan_dist.config import Config, load_config  # noqa: E402
 from gan_dist.data import Source, decode_dataset, open_source, shard_batches  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.images import decode_image  # noqa: E402
+from gan_dist.shards import open_shard, tar_samples  # noqa: E402
 from gan_dist.writer import as_npy, index_shards  # noqa: E402
 from benchmark import bare_loop  # noqa: E402 - scripts/ is on the path of a script run from it
 
@@ -79,8 +81,23 @@ def npy_vs_png(cfg: Config, shards: int, batches: int, folder: Path) -> dict:
     npy = dataclasses.replace(plain, shards=str(folder), manifest="")
     png_rate = loader_rate(dataclasses.replace(cfg, data=plain), 0, batches)["img_per_sec"]
     npy_rate = loader_rate(dataclasses.replace(cfg, data=npy), 0, batches)["img_per_sec"]
+    decode = {kind: decode_rate(urls, cfg.data) for kind, urls in
+              (("png", subset.urls), ("npy", sorted(str(p) for p in folder.glob("*.tar"))))}
     return {"shards": shards, "samples": len(images), "png_img_per_sec": png_rate, "npy_img_per_sec": npy_rate,
-            "speedup": npy_rate / png_rate}
+            "speedup": npy_rate / png_rate, "png_decode_per_sec": decode["png"], "npy_decode_per_sec": decode["npy"],
+            "decode_speedup": decode["npy"] / decode["png"]}
+
+
+def decode_rate(urls: list[str], data) -> float:
+    """Images/s of `decode_image` alone, over every sample of `urls` already in memory."""
+    samples = []
+    for url in urls:
+        with open_shard(url) as stream:
+            samples += list(tar_samples(stream, url))
+    start = time.perf_counter()
+    for sample in samples:
+        decode_image(sample, data.resolution, data.channels)
+    return len(samples) / (time.perf_counter() - start)
 
 
 def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
@@ -149,6 +166,9 @@ def main() -> int:
         print(f"| one worker, {npy['samples']} samples of {npy['shards']} shards: PNG vs npy | "
               f"{npy['png_img_per_sec']:,.0f} vs {npy['npy_img_per_sec']:,.0f} img/s: **{npy['speedup']:.1f}x** "
               f"(goal >= 10x: {'met' if npy['speedup'] >= 10 else 'not met'}) |")
+        print(f"| decoding alone (`decode_image` on samples in memory): PNG vs npy | "
+              f"{npy['png_decode_per_sec']:,.0f} vs {npy['npy_decode_per_sec']:,.0f} img/s: "
+              f"**{npy['decode_speedup']:.1f}x** |")
     for what, r in (("loader", run), ("device cache", cached)):
         if r:
             print(f"| real run, {what}, {r['workers']} workers, {r['steps']} steps: data wait | "

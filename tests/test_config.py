@@ -293,11 +293,21 @@ def test_train_py_config_error_does_not_import_torch():
     (["data.channels=4"], "choose one of 1, 3"),
     (["data.on_error=ignore"], "choose one of warn, raise"),
     (["model.arch=mlp"], "model.arch=mlp draws 2-D points"),
+    (["data.device_cache=yes", "data.mode=resampled"], "data.device_cache=true holds an image dataset read in epochs"),
+    (["data.device_cache=true", "data.dataset=ring8", "model.arch=mlp"], "but data.dataset is 'ring8'"),
+    (["data.device_cache=sometimes"], "choose one of auto, true, false"),
 ])
 def test_bad_data_settings_are_refused_naming_the_key(overrides, message):
     with pytest.raises(UserError, match=message) as err:
         load_config(overrides)
     assert err.value.code == 2
+
+
+def test_device_cache_takes_yaml_booleans(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("data: {device_cache: false}\n")
+    assert load_config(["--config", str(yaml_file)]).data.device_cache == "false"
+    assert load_config(["data.device_cache=True"]).data.device_cache == "true"
 
 
 def test_image_size_follows_data_and_shards_take_lists(tmp_path):

@@ -122,3 +122,29 @@ def test_samples_without_a_readable_image_raise_bad_image():
         decode_image({"png": b"\x89PNG\r\n\x1a\n broken"}, 8, 1)
     with pytest.raises(BadSample, match="unreadable jpg"):
         decode_image({"jpg": encode(bands(64, 64), "JPEG")[:200]}, 8, 3)
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=True)
+    return out.getvalue()
+
+
+def test_npy_members_are_read_as_the_array_they_hold():
+    array = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image({"npy": npy(array)}, 6, 3), array)
+    assert np.array_equal(decode_image({"npy": npy(array)}, 6, 3, flip=True), array[:, ::-1])
+
+
+@pytest.mark.parametrize("data, message", [
+    (npy(np.zeros((6, 6, 3), np.float32)), "not a uint8"),
+    (npy(np.array([{"a": 1}], dtype=object)), "not a uint8"),  # a pickle inside: never loaded
+    (npy(np.zeros((6, 6, 3), np.uint8))[:-5], "not a uint8"),  # fewer bytes than the header's shape needs
+    (npy(np.zeros((6, 6, 3), np.uint8)).replace(b"(6, 6, 3)", b"(9, 9, 3)"), "not a uint8"),
+    (npy(np.zeros((4, 4, 3), np.uint8)), "this run needs (6, 6, 3)"),
+    (b"\x93NUMPY\x01\x00\xff\x00{'descr': os.system('x')}", "unreadable npy"),
+    (b"not npy at all", "unreadable npy"),
+])
+def test_npy_members_that_are_not_a_uint8_image_of_the_run_are_bad_samples(data, message):
+    with pytest.raises(BadSample, match=message.replace("(", r"\(").replace(")", r"\)")):
+        decode_image({"npy": data}, 6, 3)

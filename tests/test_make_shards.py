@@ -259,3 +259,36 @@ def test_index_names_a_truncated_shard_and_keeps_the_old_manifest(tmp_path):
 def test_index_without_tars_is_refused(tmp_path):
     with pytest.raises(UserError, match=f"shard folder {tmp_path} holds no .tar files"):
         index_shards(tmp_path)
+
+
+def test_npy_format_stores_each_image_as_training_decodes_it(pets, tmp_path):
+    """--format npy: every readable image once, as the uint8 array decode_image gives at that resolution, and a
+    manifest of that shape; the index of such shards finds the same."""
+    from gan_dist.images import decode_image
+
+    src, good = pets
+    out = tmp_path / "npy"
+    proc = subprocess.run([sys.executable, SCRIPT, "--src", str(src), "--out", str(out), "--format", "npy",
+                           "--resolution", "8", "--channels", "3", "--max-count", str(MAX_COUNT)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    samples = [s for shard in read_shards(out).values() for s in shard]
+    assert sorted(json.loads(s["json"])["path"] for s in samples) == good
+    for s in samples:
+        rel = json.loads(s["json"])["path"]
+        ext = rel.rpartition(".")[2].lower().replace("jpeg", "jpg")
+        expected = decode_image({ext: (src / rel).read_bytes()}, 8, 3)
+        assert np.array_equal(np.load(io.BytesIO(s["npy"]), allow_pickle=False), expected), rel
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image"] == {"height": 8, "width": 8, "channels": 3, "uniform": True}
+    assert index_shards(out)["image"] == manifest["image"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "npy"], "--format npy needs --resolution"),
+    (["--resolution", "8"], "--resolution and --channels go with --format npy"),
+])
+def test_npy_options_are_checked_in_one_line(pets, tmp_path, args, message):
+    proc = subprocess.run([sys.executable, SCRIPT, "--src", str(pets[0]), "--out", str(tmp_path / "o"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
