@@ -322,15 +322,18 @@ def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndar
         for url, count in zip(source.urls, source.counts):
             for sample in reader._read(url, 0, None, count):
                 try:
-                    images.append(decode_image(sample, cfg.resolution, cfg.channels))
-                    labels.append(sample_label(sample))
+                    image, label = decode_image(sample, cfg.resolution, cfg.channels), sample_label(sample)
                 except BadSample as err:
                     reader._skip(f"sample '{sample['__key__']}' of shard {sample['__url__']}: {err}", 1)
+                    continue
+                images.append(image)
+                labels.append(label)
     except FatalDataError as err:
         raise UserError(str(err)) from None
     if not images:
         raise UserError(f"the shards in data.shards hold no readable image ({reader.skipped} skipped); check them")
-    return np.stack(images).transpose(0, 3, 1, 2), np.array(labels, dtype=np.int64), reader.skipped
+    return np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), np.array(labels, dtype=np.int64), \
+        reader.skipped
 
 
 class CachedBatches:

@@ -622,9 +622,12 @@ def test_device_cache_flips_per_sample_and_epoch_deterministically(tmp_path):
 
 def test_device_cache_skips_bad_samples_and_counts_them(tmp_path, capsys):
     urls = write_shards(tmp_path / "bad", sizes=[5, 5], corrupt={2, 7})
-    b = cached(Source(urls, [5, 5]), batch=2)
-    assert b.n == 8 and b.skipped == 2 and b.state()[0, 2] == 2
-    assert capsys.readouterr().err.count("warning:") == 2
+    with wds.TarWriter(str(tmp_path / "bad" / "train-00002.tar")) as writer:  # a good image with a bad label
+        writer.write({"__key__": "sample_00010", "png": png(10), "cls": b"-1"})
+    b = cached(Source([*urls, str(tmp_path / "bad" / "train-00002.tar")], [5, 5, 1]), batch=2)
+    assert b.n == 8 and len(b.labels) == 8 and b.skipped == 3 and b.state()[0, 2] == 3
+    assert sorted(ids(b.images)) == [0, 1, 3, 4, 5, 6, 8, 9]
+    assert capsys.readouterr().err.count("warning:") == 3
 
 
 def test_device_cache_mnist_idx_files_equal_their_shards(shards):
