@@ -51,6 +51,8 @@ class EMA(nn.Module):
         copies G, whatever the decay."""
         beta = ema_beta(self.cfg, nimg, batch) if self.updates else 0.0
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(G.parameters()), 1.0 - beta)
-        torch._foreach_copy_(list(self.G_ema.buffers()), list(G.buffers()))
+        buffers = list(G.buffers())
+        if buffers:  # an MLP has none, and the foreach kernels refuse empty lists
+            torch._foreach_copy_(list(self.G_ema.buffers()), buffers)
         self.averaged.n_averaged.add_(1)
         self.updates += 1

@@ -160,3 +160,15 @@ def test_state_dict_round_trip_restores_exact_weights():
     for a, b in zip(ema.G_ema.parameters(), fresh.G_ema.parameters()):
         assert torch.equal(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(fresh.G_ema.parameters(), G.parameters()))
+
+
+def test_a_g_without_buffers_is_averaged_too():
+    G = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    ema = EMA(G, EMAConfig(halflife_kimg=0.1, rampup=0.0))
+    ema.update(G, nimg=0, batch=100)
+    before = [p.detach().clone() for p in G.parameters()]
+    perturb(G)
+    ema.update(G, nimg=100, batch=100)  # one half-life of images: halfway between the two
+    for q, a, b in zip(ema.G_ema.parameters(), before, G.parameters()):
+        assert torch.allclose(q, (a + b) / 2, atol=1e-6)
+    assert ema.updates == 2 and int(ema.averaged.n_averaged) == 2
