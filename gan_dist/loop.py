@@ -107,11 +107,15 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
     positions = start_positions(state.data_pos, cfg.data.mode, rank, world, 1 if cached else max(
         cfg.data.num_workers, 1), epoch, accelerator.print)
     if cached:
-        images, labels, skipped = decode_dataset(source, cfg.data)
+        try:
+            images, labels, skipped = decode_dataset(source, cfg.data)
+            held = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise UserError(f"data.device_cache={cfg.data.device_cache}: the decoded dataset does not fit in "
+                            f"{device.type} memory; use data.device_cache=false (the loader)") from None
         accelerator.print(f"data: {len(images)} images ({images.nbytes / 2**20:.0f} MB) decoded once and held on "
                           f"{device.type} (data.device_cache={cfg.data.device_cache})")
-        batches = CachedBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), cfg.data,
-                                batch, seed, rank, world, positions[0], skipped)
+        batches = CachedBatches(*held, cfg.data, batch, seed, rank, world, positions[0], skipped)
         return DeviceBatches(batches, device, prefetch=False, channels_last=cfg.perf.channels_last)
     batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
                             pin_memory=device.type == "cuda" and cfg.perf.prefetch)
@@ -263,8 +267,9 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                               f"the checkpoint, but not bit-exactly (per-rank noise and data order differ)")
     z_fixed = state.z_fixed.to(device)
 
-    # Data: each rank reads its own slice of the shards, continuing at its saved position. Evaluation needs
-    # the MNIST classifier, which each node's main process trains on first use while the other ranks wait.
+    # Data: each rank draws from the dataset held on its device, or reads its own slice of the shards, continuing
+    # at its saved position either way. Evaluation needs the MNIST classifier, which each node's main process
+    # trains on first use while the other ranks wait.
     batches = make_batches(cfg, accelerator, batch, state)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed))
     best_name = best_metric(cfg.eval, cfg.data)

@@ -112,16 +112,21 @@ def test_batches_are_uint8_and_scale_like_the_seed(source):
     assert to_real(torch.tensor([[0, 255]], dtype=torch.uint8), torch.device("cpu")).tolist() == [[-1.0, 1.0]]
 
 
-def test_horizontal_flip_is_per_sample_and_deterministic(tmp_path):
+def arrows(tmp_path) -> Source:
+    """64 samples of one image with a left edge: flipped, it has a right edge."""
     arrow = np.zeros((4, 4), np.uint8)
-    arrow[:, 0] = 255  # a left edge: flipped, it is a right edge
+    arrow[:, 0] = 255
     path = tmp_path / "train-00000.tar"
     with wds.TarWriter(str(path)) as writer:
         for i in range(64):
             out = io.BytesIO()
             Image.fromarray(arrow).save(out, format="PNG")
             writer.write({"__key__": f"s{i:03d}", "png": out.getvalue()})
-    src = Source([str(path)], [64])
+    return Source([str(path)], [64])
+
+
+def test_horizontal_flip_is_per_sample_and_deterministic(tmp_path):
+    src = arrows(tmp_path)
 
     def right_edges(chunk_seed: int) -> list[bool]:
         s = stream(src, hflip=True, seed=chunk_seed)
@@ -601,15 +606,7 @@ def test_device_cache_resumes_exactly_from_its_saved_position(source):
 
 
 def test_device_cache_flips_per_sample_and_epoch_deterministically(tmp_path):
-    arrow = np.zeros((4, 4), np.uint8)
-    arrow[:, 0] = 255
-    path = tmp_path / "train-00000.tar"
-    with wds.TarWriter(str(path)) as writer:
-        for i in range(64):
-            out = io.BytesIO()
-            Image.fromarray(arrow).save(out, format="PNG")
-            writer.write({"__key__": f"s{i:03d}", "png": out.getvalue()})
-    src = Source([str(path)], [64])
+    src = arrows(tmp_path)
 
     def right_edges(**kw) -> list[bool]:
         b = cached(src, batch=16, **kw)
