@@ -93,6 +93,14 @@ def log_of(run_dir: Path, job_id: str) -> str:
     return path.read_text() if path.is_file() else f"(no output file {path})"
 
 
+def start_now(job_id: str) -> None:
+    """Let a requeued job start at once instead of at its BeginTime (about 2 minutes away). Not within the second of
+    its requeue: slurmd refuses a credential issued in the same second as the one it revoked ("Job credential
+    revoked", and the job fails without running)."""
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
 def finished(job_id: str, timeout: float = 240) -> dict[str, str]:
     return wait_for(lambda: (info := job(job_id)).get("JobState") in ENDED and info, timeout, f"job {job_id} to end")
 
@@ -130,10 +138,9 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(referen
     job_id = submit("slurm/train_multinode.sbatch", run_dir, shards)
     first_checkpoint(run_dir)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    # A requeued job waits for its BeginTime (about 2 minutes); the test lets it start at once.
     wait_for(lambda: job(job_id).get("Restarts") == "1" and job(job_id).get("JobState") == "PENDING", 120,
              "the requeue")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    start_now(job_id)
     info = finished(job_id)
     log = log_of(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
@@ -168,7 +175,7 @@ def test_one_process_job_requeues_within_its_grace_period_past_a_stalled_wandb_f
     wait_for(lambda: job(job_id).get("Restarts") == "1" and job(job_id).get("JobState") == "PENDING", 120,
              "the requeue")
     requeued_after = time.time() - signalled
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    start_now(job_id)
     info = finished(job_id)
     log = log_of(run_dir, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
