@@ -440,38 +440,40 @@ class DeviceBatches:
         self.batches, self.device, self.epoch_size = batches, device, batches.epoch_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
-        self.position = batches.state()
-        self.ahead = self._fetch() if prefetch else None
+        self.prefetch = prefetch
+        if prefetch:
+            # A snapshot per batch: the source's own position runs one batch ahead of what was handed out.
+            self.position = batches.state()
+            self.ahead = self._fetch(), batches.state()
 
-    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fetch(self) -> torch.Tensor:
         images = next(self.batches)[0]
         with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
             real = to_real(images, self.device)
             if real.ndim == 4:
                 real = real.contiguous(memory_format=self.memory_format)
-        return real, self.batches.state()
+        return real
 
     def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.ahead is None:
-            real, self.position = self._fetch()
-            return real
+        if not self.prefetch:
+            return self._fetch()
         real, self.position = self.ahead
         if self.stream:
             # The step waits for the copy, and the allocator must not reuse the side stream's memory under it.
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             real.record_stream(torch.cuda.current_stream(self.device))
-        self.ahead = self._fetch()
+        self.ahead = self._fetch(), self.batches.state()
         return real
 
     def state(self) -> torch.Tensor:
-        return self.position
+        return self.position if self.prefetch else self.batches.state()
 
     @property
     def skipped(self) -> int:
-        return int(self.position[:, 2].sum())
+        return int(self.state()[:, 2].sum())
 
 
 def to_real(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
