@@ -375,11 +375,17 @@ def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name:
     return link
 
 
-def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool = True) -> dict[str, torch.Tensor]:
-    """G_ema's (or G's) state_dict from `final`, `best`, or the checkpoint of a step number; UserError otherwise."""
+# Each exported network's file in a step checkpoint: G_ema's own file, then accelerate's models in prepare order.
+STEP_FILES = {"generator_ema": "ema.safetensors", "generator": "model.safetensors",
+              "discriminator": "model_1.safetensors"}
+
+
+def network_weights(run_dir: str | Path, checkpoint: str = "final", name: str = "generator_ema") -> dict:
+    """The state_dict of `name` (generator_ema, generator, discriminator) from `final`, `best`, or the checkpoint
+    of a step number; UserError otherwise."""
     run_dir = Path(run_dir)
     if checkpoint in ("final", "best"):
-        path = run_dir / checkpoint / f"{'generator_ema' if ema else 'generator'}.safetensors"
+        path = run_dir / checkpoint / f"{name}.safetensors"
         if not path.is_file():
             raise UserError(f"{path} does not exist; is {run_dir} a finished run (final/), or one with eval.every "
                             f"set (best/)? Or pass a step that has a checkpoint: "
@@ -391,7 +397,7 @@ def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool 
         if not (step_dir / META).is_file():
             raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
                             f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
-        path = step_dir / ("ema.safetensors" if ema else "model.safetensors")  # G is accelerate's first model
+        path = step_dir / STEP_FILES[name]
     try:
         weights = load_file(str(path))
     except (OSError, SafetensorError) as err:
@@ -399,6 +405,11 @@ def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool 
     prefix = "averaged.module."
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)} if path.name == "ema.safetensors" \
         else weights
+
+
+def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool = True) -> dict[str, torch.Tensor]:
+    """G_ema's (or G's) state_dict from `final`, `best`, or the checkpoint of a step number."""
+    return network_weights(run_dir, checkpoint, "generator_ema" if ema else "generator")
 
 
 def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool = True):
@@ -411,9 +422,22 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the run.dir of a training run")
     cfg = load_config(["--config", str(config)])
     G = build_models(cfg.model)[0]
+    _load(G, generator_weights(run_dir, checkpoint, ema), run_dir, checkpoint)
+    return G.eval(), cfg
+
+
+def load_run_discriminator(run_dir: str | Path, cfg, checkpoint: str = "final") -> torch.nn.Module:
+    """The run's D in eval mode (for rejection sampling); `cfg` from `load_run_generator`."""
+    from gan_dist.models import build_models  # noqa: PLC0415
+
+    D = build_models(cfg.model)[1]
+    _load(D, network_weights(run_dir, checkpoint, "discriminator"), run_dir, checkpoint)
+    return D.eval()
+
+
+def _load(net: torch.nn.Module, weights: dict, run_dir: str | Path, checkpoint: str) -> None:
     try:
-        G.load_state_dict(generator_weights(run_dir, checkpoint, ema))
+        net.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"the weights of {run_dir} ({checkpoint}) do not fit its config.yaml "
                         f"({str(err).strip().splitlines()[-1].strip()})") from None
-    return G.eval(), cfg

@@ -37,6 +37,9 @@ class ModelConfig:
     depth: int = 1  # mlp hidden layers
     out_act: str = "tanh"  # mlp G output: tanh (seed 001) | none (mixtures outside [-1, 1])
     spectral_norm: bool = False  # spectral normalization (Miyato et al. 2018) of every D weight
+    d_norm: str = "batch"  # D's normalization: batch (the seeds' BatchNorm) | none (R3GAN: rpgan + R1/R2 need none)
+    cond: bool = False  # class-conditional G (label embedding) and projection D (Miyato & Koyama 2018)
+    classes: int = 0  # number of classes; in the config tree it follows data.classes
 
 
 @dataclass
@@ -46,7 +49,9 @@ class OptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     eps: float = 1e-7  # Keras' Adam default, which both seeds used
-    schedule: str = "constant"  # learning rates after warmup: constant | linear | cosine (decay to 0 at train.steps)
+    schedule: str = "constant"  # learning rates after warmup: constant | linear | cosine (decay to lr_end at its end)
+    lr_end: float = 0.0  # linear / cosine decay ends at this fraction of lr_G and lr_D
+    schedule_kimg: float = 0.0  # > 0: schedules (rates, loss.gamma_end) run over this many kimg seen (R3GAN); 0: steps
     warmup_steps: int = 0  # learning rates rise linearly from 0 over these first steps
     impl: str = "auto"  # Adam kernels: auto (torch picks: foreach on GPU, per tensor on CPU) | foreach | fused | single
     set_to_none: bool = True  # zero_grad frees gradients (the next backward writes them) instead of filling zeros
@@ -54,12 +59,16 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "ns"  # ns (non-saturating, the seeds') | minimax | hinge | ls (least squares) | wgan_gp
+    kind: str = "ns"  # ns (non-saturating, the seeds') | minimax | hinge | ls (least squares) | wgan_gp | rpgan (R3GAN)
     label_noise: float = 0.05  # seed 000's noise on D's 0/1 targets (ns, minimax, ls); 0 turns it off
     n_critic: int = 1  # D steps per G step, each on its own real batch (5 in WGAN-GP's paper)
     gp_weight: float = 10.0  # wgan_gp: weight of the gradient penalty on real/fake interpolates
     r1_gamma: float = 0.0  # R1 penalty gamma / 2 * |grad_x D(real)|^2 (Mescheder et al. 2018); 0 turns it off
-    r1_every: int = 16  # lazy R1: every r1_every D steps, scaled by r1_every (StyleGAN2)
+    r2_gamma: float = 0.0  # R2 penalty gamma / 2 * |grad_x D(fake)|^2 (R3GAN pairs it with R1); 0 turns it off
+    r1_every: int = 16  # lazy R1 and R2: every r1_every D steps, scaled by r1_every (StyleGAN2); 1 = every step
+    gamma_end: float = 1.0  # R1 / R2 gammas decay by cosine to this fraction of theirs over the schedule (R3GAN)
+    topk_gamma: float = 1.0  # top-k G updates (Sinha et al. 2020): k shrinks by this factor per epoch; 1 = off
+    topk_min: float = 0.5  # ... down to this fraction of the batch
 
 
 @dataclass
@@ -85,6 +94,7 @@ class DataConfig:
     resolution: int = 28  # images are resized (shorter side) and centre-cropped to this square size
     channels: int = 1  # 1 (grayscale) | 3 (RGB)
     hflip: bool = False  # random horizontal flips
+    classes: int = 0  # labels 0..classes-1 (`cls` of shards); 0 = the dataset's own (MNIST 10, ring8 8, grid25 25)
     on_error: str = "warn"  # a bad sample, or a shard truncated or unlike its manifest: warn (skip, count) | raise
     timeout_s: float = 60.0  # remote shards (http(s), pipe:) fail when they connect or send nothing for this long
     min_rate_kbs: float = 1.0  # ... or deliver less than this many kB/s over any timeout_s window
@@ -161,7 +171,8 @@ class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=II("data.channels"),
-                                                                   resolution=II("data.resolution")))
+                                                                   resolution=II("data.resolution"),
+                                                                   classes=II("data.classes")))
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -178,7 +189,8 @@ class Config:
 CHOICES = {
     "model.arch": ("dcgan", "radford", "mlp"),
     "model.out_act": ("tanh", "none"),
-    "loss.kind": ("ns", "minimax", "hinge", "ls", "wgan_gp"),
+    "model.d_norm": ("batch", "none"),
+    "loss.kind": ("ns", "minimax", "hinge", "ls", "wgan_gp", "rpgan"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.impl": ("auto", "foreach", "fused", "single"),
     "perf.compile_mode": ("default", "reduce-overhead", "max-autotune"),
@@ -200,9 +212,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
     "model.dropout": (0, 1),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
-    "optim.warmup_steps": (0, 10**12),
+    "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
-    "loss.r1_every": (1, 10**6),
+    "loss.r2_gamma": (0, 1e6), "loss.r1_every": (1, 10**6), "loss.gamma_end": (0, 1), "loss.topk_gamma": (0, 1),
+    "loss.topk_min": (0, 1), "data.classes": (0, 10**6),
     "ema.halflife_kimg": (0, 1e9), "ema.rampup": (0, 1e3),
     "train.steps": (1, 10**12), "train.batch_size": (1, 2**20), "train.grad_accum": (1, 2**16),
     "data.resolution": (4, 4096), "data.num_workers": (0, 256), "data.shuffle_buffer": (1, 10**7),
@@ -215,7 +228,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "log.every": (1, 10**12), "log.sample_every": (1, 10**12), "log.num_samples": (1, 4096),
     "perf.ema_every": (1, 10**6),
 }
-ABOVE_LOW = {"optim.lr_G", "optim.lr_D", "optim.eps", "data.timeout_s", "data.std", "data.radius", "data.spacing"}
+ABOVE_LOW = {"optim.lr_G", "optim.lr_D", "optim.eps", "data.timeout_s", "data.std", "data.radius", "data.spacing",
+             "loss.topk_gamma", "loss.topk_min"}
+# data.classes=0 stands for the dataset's own number of classes.
+DATASET_CLASSES = {"mnist": 10, "gaussian": 1, "ring8": 8, "grid25": 25}
 BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 
 
@@ -257,12 +273,18 @@ def _check(cfg) -> None:
         if value > high or (key in BELOW_HIGH and value == high):
             raise UserError(f"config key '{key}' must be {'less than' if key in BELOW_HIGH else 'at most'} {high}, "
                             f"got {value}", code=2)
-    if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp"):
+    if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp", "rpgan"):
         raise UserError(f"loss.label_noise={cfg.loss.label_noise} applies to the ns, minimax and ls losses only; "
                         f"add loss.label_noise=0 for loss.kind={cfg.loss.kind}", code=2)
-    if cfg.perf.compile and (cfg.loss.r1_gamma > 0 or cfg.loss.kind == "wgan_gp"):
-        raise UserError("perf.compile=true cannot train with a gradient penalty (loss.r1_gamma > 0 or "
-                        "loss.kind=wgan_gp): torch.compile has no double backward; turn one of them off", code=2)
+    if cfg.perf.compile and (cfg.loss.r1_gamma > 0 or cfg.loss.r2_gamma > 0 or cfg.loss.kind == "wgan_gp"):
+        raise UserError("perf.compile=true cannot train with a gradient penalty (loss.r1_gamma or loss.r2_gamma > 0, "
+                        "or loss.kind=wgan_gp): torch.compile has no double backward; turn one of them off", code=2)
+    if cfg.model.classes != cfg.data.classes:
+        raise UserError(f"model.classes={cfg.model.classes} differs from data.classes={cfg.data.classes}; set "
+                        "data.classes alone (model.classes follows it)", code=2)
+    if cfg.model.cond and cfg.data.classes < 2:
+        raise UserError(f"model.cond=true needs at least 2 classes, but data.classes is {cfg.data.classes} for "
+                        f"data.dataset={cfg.data.dataset}; set data.classes to the number of `cls` labels", code=2)
     _check_images(cfg)
 
 
@@ -349,6 +371,8 @@ def load_config(argv: list[str]) -> Config:
             cfg = _merge(cfg, override, f"override '{item}'")
         # YAML reads true/false as booleans, which this str key then holds as 'True'/'False'.
         cfg.data.device_cache = str(cfg.data.device_cache).lower()
+        if cfg.data.classes == 0:
+            cfg.data.classes = DATASET_CLASSES.get(cfg.data.dataset, 0)
         _check(cfg)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

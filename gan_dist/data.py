@@ -126,6 +126,15 @@ class FatalDataError(Exception):
     """A data fault that stops the run: a shard that cannot be opened, or any fault with data.on_error=raise."""
 
 
+def class_of(sample: dict, cfg: DataConfig) -> int:
+    """The sample's label; with data.classes set, a label outside 0..classes-1 (or none) makes it a bad sample."""
+    label = sample_label(sample)
+    if cfg.classes and not 0 <= label < cfg.classes:
+        raise BadSample(f"cls {label} is not a class from 0 to {cfg.classes - 1} (data.classes={cfg.classes})"
+                        if label >= 0 else f"no cls label, which data.classes={cfg.classes} asks of every sample")
+    return label
+
+
 def _say(msg: str) -> None:
     print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
 
@@ -196,7 +205,8 @@ class ShardStream(IterableDataset):
         # The flip depends on the sample and epoch alone, so a resumed stream flips exactly as the original did.
         name = f"{self.seed}/{chunk}/{sample['__url__']}/{sample['__key__']}"
         flip = self.cfg.hflip and zlib.crc32(name.encode()) & 1
-        return decode_image(sample, self.cfg.resolution, self.cfg.channels, bool(flip)), sample_label(sample)
+        return decode_image(sample, self.cfg.resolution, self.cfg.channels, bool(flip)), class_of(sample, self.cfg)
+
 
     def _batches(self, worker: int) -> Iterator[tuple]:
         chunk, offset, self.skipped = self.positions[worker]
@@ -322,7 +332,7 @@ def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndar
         for url, count in zip(source.urls, source.counts):
             for sample in reader._read(url, 0, None, count):
                 try:
-                    image, label = decode_image(sample, cfg.resolution, cfg.channels), sample_label(sample)
+                    image, label = decode_image(sample, cfg.resolution, cfg.channels), class_of(sample, cfg)
                 except BadSample as err:
                     reader._skip(f"sample '{sample['__key__']}' of shard {sample['__url__']}: {err}", 1)
                     continue
@@ -446,27 +456,30 @@ class DeviceBatches:
             self.position = batches.state()
             self.ahead = self._fetch(), batches.state()
 
-    def _fetch(self) -> torch.Tensor:
-        images = next(self.batches)[0]
+    def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = next(self.batches)
         with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
             real = to_real(images, self.device)
             if real.ndim == 4:
                 real = real.contiguous(memory_format=self.memory_format)
-        return real
+            labels = labels.to(self.device, non_blocking=True)
+        return real, labels
 
     def __iter__(self) -> DeviceBatches:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, labels) on the device."""
         if not self.prefetch:
             return self._fetch()
-        real, self.position = self.ahead
+        batch, self.position = self.ahead
         if self.stream:
             # The step waits for the copy, and the allocator must not reuse the side stream's memory under it.
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            real.record_stream(torch.cuda.current_stream(self.device))
+            for t in batch:
+                t.record_stream(torch.cuda.current_stream(self.device))
         self.ahead = self._fetch(), self.batches.state()
-        return real
+        return batch
 
     def state(self) -> torch.Tensor:
         return self.position if self.prefetch else self.batches.state()

@@ -2,8 +2,10 @@
 its share, the shares gathered in index order, and the metrics of `metrics.py` beside their real-data floors.
 
 - MNIST: the classifier's features and class probabilities (`classifier.py`; trained on first use). The training
-  set's feature statistics, a fixed 5,000-image reference subset, and the floors (the real test set scored like a
-  generator) are computed once per classifier and dataset (keyed by both files' contents) and cached beside it.
+  set's feature statistics (overall and per class), a fixed 5,000-image reference subset, and the floors (the real
+  test set scored like a generator) are computed once per classifier and dataset (keyed by both files' contents)
+  and cached beside it. A conditional G draws sample i with label i mod K (every class equally) and is also scored
+  per class: the classifier's accuracy on the labels, and each class's FCD.
 - 2-D mixtures: modes covered, % high-quality samples and reverse KL against the configured modes.
 - RGB images: Inception FID against `eval.num_samples` real images, when StyleGAN's TorchScript Inception
   (`eval.inception`) is given; otherwise skipped with one line.
@@ -62,7 +64,7 @@ def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bat
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-REFERENCE_KEYS = ("mu", "cov", "ref", "radii")
+REFERENCE_KEYS = ("mu", "cov", "ref", "radii", "class_mu", "class_cov")
 
 
 def _reference(net: torch.nn.Module, classifier: Path, mnist_dir: str, batch: int) -> dict[str, torch.Tensor]:
@@ -86,8 +88,9 @@ def _reference(net: torch.nn.Module, classifier: Path, mnist_dir: str, batch: in
         except (OSError, SafetensorError):
             pass
         print(f"[gan-dist] warning: the evaluation cache {path} is damaged or stale; rebuilding it", file=sys.stderr)
-    feats, probs = {}, {}
-    for split, (images, _) in data.items():
+    feats, probs, labels = {}, {}, {}
+    for split, (images, y) in data.items():
+        labels[split] = torch.from_numpy(y.astype("int64"))
         x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
         feats[split] = _in_batches(net.features, x, batch)
         probs[split] = _in_batches(lambda b: net(b).softmax(1), x, batch)
@@ -95,8 +98,11 @@ def _reference(net: torch.nn.Module, classifier: Path, mnist_dir: str, batch: in
     ref = feats["train"][torch.randperm(len(feats["train"]), generator=torch.Generator().manual_seed(0))
                          [:REFERENCE_SIZE]].double()
     radii = metrics.knn_radii(ref)
-    floors = metrics.image_metrics(mu, cov, ref, feats["test"], probs["test"], radii)
-    out = {"mu": mu, "cov": cov, "ref": ref, "radii": radii} | {f"{k}_real": torch.tensor(v) for k, v in floors.items()}
+    class_mu, class_cov = metrics.class_stats(feats["train"], labels["train"], 10)
+    floors = metrics.image_metrics(mu, cov, ref, feats["test"], probs["test"], radii) | metrics.class_metrics(
+        feats["test"], probs["test"], labels["test"], class_mu, class_cov)
+    out = {"mu": mu, "cov": cov, "ref": ref, "radii": radii, "class_mu": class_mu, "class_cov": class_cov} | {
+        f"{k}_real": torch.tensor(v) for k, v in floors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # nodes sharing a filesystem may write it at once
     save_file(out, str(tmp), metadata={"key": key})
@@ -107,8 +113,9 @@ def _reference(net: torch.nn.Module, classifier: Path, mnist_dir: str, batch: in
 class Evaluator:
     """Loads what the metrics need once (call it on each node's main process first); `__call__` evaluates."""
 
-    def __init__(self, cfg: EvalConfig, data: DataConfig, z_dim: int, seed: int) -> None:
-        self.cfg, self.data, self.z_dim = cfg, data, z_dim
+    def __init__(self, cfg: EvalConfig, data: DataConfig, z_dim: int, seed: int, classes: int = 0) -> None:
+        """`classes`: a conditional G's number of classes (0: unconditional)."""
+        self.cfg, self.data, self.z_dim, self.classes = cfg, data, z_dim, classes
         self.z = torch.randn(cfg.num_samples, z_dim, generator=torch.Generator().manual_seed(seed + NOISE_SEED))
         self.net = self.ref = self.inception = self.real_stats = None
         names = NAMES.get(data.dataset, NAMES["points"])
@@ -138,12 +145,18 @@ class Evaluator:
         """Every rank generates its share; rank 0 returns the metrics of the gathered samples, the others {}."""
         n, idx = self.cfg.num_samples, share(self.cfg.num_samples, rank, world)
         z = self.z[idx].to(device)
+        if self.classes:  # the labels ride along as z's last column, so every batching below splits them alike
+            z = torch.cat([z, (idx % self.classes).to(z)[:, None]], 1)
+
+        def draw(b: torch.Tensor) -> torch.Tensor:
+            return G(b) if not self.classes else G(b[:, :-1], b[:, -1].long())
+
         with eval_mode(G):
             if self.net is not None:
                 net = self.net.to(device)
 
                 def judge(b: torch.Tensor) -> torch.Tensor:
-                    x = G(b)
+                    x = draw(b)
                     return torch.cat([net.features(x), net(x).softmax(1)], 1)
 
                 both = gather(_in_batches(judge, z, self.cfg.batch))[:n].cpu()
@@ -152,9 +165,13 @@ class Evaluator:
                 feats, probs = both[:, :-10], both[:, -10:]
                 out = metrics.image_metrics(self.ref["mu"], self.ref["cov"], self.ref["ref"], feats, probs,
                                             self.ref.get("radii"))
-                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real")}
+                if self.classes:
+                    out |= metrics.class_metrics(feats, probs, torch.arange(n) % self.classes, self.ref["class_mu"],
+                                                 self.ref["class_cov"])
+                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real") and (
+                    self.classes or not k.startswith(("class_acc", "fcd_class")))}
             if self.data.dataset not in ("mnist", "webdataset"):
-                points = gather(_in_batches(G, z, self.cfg.batch))[:n].cpu()
+                points = gather(_in_batches(draw, z, self.cfg.batch))[:n].cpu()
                 if rank:
                     return {}
                 centers = torch.from_numpy(mixture_centers(self.data))
@@ -163,7 +180,7 @@ class Evaluator:
             if self.inception is None:
                 return {}
             inception = self.inception.to(device)
-            fake = gather(_in_batches(lambda b: _inception_features(inception, G(b)), z, self.cfg.batch))[:n]
+            fake = gather(_in_batches(lambda b: _inception_features(inception, draw(b)), z, self.cfg.batch))[:n]
             mu, cov = metrics.gaussian_stats(fake.cpu())
             if self.real_stats is None:
                 self.real_stats = self._real_stats(inception, rank, world, gather, device)

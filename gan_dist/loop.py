@@ -30,9 +30,9 @@ from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
 from gan_dist.lease import RunLease
-from gan_dist.losses import d_step, g_step
+from gan_dist.losses import Select, d_step, g_step, topk_count, topk_weights
 from gan_dist.models import build_models, eval_mode
-from gan_dist.optim import lr_factor, make_optimizers, set_lr
+from gan_dist.optim import cosine, lr_factor, make_optimizers, schedule_progress, set_lr
 from gan_dist.signals import StopFlag, requeue, slurm_job_id
 from gan_dist.tracking import Tracker, run_info
 from gan_dist.viz import image_grid, scatter_plot
@@ -122,19 +122,45 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
     return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last)
 
 
+ENDLESS_EPOCH = 50_000  # images that count as an epoch for top-k's decay when the data has no epochs (2-D, resampled)
+
+
+def fixed_labels(cfg: Config, n: int, device: torch.device) -> torch.Tensor | None:
+    """Labels of the fixed-noise samples of a conditional run: column k of each grid is class k."""
+    return torch.arange(n, device=device) % cfg.model.classes if cfg.model.cond else None
+
+
+def topk_select(cfg: Config, accelerator: Accelerator, batch: int, epochs: float) -> Select | None:
+    """Top-k G updates: each G micro-step keeps the k best-scored of the world x `batch` samples of all ranks."""
+    if cfg.loss.topk_gamma == 1:
+        return None
+    rank, world = accelerator.process_index, accelerator.num_processes
+    k = topk_count(world * batch, epochs, cfg.loss.topk_gamma, cfg.loss.topk_min)
+    return lambda scores: topk_weights(scores, k, accelerator.gather, rank, world)
+
+
+def generate(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    return G(z) if c is None else G(z, c)
+
+
 @torch.no_grad()
-def sample_picture(G: torch.nn.Module, z: torch.Tensor, cfg: Config):
-    """A grid (or 2-D scatter plot) of G's samples, with BatchNorm on its running statistics."""
+def sample_picture(G: torch.nn.Module, z: torch.Tensor, cfg: Config, c: torch.Tensor | None = None):
+    """A grid (or 2-D scatter plot) of G's samples, with BatchNorm on its running statistics; one column per class
+    for a conditional run."""
     with eval_mode(G):
-        out = G(z)
-    return image_grid(out) if out.ndim == 4 else scatter_plot(out, mixture_centers(cfg.data))
+        out = generate(G, z, c)
+    if out.ndim == 2:
+        return scatter_plot(out, mixture_centers(cfg.data))
+    return image_grid(out, cols=min(cfg.model.classes, len(out)) if c is not None else None)
 
 
 @torch.no_grad()
-def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: torch.Tensor) -> dict:
+def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: torch.Tensor,
+                 c_real: torch.Tensor | None = None, c_fake: torch.Tensor | None = None) -> dict:
     """D's probabilities for a real batch and for G's samples, judged in eval mode as in the G step."""
     with eval_mode(G, D):
-        out = {"train/d_hist_real": torch.sigmoid(D(real)), "train/d_hist_fake": torch.sigmoid(D(G(z)))}
+        out = {"train/d_hist_real": torch.sigmoid(generate(D, real, c_real)),
+               "train/d_hist_fake": torch.sigmoid(generate(D, generate(G, z, c_fake), c_fake))}
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
@@ -265,13 +291,14 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         if meta["world_size"] != world:
             accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from "
                               f"the checkpoint, but not bit-exactly (per-rank noise and data order differ)")
-    z_fixed = state.z_fixed.to(device)
+    z_fixed, c_fixed = state.z_fixed.to(device), fixed_labels(cfg, len(state.z_fixed), device)
 
     # Data: each rank draws from the dataset held on its device, or reads its own slice of the shards, continuing
     # at its saved position either way. Evaluation needs the MNIST classifier, which each node's main process
     # trains on first use while the other ranks wait.
     batches = make_batches(cfg, accelerator, batch, state)
-    evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed))
+    evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed,
+                                                                cfg.model.classes if cfg.model.cond else 0))
     best_name = best_metric(cfg.eval, cfg.data)
     if is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -295,27 +322,35 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         # One step: n_critic D steps, each on its own real batches, then one G step. Each optimizer steps once
         # per grad_accum micro-batches; accelerate counts micro-batches across both blocks, so each block is
         # exactly grad_accum long. D metrics are weighted 1 / n_critic so that every key averages per step.
-        set_lr(opt_G, opt_D, lr_factor(state.step, cfg.train.steps, cfg.optim), cfg.optim)
+        set_lr(opt_G, opt_D, lr_factor(state.step, cfg.train.steps, cfg.optim, state.nimg), cfg.optim)
+        gamma_scale = cosine(schedule_progress(state.step, cfg.train.steps, cfg.optim, state.nimg), cfg.loss.gamma_end)
         for i in range(cfg.loss.n_critic):
             r1_due = (state.step * cfg.loss.n_critic + i) % cfg.loss.r1_every == 0
+            pairs = []  # the last D step's real batches and labels: G's micro-steps pair with them
             for _ in range(cfg.train.grad_accum):
                 wait_start = time.perf_counter()
-                real = next(batches)
+                real, c = next(batches)
                 data_wait += time.perf_counter() - wait_start
+                c = c if cfg.model.cond else None
                 mark_step()
                 with accelerator.accumulate(D):
                     z = torch.randn(len(real), cfg.model.z_dim, device=device)
                     metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due,
-                                     cfg.optim.set_to_none)
+                                     cfg.optim.set_to_none, c, gamma_scale)
+                if c is not None:
+                    G_raw.count(c)
+                pairs.append((real, c))
                 state.batches += 1
                 # Metrics stay on the device until the next log: no host sync per step.
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.float() / cfg.loss.n_critic
-        for _ in range(cfg.train.grad_accum):
+        select = topk_select(cfg, accelerator, batch, state.nimg / (batches.epoch_size or ENDLESS_EPOCH))
+        for real, c in pairs:
             mark_step()
             with accelerator.accumulate(G):
                 z = torch.randn(batch, cfg.model.z_dim, device=device)
-                loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none)["loss_g"]
+                loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none,
+                                real if cfg.loss.kind == "rpgan" else None, c, select)["loss_g"]
             sums["loss_g"] = sums.get("loss_g", 0) + loss_g.float()
             tick_steps += 1
         step_nimg = cfg.train.batch_size * cfg.loss.n_critic  # real images shown to D
@@ -352,9 +387,9 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         if state.step % cfg.log.sample_every == 0 or is_last:
             sync_buffers(ema.G_ema)
             if is_main:
-                tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg), state.step)
-                tracker.log_image("samples/G", sample_picture(G_raw, z_fixed, cfg), state.step)
-                tracker.log_histograms(d_histograms(G_raw, exported["discriminator"], real, z_fixed), state.step)
+                tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg, c_fixed), state.step)
+                tracker.log_image("samples/G", sample_picture(G_raw, z_fixed, cfg, c_fixed), state.step)
+                tracker.log_histograms(d_histograms(G_raw, D_raw, real, z_fixed, c, c_fixed), state.step)
 
         # Evaluate (every rank generates its share, the main process scores them) and export the best weights.
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:

@@ -7,13 +7,17 @@ The seed adds U(0, 0.05) to both targets, which puts real targets above 1, where
 loss then falls without bound (measured: -250 after 5k steps). The noise is kept, but moves each target towards
 the other class (real 1 - U(0, n), fake U(0, n)), so targets stay probabilities.
 
-Beyond the seeds (`loss.kind`): minimax, least squares, hinge and WGAN-GP losses; the lazy R1 penalty. Penalties
-join D's loss in the same backward as the loss itself, so DDP reduces D's gradients once per micro-step.
+Beyond the seeds (`loss.kind`): minimax, least squares, hinge and WGAN-GP losses, and R3GAN's relativistic pairing
+loss (rpgan: D and G judge each fake against the real sample paired with it); the lazy R1 (real) and R2 (fake)
+penalties; top-k G updates (Sinha et al. 2020), chosen over every process's samples. Penalties join D's loss in the
+same backward as the loss itself, so DDP reduces D's gradients once per micro-step. A conditional run passes labels
+`c` to G and D; D's BatchNorm-free paths keep every sample's logit its own, which R1 / R2 per sample rely on.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 from gan_dist.config import LossConfig
 
 Backward = Callable[[torch.Tensor], None]
+Select = Callable[[torch.Tensor], torch.Tensor]  # D's scores of G's samples -> each sample's weight in G's loss
 
 
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "ns",
@@ -31,7 +36,10 @@ def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "ns
 
     ns and minimax share D's cross-entropy; ls is Mao et al.'s least squares against targets 1 and 0; hinge
     is Lim & Ye's margin loss (SNGAN, BigGAN); wgan_gp is the critic's E[D(fake)] - E[D(real)], whose
-    gradient penalty `gradient_penalty` adds. Label noise moves the ns/minimax/ls targets."""
+    gradient penalty `gradient_penalty` adds; rpgan is R3GAN's softplus(D(fake) - D(real)) over pairs (real i,
+    fake i). Label noise moves the ns/minimax/ls targets."""
+    if kind == "rpgan":
+        return F.softplus(logits_fake - logits_real).mean()
     logits = torch.cat([logits_real, logits_fake])
     if kind in ("ns", "minimax", "ls"):
         target = torch.cat([torch.ones_like(logits_real), torch.zeros_like(logits_fake)])
@@ -47,17 +55,45 @@ def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "ns
     raise ValueError(f"unknown loss kind {kind!r}")
 
 
-def g_loss(logits_fake: torch.Tensor, kind: str = "ns") -> torch.Tensor:
-    """G's loss for D's logits on its samples; G lowers it by raising them."""
+def g_terms(logits_fake: torch.Tensor, kind: str = "ns", logits_real: torch.Tensor | None = None) -> torch.Tensor:
+    """G's loss per sample for D's logits on its samples; G lowers it by raising them. rpgan needs D's logits on
+    the real samples paired with them: G's step sees real images too."""
     if kind == "ns":
-        return F.softplus(-logits_fake).mean()  # BCE against 1, written so that it stays finite for any logit
+        return F.softplus(-logits_fake)  # BCE against 1, written so that it stays finite for any logit
     if kind == "minimax":
-        return -F.softplus(logits_fake).mean()  # log(1 - sigmoid(l)) = -softplus(l): saturates when D is sure
+        return -F.softplus(logits_fake)  # log(1 - sigmoid(l)) = -softplus(l): saturates when D is sure
     if kind == "ls":
-        return 0.5 * (logits_fake - 1).square().mean()
+        return 0.5 * (logits_fake - 1).square()
     if kind in ("hinge", "wgan_gp"):
-        return -logits_fake.mean()
+        return -logits_fake
+    if kind == "rpgan":
+        return F.softplus(logits_real - logits_fake)
     raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def g_loss(logits_fake: torch.Tensor, kind: str = "ns", logits_real: torch.Tensor | None = None,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's G loss: the mean of `g_terms`, or their sum under `weights` (top-k)."""
+    terms = g_terms(logits_fake, kind, logits_real)
+    return terms.mean() if weights is None else (terms * weights).sum()
+
+
+def topk_count(batch: int, epochs: float, gamma: float, floor: float) -> int:
+    """Sinha et al.'s k for a global batch: the whole batch, shrinking by `gamma` per epoch down to `floor` of it."""
+    return max(math.ceil(floor * batch), min(batch, math.ceil(batch * gamma ** epochs)))
+
+
+def topk_weights(scores: torch.Tensor, k: int, gather: Callable[[torch.Tensor], torch.Tensor], rank: int,
+                 world: int) -> torch.Tensor:
+    """Weights that make G's loss the mean over the k samples D scores highest among every process's samples.
+
+    `gather` concatenates every rank's scores in rank order, so each rank ranks the same global batch (ties broken
+    by global index) and keeps its own part of the choice. DDP averages gradients over ranks, hence world / k:
+    the gradient is the one a single process with the whole batch would get."""
+    everyone = gather(scores.detach().float())
+    chosen = torch.zeros_like(everyone)
+    chosen[torch.argsort(everyone, descending=True, stable=True)[:k]] = world / k
+    return chosen[rank * len(scores):(rank + 1) * len(scores)]
 
 
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -66,10 +102,10 @@ def input_gradient(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     return grad.flatten(1)
 
 
-def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of |grad_x D(x)|^2 at real samples (Mescheder et al. 2018); gamma / 2 is applied by
-    the caller. `real` must require grad and be the tensor D's logits were computed from."""
-    return input_gradient(logits_real, real).square().sum(1).mean()
+def r1_penalty(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of |grad_x D(x)|^2: R1 at real samples (Mescheder et al. 2018), R2 at fake ones (R3GAN
+    uses both); gamma / 2 is applied by the caller. `x` must require grad and be the tensor `logits` came from."""
+    return input_gradient(logits, x).square().sum(1).mean()
 
 
 def gradient_penalty(logits_mix: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -78,20 +114,23 @@ def gradient_penalty(logits_mix: torch.Tensor, mix: torch.Tensor) -> torch.Tenso
 
 
 def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch.Tensor, z: torch.Tensor,
-           cfg: LossConfig, backward: Backward, r1_due: bool = False,
-           set_to_none: bool = True) -> dict[str, torch.Tensor]:
-    """One D step (or one accumulation micro-step of it). `r1_due` marks the lazy R1 steps: the penalty is then
-    scaled by r1_every, so that on average it weighs gamma / 2 per step (StyleGAN2's lazy regularization).
-    `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros."""
+           cfg: LossConfig, backward: Backward, r1_due: bool = False, set_to_none: bool = True,
+           c: torch.Tensor | None = None, gamma_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """One D step (or one accumulation micro-step of it). `r1_due` marks the lazy R1 / R2 steps: the penalties are
+    then scaled by r1_every, so that on average they weigh gamma / 2 per step (StyleGAN2's lazy regularization);
+    `gamma_scale` is the gamma schedule's factor. `c`: the real samples' labels, given to G's samples too (a
+    conditional run). `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros."""
     with torch.no_grad():
-        fake = G(z)
-    parts = [real.detach().requires_grad_(r1_due), fake]
+        fake = G(z, c) if c is not None else G(z)
+    r2_due = r1_due and cfg.r2_gamma > 0
+    parts = [real.detach().requires_grad_(r1_due and cfg.r1_gamma > 0), fake.requires_grad_(r2_due)]
     if cfg.kind == "wgan_gp":
         alpha = torch.rand(len(real), *[1] * (real.ndim - 1), device=real.device, dtype=real.dtype)
         parts.append(torch.lerp(real.detach(), fake, alpha).requires_grad_(True))
     # One forward over all parts: BatchNorm sees the mixed batch as in the seed, DDP syncs buffers once, and
     # every D parameter's gradient is reduced in a single backward (penalties included).
-    logits = D(torch.cat(parts)).split([len(p) for p in parts])
+    labels = None if c is None else torch.cat([c, c] + ([c] if len(parts) == 3 else []))
+    logits = (D(torch.cat(parts), labels) if c is not None else D(torch.cat(parts))).split([len(p) for p in parts])
     loss = d_loss(logits[0], logits[1], cfg.kind, cfg.label_noise)
     out = {"loss_d": loss.detach(), "d_real": torch.sigmoid(logits[0].detach()).mean(),
            "d_fake": torch.sigmoid(logits[1].detach()).mean()}
@@ -99,10 +138,12 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
         gp = gradient_penalty(logits[2], parts[2])
         loss = loss + cfg.gp_weight * gp
         out["gp"] = gp.detach()
-    if cfg.r1_gamma > 0:  # logged on every step (0 between lazy ones), so its mean over steps is the unscaled R1
-        r1 = r1_penalty(logits[0], parts[0]) * cfg.r1_every if r1_due else torch.zeros((), device=real.device)
-        loss = loss + cfg.r1_gamma / 2 * r1
-        out["r1"] = r1.detach()
+    # Logged on every step (0 between lazy ones), so their means over steps are the unscaled penalties.
+    for name, gamma, i in (("r1", cfg.r1_gamma, 0), ("r2", cfg.r2_gamma, 1)):
+        if gamma > 0:
+            r = r1_penalty(logits[i], parts[i]) * cfg.r1_every if r1_due else torch.zeros((), device=real.device)
+            loss = loss + gamma * gamma_scale / 2 * r
+            out[name] = r.detach()
     backward(loss)
     opt_D.step()
     opt_D.zero_grad(set_to_none=set_to_none)
@@ -129,9 +170,17 @@ def frozen(D: nn.Module) -> Iterator[None]:
 
 
 def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor, kind: str,
-           backward: Backward, set_to_none: bool = True) -> dict[str, torch.Tensor]:
+           backward: Backward, set_to_none: bool = True, real: torch.Tensor | None = None,
+           c: torch.Tensor | None = None, select: Select | None = None) -> dict[str, torch.Tensor]:
+    """One G step (or micro-step). rpgan needs `real`, the real batch G's samples are paired with; `c` labels both
+    (a conditional run); `select` turns D's scores of the samples into loss weights (top-k)."""
     with frozen(D):
-        loss = g_loss(D(G(z)), kind)
+        fake = G(z, c) if c is not None else G(z)
+        x = fake if real is None else torch.cat([fake, real.detach()])
+        logits = D(x) if c is None else D(x, c if real is None else torch.cat([c, c]))
+        logits_fake, logits_real = (logits, None) if real is None else logits.split([len(fake), len(real)])
+        weights = None if select is None else select(logits_fake)
+        loss = g_loss(logits_fake, kind, logits_real, weights)
         backward(loss)
     opt_G.step()
     opt_G.zero_grad(set_to_none=set_to_none)

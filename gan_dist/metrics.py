@@ -8,7 +8,9 @@ little on MNIST:
 - IS: exp(E_x KL(p(y|x) || p(y))) of the classifier's softmax over all samples (one split);
 - class coverage: the histogram of predicted classes, its KL to uniform, and the smallest and largest class share;
 - precision / recall (Kynkäänniemi et al. 2019): the share of generated samples inside the real k-NN manifold,
-  and of real samples inside the generated one (k = 3).
+  and of real samples inside the generated one (k = 3);
+- per class, for samples drawn with labels (a conditional G): the share the classifier assigns to their label
+  (class_acc) and each class's FCD against that class's real features (fcd_class<k>, their mean and maximum).
 
 2-D mixtures follow the Unrolled GAN / VEEGAN / PacGAN protocol: a sample is high quality when it lies within
 3 standard deviations of its nearest mode; a mode is covered when it is the nearest mode of at least one high
@@ -102,6 +104,23 @@ def image_metrics(real_mu: torch.Tensor, real_cov: torch.Tensor, real_ref: torch
             "kid": kernel_inception_distance(real_ref, features),
             "is": inception_score(probs), **class_coverage(probs),
             **precision_recall(real_ref, features, real_radii=real_radii)}
+
+
+def class_stats(features: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class Gaussian statistics: means (K, D) and covariances (K, D, D)."""
+    stats = [gaussian_stats(features[labels == k]) for k in range(classes)]
+    return torch.stack([m for m, _ in stats]), torch.stack([c for _, c in stats])
+
+
+def class_metrics(features: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, class_mu: torch.Tensor,
+                  class_cov: torch.Tensor) -> dict[str, float]:
+    """How well samples drawn with `labels` show their class: the classifier's accuracy on them, and each class's
+    FCD against the real statistics of that class."""
+    fcd = [frechet_distance(*gaussian_stats(features[labels == k]), class_mu[k], class_cov[k])
+           for k in range(len(class_mu))]
+    return {"class_acc": float((probs.argmax(1) == labels).double().mean()),
+            "fcd_class_mean": sum(fcd) / len(fcd), "fcd_class_max": max(fcd),
+            **{f"fcd_class{k}": v for k, v in enumerate(fcd)}}
 
 
 def mixture_metrics(points: torch.Tensor, centers: torch.Tensor, std: float) -> dict[str, float]:

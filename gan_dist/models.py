@@ -7,11 +7,16 @@
   4x4 transposed convolutions with BatchNorm and ReLU, halving channels from `width * side / 8`; D mirrors it with
   LeakyReLU(0.2), no BatchNorm on its first layer, and a 4x4 valid convolution to one logit; N(0, 0.02) init.
 - MLP for 2-D points (seed 001): G z -> 256 -> 2 (tanh), D 2 -> 256 -> 1, ReLU, logits out.
-- `model.spectral_norm` puts spectral normalization on every D weight, for any arch.
+- `model.spectral_norm` puts spectral normalization on every D weight, for any arch; `model.d_norm=none` drops D's
+  BatchNorm (R3GAN: its losses and penalties need none, and R1 / R2 per sample want no batch coupling).
+- `model.cond`: a class-conditional pair for any arch. G concatenates a learned label embedding to z (and counts the
+  labels of the data it is trained on, so samplers can draw labels at the data's class frequencies); D adds the
+  projection of its last features onto a learned class embedding (Miyato & Koyama 2018) to its logit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -55,19 +60,39 @@ class DCGANGenerator(nn.Module):
         return self.conv(self.fc(z).view(-1, self.c, self.s, self.s))  # (B, C, side, side) in [-1, 1]
 
 
-class DCGANDiscriminator(nn.Module):
+class Discriminator(nn.Module):
+    """D = `net`, whose last `head` layers map features to one logit. With classes, a projection discriminator:
+    the logit gains <embed(c), features> (features flattened)."""
+
+    head = 1
+
+    def project(self, features: int, cfg: ModelConfig) -> None:
+        self.embed = nn.Embedding(cfg.classes, features) if cfg.cond else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, 0.0, features ** -0.5)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if c is None:
+            return self.net(x).flatten(1).squeeze(1)  # (B,) logits
+        h = self.net[:-self.head](x)
+        return self.net[-self.head:](h).flatten(1).squeeze(1) + (self.embed(c) * h.flatten(1)).sum(1)
+
+
+def _d_norm(cfg: ModelConfig, bn: nn.Module) -> list[nn.Module]:
+    return [bn] if cfg.d_norm == "batch" else []
+
+
+class DCGANDiscriminator(Discriminator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         w, s = cfg.width, cfg.resolution // 4
         self.net = nn.Sequential(
-            nn.Conv2d(cfg.channels, w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), _keras_bn(w, 2),  # 14x14
-            nn.Conv2d(w, 2 * w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), _keras_bn(2 * w, 2),  # 7x7
-            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * w * s * s, 1),
+            nn.Conv2d(cfg.channels, w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), *_d_norm(cfg, _keras_bn(w, 2)),
+            nn.Conv2d(w, 2 * w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), *_d_norm(cfg, _keras_bn(2 * w, 2)),
+            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * w * s * s, 1),  # 14x14, 7x7, logit
         )
         _glorot_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)  # (B,) logits
+        self.project(2 * w * s * s, cfg)
 
 
 def _radford_init(module: nn.Module) -> None:
@@ -96,20 +121,21 @@ class RadfordGenerator(nn.Module):
         return self.net(z)  # (B, C, side, side) in [-1, 1]
 
 
-class RadfordDiscriminator(nn.Module):
+class RadfordDiscriminator(Discriminator):
+    head = 2
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c = cfg.width
         layers: list[nn.Module] = [nn.Conv2d(cfg.channels, c, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
         for _ in range(cfg.resolution.bit_length() - 4):  # side / 2 -> 4x4
-            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), *_d_norm(cfg, nn.BatchNorm2d(2 * c)),
+                       nn.LeakyReLU(0.2)]
             c *= 2
         layers += [nn.Conv2d(c, 1, 4, 1, 0, bias=False), nn.Flatten()]
         self.net = nn.Sequential(*layers)
         _radford_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)  # (B,) logits
+        self.project(16 * c, cfg)
 
 
 def _mlp(sizes: list[int], out_act: nn.Module | None) -> nn.Sequential:
@@ -135,13 +161,34 @@ class MLPGenerator(nn.Module):
         return self.net(z)  # (B, 2)
 
 
-class MLPDiscriminator(nn.Module):
+class MLPDiscriminator(Discriminator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.net = _mlp([2] + [cfg.hidden] * cfg.depth + [1], None)
+        self.project(cfg.hidden, cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)  # (B,) logits
+
+class ConditionalGenerator(nn.Module):
+    """G(z, c) = net(z concatenated with a learned embedding of c), `net` an unconditional G with a longer z.
+    `class_counts` holds the labels of the real batches it was trained with (`count`)."""
+
+    def __init__(self, net_cls: type[nn.Module], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.net = net_cls(dataclasses.replace(cfg, z_dim=2 * cfg.z_dim))
+        self.embed = nn.Embedding(cfg.classes, cfg.z_dim)
+        self.register_buffer("class_counts", torch.zeros(cfg.classes, dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, self.embed(c).to(z.dtype)], 1))
+
+    @torch.no_grad()
+    def count(self, c: torch.Tensor) -> None:
+        self.class_counts += torch.bincount(c, minlength=len(self.class_counts)).to(self.class_counts.dtype)
+
+    def class_freqs(self) -> torch.Tensor:
+        """The data's class frequencies as seen in training; uniform before any label was seen."""
+        counts = self.class_counts.float()
+        return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / len(counts))
 
 
 def spectral_normalize(D: nn.Module) -> nn.Module:
@@ -152,13 +199,13 @@ def spectral_normalize(D: nn.Module) -> nn.Module:
     return D
 
 
+ARCHS = {"dcgan": (DCGANGenerator, DCGANDiscriminator), "radford": (RadfordGenerator, RadfordDiscriminator),
+         "mlp": (MLPGenerator, MLPDiscriminator)}
+
+
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    if cfg.arch == "dcgan":
-        G, D = DCGANGenerator(cfg), DCGANDiscriminator(cfg)
-    elif cfg.arch == "radford":
-        G, D = RadfordGenerator(cfg), RadfordDiscriminator(cfg)
-    else:
-        G, D = MLPGenerator(cfg), MLPDiscriminator(cfg)
+    G_cls, D_cls = ARCHS[cfg.arch]
+    G, D = ConditionalGenerator(G_cls, cfg) if cfg.cond else G_cls(cfg), D_cls(cfg)
     return G, spectral_normalize(D) if cfg.spectral_norm else D
 
 

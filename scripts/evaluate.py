@@ -1,7 +1,7 @@
 """Every metric for one checkpoint of a run, printed as a table beside the real-data floors and written as JSON.
 
     python scripts/evaluate.py --run RUN [--checkpoint final|best|STEP] [--num N] [--out FILE.json] [--no-ema]
-                               [--inception PATH] [--shards SPEC]
+                               [--inception PATH] [--shards SPEC] [--sampler plain|drs [--drs-percentile P]]
     accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --run RUN    # same result, split
 
 A run directory may come from someone else, so nothing in it that could run code is used unless given here: the
@@ -11,7 +11,10 @@ Inception network for FID (TorchScript is code) only with `--inception`, and `pi
 Each process generates its share of the N samples (the same noise per sample index whatever the process count);
 the shares are gathered in index order, so 1 and 2 processes give the same metrics up to float rounding. The JSON
 holds flat keys (`fcd`, `kid`, `is`, `class_kl`, `precision`, `recall`, ... or `modes`, `hq`, `reverse_kl` for 2-D
-data) and each floor as `<name>_real`. MNIST metrics use the classifier of the run's `eval.classifier`.
+data) and each floor as `<name>_real`. MNIST metrics use the classifier of the run's `eval.classifier`; a
+conditional run is also scored per class (`class_acc`, `fcd_class<k>`). `--sampler drs` scores the samples that
+discriminator rejection sampling keeps (`gan_dist/drs.py`; `"sampler": "drs"` in the JSON): a row of its own, never
+the training-time numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from gan_dist.checkpoint import load_run_generator  # noqa: E402
+from gan_dist.drs import add_sampler_args, make_sampler  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
 from gan_dist.evaluation import Evaluator  # noqa: E402
 from gan_dist.loop import local_main_first  # noqa: E402
@@ -48,6 +52,7 @@ def main() -> int:
                         "on RGB data (loading TorchScript runs its code: only give a file you trust)")
     parser.add_argument("--shards", help="the real images for FID (data.shards syntax), instead of the run's; "
                         "needed to run the run's pipe: commands")
+    add_sampler_args(parser)
     args = parser.parse_args()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
@@ -61,18 +66,24 @@ def main() -> int:
             raise UserError(f"the run's data.shards has pipe: commands, which this script runs only when you give "
                             f"them: pass --shards '{data_cfg.shards}' if you trust them")
         # Each node's main process trains the classifier if it is missing; the others then load it.
-        evaluator = local_main_first(accelerator, lambda: Evaluator(eval_cfg, data_cfg, cfg.model.z_dim, cfg.seed))
+        classes = cfg.model.classes if cfg.model.cond else 0
+        evaluator = local_main_first(accelerator, lambda: Evaluator(eval_cfg, data_cfg, cfg.model.z_dim, cfg.seed,
+                                                                    classes))
         if not evaluator.active:
             raise UserError(f"nothing to evaluate for data.dataset={cfg.data.dataset} without --inception")
+        G = G.to(accelerator.device)
+        if args.sampler == "drs":  # every rank calibrates the same copy of D from the same seed
+            G = make_sampler(args, G, dataclasses.replace(cfg, data=data_cfg), accelerator.device,
+                             say=accelerator.print)
     except UserError as err:
         if not err.quiet:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    scores = evaluator(G.to(accelerator.device), accelerator.process_index, accelerator.num_processes,
+    scores = evaluator(G, accelerator.process_index, accelerator.num_processes,
                        accelerator.gather, accelerator.device)
     if accelerator.is_main_process:
         print(f"{args.run}, checkpoint {args.checkpoint}, {'G' if args.no_ema else 'G_ema'}, "
-              f"{eval_cfg.num_samples} samples on {accelerator.num_processes} process(es)")
+              f"{eval_cfg.num_samples} samples on {accelerator.num_processes} process(es), sampler {args.sampler}")
         print(f"{'metric':<12}{'value':>12}{'real data':>12}")
         for name, value in scores.items():
             if not name.endswith("_real"):
@@ -80,7 +91,7 @@ def main() -> int:
                 print(f"{name:<12}{value:>12.5g}{'' if floor is None else format(floor, '>12.5g')}")
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(scores | {"checkpoint": args.checkpoint,
+            args.out.write_text(json.dumps(scores | {"checkpoint": args.checkpoint, "sampler": args.sampler,
                                                      "num_samples": eval_cfg.num_samples}, indent=1) + "\n")
     accelerator.end_training()
     return 0

@@ -34,7 +34,8 @@ THUMB_PX = 180  # displayed width of one sample grid; the PNG keeps its full res
 TRAIN = ["train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"]  # one row of four plots
 PERF = ["perf/img_per_sec", "perf/data_wait_frac"]
 EVAL_ORDER = ["eval/fcd", "eval/fid", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl",
-              "eval/class_min", "eval/class_max", "eval/modes", "eval/hq", "eval/reverse_kl"]  # then alphabetically
+              "eval/class_min", "eval/class_max", "eval/class_acc", "eval/fcd_class_mean", "eval/fcd_class_max",
+              "eval/modes", "eval/hq", "eval/reverse_kl"]  # then alphabetically
 AXES = ("train/step", "train/kimg")
 SAMPLE_RE = re.compile(r"samples_(.+)_(\d{8})\.png$")
 
@@ -327,6 +328,9 @@ def samples_section(run: Run) -> str:
         figs.append(f'<figure><figcaption>step {step}</figcaption>{"".join(imgs)}</figure>')
     total = len({s for k in kinds for s in run.samples[k]})
     note = f" ({len(steps)} of {total} grids, evenly spaced)" if total > len(steps) else ""
+    model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
+    if model.get("cond"):
+        note += "; class-conditional: column k of each grid is class k"
     return f'<h3>{html.escape(run.name)}{note}</h3><div class="grids">{"".join(figs)}</div>'
 
 

@@ -1,12 +1,17 @@
 """Draw samples from a trained run: a grid, a folder of PNGs, an .npz array, or a latent interpolation strip.
 
     python scripts/sample.py --run RUN [--checkpoint final|best|STEP] --num N --out PATH [--seed S] [--interpolate]
+                             [--class K] [--sampler plain|drs [--drs-percentile P] [--calib-steps N]]
 
 - `--out grid.png`: one grid of N samples (a scatter plot with the mode centres for 2-D data);
 - `--out DIR` (no suffix): N PNG files, `DIR/000000.png` ...;
-- `--out samples.npz`: array `samples`, images as uint8 N x H x W x C, 2-D points as float32 N x 2;
+- `--out samples.npz`: array `samples`, images as uint8 N x H x W x C, 2-D points as float32 N x 2; for a
+  conditional run also `labels` (int64 N), the class each sample was drawn for;
 - `--interpolate --out strip.png`: N rows of 10 images along spherical paths between random latents.
-Samples come from G_ema unless `--no-ema`. The same --seed gives the same samples.
+Samples come from G_ema unless `--no-ema`. The same --seed gives the same samples. A conditional run's labels are
+drawn at the training data's class frequencies (a grid: column k is class k), or all `--class K`.
+`--sampler drs` keeps samples by discriminator rejection sampling (Azadi et al. 2019; `gan_dist/drs.py`): the run's
+D is calibrated on its real data against G first, so this reads the training data.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from PIL import Image  # noqa: E402
 
 from gan_dist.checkpoint import load_run_generator  # noqa: E402
 from gan_dist.data import mixture_centers  # noqa: E402
+from gan_dist.drs import add_sampler_args, make_sampler  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
 from gan_dist.viz import as_uint8, image_grid, scatter_plot  # noqa: E402
 
@@ -48,11 +54,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interpolate", action="store_true", help="latent interpolation strip (.png)")
     parser.add_argument("--no-ema", action="store_true", help="sample the raw G instead of G_ema")
+    parser.add_argument("--class", dest="label", type=int, help="a conditional run: draw class K only")
+    add_sampler_args(parser)
     args = parser.parse_args()
     try:
         if args.num < 1:
             raise UserError("--num must be at least 1")
         G, cfg = load_run_generator(args.run, args.checkpoint, ema=not args.no_ema)
+        classes = cfg.model.classes if cfg.model.cond else 0
+        if args.label is not None and not 0 <= args.label < classes:
+            raise UserError(f"--class {args.label}: {args.run} is not class-conditional (model.cond=false)"
+                            if not classes else f"--class {args.label} is not a class of {args.run} (0 to "
+                            f"{classes - 1})")
         rng = torch.Generator().manual_seed(args.seed)
         if args.interpolate:
             if args.out.suffix != ".png":
@@ -62,16 +75,24 @@ def main() -> int:
             z = torch.cat([slerp(a, b, t) for a, b in ends])
         else:
             z = torch.randn(args.num, cfg.model.z_dim, generator=rng)
-        out = G(z)
+        grid = args.out.suffix == ".png" and not args.interpolate
+        c = labels(G, len(z), classes, args.label, grid, rng)
+        if args.interpolate and c is not None:  # one class along each strip
+            c = c[::STRIP].repeat_interleave(STRIP) if args.label is None else c
+        sampler = make_sampler(args, G, cfg, torch.device('cpu')) if args.sampler == "drs" else G
+        out = sampler(z) if c is None else sampler(z, c)
         points = out.ndim == 2
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.out.suffix == ".npz":
-            np.savez(args.out, samples=out.numpy().astype(np.float32) if points else as_uint8(out))
+            arrays = {"samples": out.numpy().astype(np.float32) if points else as_uint8(out)}
+            np.savez(args.out, **arrays, **({} if c is None else {"labels": c.numpy()}))
         elif args.out.suffix == ".png":
             if points:
                 picture = scatter_plot(out, mixture_centers(cfg.data))
             else:
-                picture = image_grid(out, cols=STRIP if args.interpolate else None)
+                cols = STRIP if args.interpolate else min(classes, len(out)) if grid and classes and \
+                    args.label is None else None
+                picture = image_grid(out, cols=cols)
             Image.fromarray(picture).save(args.out)
         elif args.out.suffix == "":
             if points:
@@ -85,8 +106,21 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.code if err.code != 1 else 2
     print(f"wrote {args.out} ({len(out)} {'points' if points else 'images'} from {args.run}, {args.checkpoint}, "
-          f"{'G' if args.no_ema else 'G_ema'}, seed {args.seed})")
+          f"{'G' if args.no_ema else 'G_ema'}, seed {args.seed}"
+          f"{'' if args.label is None else f', class {args.label}'}{', DRS' if args.sampler == 'drs' else ''})")
     return 0
+
+
+def labels(G: torch.nn.Module, n: int, classes: int, label: int | None, grid: bool,
+           rng: torch.Generator) -> torch.Tensor | None:
+    """A conditional run's labels: all `label`, class-ordered columns for a grid, else the data's frequencies."""
+    if not classes:
+        return None
+    if label is not None:
+        return torch.full((n,), label, dtype=torch.int64)
+    if grid:
+        return torch.arange(n) % classes
+    return torch.multinomial(G.class_freqs(), n, replacement=True, generator=rng)
 
 
 if __name__ == "__main__":

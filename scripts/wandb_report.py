@@ -42,6 +42,8 @@ EVAL_PLOTS = [
     ("Inception score", ["eval/is"]),
     ("Precision / recall", ["eval/precision", "eval/recall"]),
     ("Class KL", ["eval/class_kl"]),
+    ("Class accuracy (conditional runs)", ["eval/class_acc"]),
+    ("Per-class FCD (conditional runs)", ["eval/fcd_class_mean", "eval/fcd_class_max"]),
     ("Modes covered (2-D runs)", ["eval/modes"]),
     ("High-quality samples (2-D runs)", ["eval/hq"]),
 ]

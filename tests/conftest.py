@@ -38,3 +38,19 @@ def classifier() -> Path:
     finally:
         torch.set_num_threads(1)
     return path
+
+
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory, shards, classifier) -> Path:
+    """One short class-conditional MNIST run with R3GAN's loss, R1 + R2, a BatchNorm-free D and top-k G updates,
+    evaluated at its end (shared by the tests of the conditional path and of rejection sampling)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from runs import launch
+
+    run = tmp_path_factory.mktemp("conditional")
+    launch(run, shards, 1, "model.cond=true", "loss.kind=rpgan", "loss.label_noise=0", "loss.r1_gamma=1",
+           "loss.r2_gamma=1", "loss.r1_every=2", "model.d_norm=none", "model.dropout=0", "loss.topk_gamma=0.5",
+           "loss.topk_min=0.5", "optim.beta1=0", "optim.beta2=0.99", "wandb.mode=disabled")
+    return run

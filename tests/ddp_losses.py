@@ -1,8 +1,10 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` by tests/test_losses_ddp.py.
 
-For every loss kind, with R1, spectral normalization and gradient accumulation over 2 micro-batches, one D step
-and one G step on DDP-wrapped MLPs must equal the same step taken by one process on the whole batch. Each rank
-writes its updated weights to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
+For every loss kind, with R1 / R2, spectral normalization and gradient accumulation over 2 micro-batches, one D step
+and one G step on DDP-wrapped MLPs must equal the same step taken by one process on the whole batch; also with
+class-conditional networks, and with top-k G updates, whose k best samples of each micro-step are chosen over both
+processes (the reference chooses them among the same micro-step's rows of the whole batch). Each rank writes its
+updated weights to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from gan_dist.config import LossConfig, ModelConfig
-from gan_dist.losses import d_step, g_step
+from gan_dist.losses import d_step, g_step, topk_weights
 from gan_dist.models import build_models
 
 CASES = {
@@ -24,8 +26,13 @@ CASES = {
     "ls": LossConfig(kind="ls", label_noise=0.0),
     "wgan_gp": LossConfig(kind="wgan_gp", label_noise=0.0),
     "ns_r1": LossConfig(kind="ns", label_noise=0.0, r1_gamma=1.0, r1_every=4),
+    "rpgan_r1_r2": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, r1_every=4),
+    "cond_rpgan_r1_r2": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, r1_every=4),
+    "cond_ns": LossConfig(kind="ns", label_noise=0.0),
+    "topk_ns": LossConfig(kind="ns", label_noise=0.0),
+    "topk_rpgan": LossConfig(kind="rpgan", label_noise=0.0),
 }
-GLOBAL, ACCUM, LR = 8, 2, 0.1
+GLOBAL, ACCUM, LR, CLASSES, TOPK = 8, 2, 0.1, 3, 3  # TOPK of each micro-step's 4 samples over both ranks
 
 
 class Summing:
@@ -38,10 +45,14 @@ class Summing:
         pass
 
 
-def nets(spectral_norm: bool):
+def nets(spectral_norm: bool, cond: bool = False):
     torch.manual_seed(0)
     return build_models(ModelConfig(arch="mlp", z_dim=4, hidden=16, depth=2, out_act="none",
-                                    spectral_norm=spectral_norm))
+                                    spectral_norm=spectral_norm, cond=cond, classes=CLASSES))
+
+
+def alone(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def chunks(ranks: list[int], world: int) -> dict[tuple[int, int], slice]:
@@ -54,19 +65,28 @@ def seeded(rank: int, micro: int) -> None:
     torch.manual_seed(1000 + 10 * rank + micro)  # WGAN-GP's interpolation weights, the same in the reference
 
 
-def reference(cfg: LossConfig, sn: bool, real, z_d, z_g, world: int) -> dict:
-    G, D = nets(sn)
+def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, world: int) -> dict:
+    G, D = nets(sn, name.startswith("cond"))
+    c = c if name.startswith("cond") else None
     cut = chunks(list(range(world)), world)
     parts = world * ACCUM
     for (r, m), rows in cut.items():
         seeded(r, m)
-        d_step(G, D, Summing(), real[rows], z_d[rows], cfg, lambda loss: (loss / parts).backward(), r1_due=True)
+        d_step(G, D, Summing(), real[rows], z_d[rows], cfg, lambda loss: (loss / parts).backward(), r1_due=True,
+               c=None if c is None else c[rows])
     with torch.no_grad():
         for p in D.parameters():
             p -= LR * p.grad
             p.grad = None
-    for (r, m), rows in cut.items():
-        g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / parts).backward())
+    if name.startswith("topk"):  # micro-step m: the m-th micro-batch of every rank, top-k chosen among them all
+        for m in range(ACCUM):
+            rows = torch.cat([torch.arange(GLOBAL)[cut[r, m]] for r in range(world)])
+            g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / ACCUM).backward(),
+                   real=real[rows] if cfg.kind == "rpgan" else None,
+                   select=lambda s: topk_weights(s, TOPK, alone, 0, 1))
+    for (r, m), rows in cut.items() if not name.startswith("topk") else ():
+        g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / parts).backward(),
+               real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows])
     with torch.no_grad():
         for p in G.parameters():
             p -= LR * p.grad
@@ -78,24 +98,31 @@ def main(out: Path) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(7)
     real, z_d, z_g = torch.randn(GLOBAL, 2), torch.randn(GLOBAL, 4), torch.randn(GLOBAL, 4)
+    labels = torch.randint(0, CLASSES, (GLOBAL,))
     results, refs = {}, {}
     for name, cfg in CASES.items():
+        c = labels if name.startswith("cond") else None
+        select = (lambda s: topk_weights(s, TOPK, accelerator.gather, rank, world)) if name.startswith("topk") \
+            else None
         for sn in (False, True):
-            G, D = nets(sn)
+            G, D = nets(sn, c is not None)
             opt_G, opt_D = torch.optim.SGD(G.parameters(), lr=LR), torch.optim.SGD(D.parameters(), lr=LR)
             G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
             cut = chunks([rank], world)
             for (r, m), rows in cut.items():
                 seeded(r, m)
                 with accelerator.accumulate(D):
-                    d_step(G, D, opt_D, real[rows], z_d[rows], cfg, accelerator.backward, r1_due=True)
+                    d_step(G, D, opt_D, real[rows], z_d[rows], cfg, accelerator.backward, r1_due=True,
+                           c=None if c is None else c[rows])
             for (r, m), rows in cut.items():
                 with accelerator.accumulate(G):
-                    g_step(G, D, opt_G, z_g[rows], cfg.kind, accelerator.backward)
+                    g_step(G, D, opt_G, z_g[rows], cfg.kind, accelerator.backward,
+                           real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
+                           select=select)
             key = f"{name}{'_sn' if sn else ''}"
             results[key] = {"G": accelerator.unwrap_model(G).state_dict(), "D": accelerator.unwrap_model(D).state_dict()}
             if rank == 0:
-                refs[key] = reference(cfg, sn, real, z_d, z_g, world)
+                refs[key] = reference(name, cfg, sn, real, labels, z_d, z_g, world)
     torch.save(results, out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(refs, out / "reference.pt")

@@ -3,7 +3,7 @@
 Covers: d_loss and g_loss values (binary cross-entropy with logits, computed here independently from the
 definition), their signs and gradient directions; the label noise U(0, label_noise) added to D's 1/0 targets
 (recovered exactly from the gradient, since BCE is linear in the target); g_loss staying finite for extreme
-logits; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
+logits; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its k; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
 changing only G (D's parameters unchanged, D's grads None), lowering G's loss, and restoring D.requires_grad even
 when backward raises.
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gan_dist.config import LossConfig, ModelConfig
-from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, r1_penalty
+from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, r1_penalty, topk_count, topk_weights
 from gan_dist.models import MLPDiscriminator, MLPGenerator
 
 
@@ -395,3 +395,95 @@ def test_wgan_gp_d_step_adds_the_weighted_penalty_and_reports_it():
     assert torch.allclose(seen["weight"][0], expected, atol=1e-4)
     # the logged loss_d is the critic's loss alone, without the penalty (w.x before the step: 3 x + 4 y)
     assert out["loss_d"].item() == pytest.approx((fake - real).mean(0).dot(w).item(), rel=1e-5)
+
+
+# R3GAN: the relativistic pairing loss and R2; top-k G updates (Sinha et al. 2020)
+
+
+def test_rpgan_losses_are_softplus_of_the_paired_differences():
+    r, f = REAL[:2].double(), FAKE[:2].double()
+    assert d_loss(r, f, "rpgan").item() == pytest.approx(torch.log1p(torch.exp(f - r)).mean().item())
+    assert g_loss(f, "rpgan", r).item() == pytest.approx(torch.log1p(torch.exp(r - f)).mean().item())
+    # Only the pairs' differences count: shifting both logits of every pair changes nothing.
+    assert d_loss(r + 3, f + 3, "rpgan").item() == pytest.approx(d_loss(r, f, "rpgan").item())
+
+
+def test_rpgan_pushes_each_pair_apart_for_d_and_together_for_g():
+    real, fake = torch.tensor([0.3, -0.5, 0.9]), torch.tensor([0.4, 0.6, -1.0])
+    g_real, g_fake = grads(lambda r, f: d_loss(r, f, "rpgan"), real, fake)
+    assert (g_real < 0).all() and (g_fake > 0).all() and torch.allclose(g_real, -g_fake)
+    g_fake, g_real = grads(lambda f, r: g_loss(f, "rpgan", r), fake, real)
+    assert (g_fake < 0).all() and (g_real > 0).all()
+    # The pair whose fake already scores above its real (0.6 against -0.5) moves G least.
+    assert g_fake.abs().argmin() == 1
+
+
+def test_r2_penalty_matches_per_sample_input_gradients_at_fake_samples():
+    torch.manual_seed(0)
+    D = MLPDiscriminator(ModelConfig(arch="mlp", hidden=16, depth=2))
+    fake = torch.randn(5, 2)
+    expected = torch.stack([torch.autograd.functional.jacobian(lambda p: D(p[None])[0], row).square().sum()
+                            for row in fake]).mean()
+    x = fake.clone().requires_grad_(True)
+    assert r1_penalty(D(x), x).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_lazy_r1_and_r2_in_d_step_add_both_penalties_scaled_by_the_gamma_schedule():
+    # D(x) = w.x: R1 = R2 = |w|^2 on every sample, each adding gamma * scale / 2 * r1_every * 2w to D's gradient.
+    G, _ = nets()
+    real, z = torch.randn(8, 2), torch.randn(8, 8)
+    cfg = LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=0.5, r2_gamma=2.0, r1_every=4)
+    D_ref = linear_d([0.3, -0.2])
+    with torch.no_grad():
+        fake = G(z)
+    d_loss(D_ref(real), D_ref(fake), "rpgan").backward()
+    w = D_ref[0].weight.detach()
+    for due in (True, False):
+        D, seen = linear_d([0.3, -0.2]), {}
+        out = d_step(G, D, _Keep(seen, D), real, z, cfg, backward, r1_due=due, gamma_scale=0.25)
+        extra = (cfg.r1_gamma + cfg.r2_gamma) * 0.25 / 2 * cfg.r1_every * 2 * w if due else 0
+        assert torch.allclose(seen["weight"], D_ref[0].weight.grad + extra, atol=1e-6)
+        assert out["r1"].item() == out["r2"].item() == pytest.approx(0.13 * cfg.r1_every if due else 0, rel=1e-5)
+
+
+def test_rpgan_g_step_needs_and_uses_the_real_batch():
+    G, D = nets()
+    opt_G = torch.optim.SGD(G.parameters(), lr=0.0)
+    z, real = torch.randn(6, 8), torch.randn(6, 2)
+    with torch.no_grad():
+        want = g_loss(D(G(z)), "rpgan", D(real))
+    assert g_step(G, D, opt_G, z, "rpgan", backward, real=real)["loss_g"].item() == pytest.approx(want.item())
+    with pytest.raises(TypeError):
+        g_step(G, D, opt_G, z, "rpgan", backward)
+
+
+def test_topk_weights_keep_the_k_best_scored_of_all_ranks():
+    scores = torch.tensor([0.1, 0.9, -0.3, 0.5, 0.5, 0.2])
+
+    def gather(_: torch.Tensor) -> torch.Tensor:
+        return scores  # as if two ranks held three scores each
+
+    w0 = topk_weights(scores[:3], 3, gather, rank=0, world=2)
+    w1 = topk_weights(scores[3:], 3, gather, rank=1, world=2)
+    # Global top 3: 0.9 (rank 0), then the tie 0.5 / 0.5 on rank 1, broken by global index; world / k each.
+    assert w0.tolist() == [0, pytest.approx(2 / 3), 0] and w1.tolist() == [pytest.approx(2 / 3)] * 2 + [0]
+    alone = topk_weights(scores, 3, lambda s: s, rank=0, world=1)
+    assert alone.sum().item() == pytest.approx(1.0) and alone.nonzero().flatten().tolist() == [1, 3, 4]
+
+
+def test_topk_count_decays_per_epoch_to_its_floor():
+    assert topk_count(64, 0.0, 0.99, 0.5) == 64
+    assert topk_count(64, 10.0, 0.99, 0.5) == math.ceil(64 * 0.99 ** 10)
+    assert topk_count(64, 1000.0, 0.99, 0.5) == 32
+    assert topk_count(64, 3.0, 1.0, 0.5) == 64
+
+
+def test_topk_g_step_moves_g_only_through_the_chosen_samples():
+    G, D = nets()
+    z = torch.randn(6, 8)
+    with torch.no_grad():
+        scores = D(G(z))
+    best = int(scores.argmax())
+    opt_G = torch.optim.SGD(G.parameters(), lr=0.0)
+    out = g_step(G, D, opt_G, z, "ns", backward, select=lambda s: topk_weights(s, 1, lambda t: t, 0, 1))
+    assert out["loss_g"].item() == pytest.approx(g_loss(scores[best:best + 1], "ns").item(), rel=1e-5)

@@ -106,9 +106,9 @@ def test_prefetch_hands_out_the_same_batches_and_positions(shards):
     plain = DeviceBatches(shard_batches(source, cfg.data, 32, 0, 0, 1), torch.device("cpu"), prefetch=False)
     ahead = DeviceBatches(shard_batches(source, cfg.data, 32, 0, 0, 1), torch.device("cpu"), prefetch=True)
     for _ in range(4):
-        a, b = next(plain), next(ahead)
+        (a, a_labels), (b, b_labels) = next(plain), next(ahead)
         # Positions are those of the batches handed out, not of the one fetched ahead: a checkpoint resumes there.
-        assert a.equal(b) and plain.state().equal(ahead.state()) and ahead.skipped == 0
+        assert a.equal(b) and a_labels.equal(b_labels) and plain.state().equal(ahead.state()) and ahead.skipped == 0
         assert a.dtype == torch.float32 and a.min() >= -1 and a.max() <= 1
 
 
@@ -122,7 +122,7 @@ class RGBBatches:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.index += 1
-        return torch.full((2, 3, 4, 4), self.index, dtype=torch.uint8), torch.zeros(2)
+        return torch.full((2, 3, 4, 4), self.index, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
 
     def state(self) -> torch.Tensor:
         return torch.tensor([[0, self.index, 0]])
@@ -132,7 +132,7 @@ def test_channels_last_batches_are_nhwc_with_the_same_values():
     plain, nhwc = DeviceBatches(RGBBatches(), torch.device("cpu")), DeviceBatches(
         RGBBatches(), torch.device("cpu"), channels_last=True)
     for _ in range(2):
-        a, b = next(plain), next(nhwc)
+        a, b = next(plain)[0], next(nhwc)[0]
         assert a.equal(b) and b.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous(
             memory_format=torch.channels_last)
 
@@ -142,7 +142,8 @@ def test_prefetched_points_keep_their_batch_index():
     plain = DeviceBatches(PointBatches(cfg, 8, 0, 0, 5), torch.device("cpu"), prefetch=False)
     ahead = DeviceBatches(PointBatches(cfg, 8, 0, 0, 5), torch.device("cpu"), prefetch=True)
     for i in range(3):
-        assert next(plain).equal(next(ahead)) and ahead.state().tolist() == [[5 + i + 1, 0, 0]]
+        (a, a_labels), (b, b_labels) = next(plain), next(ahead)
+        assert a.equal(b) and a_labels.equal(b_labels) and ahead.state().tolist() == [[5 + i + 1, 0, 0]]
 
 
 def test_ema_every_k_steps_follows_the_every_step_average():

@@ -18,10 +18,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "wandb_report.py"
 LINES = {  # y keys of each LinePlot, all over train/kimg
     ("train/loss_d", "train/loss_g"), ("train/d_real", "train/d_fake"),
     ("eval/fcd",), ("eval/kid",), ("eval/is",), ("eval/precision", "eval/recall"), ("eval/class_kl",),
+    ("eval/class_acc",), ("eval/fcd_class_mean", "eval/fcd_class_max"),
     ("eval/modes",), ("eval/hq",), ("perf/img_per_sec",), ("perf/data_wait_frac",),
 }
 MEDIA = {"samples/ema", "samples/G"}
-EVAL = ["eval/fcd", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl", "eval/modes", "eval/hq"]
+EVAL = ["eval/fcd", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl", "eval/class_acc",
+        "eval/fcd_class_mean", "eval/fcd_class_max", "eval/modes", "eval/hq"]
 ALL_KEYS = {"train/kimg", *MEDIA, *(key for keys in LINES for key in keys)}
 
 
