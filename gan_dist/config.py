@@ -35,6 +35,8 @@ class ModelConfig:
     dropout: float = 0.2  # dcgan D dropout before the last layer, as in seed 000
     hidden: int = 256  # mlp hidden units
     depth: int = 1  # mlp hidden layers
+    fourier_features: int = 0  # mlp D sees sin / cos of this many random projections of its input (0 = the input)
+    fourier_scale: float = 1.0  # ... drawn from N(0, fourier_scale^2): the finest detail D resolves ~ 1 / scale
     out_act: str = "tanh"  # mlp G output: tanh (seed 001) | none (mixtures outside [-1, 1])
     spectral_norm: bool = False  # spectral normalization (Miyato et al. 2018) of every D weight
     d_norm: str = "batch"  # D's normalization: batch (the seeds' BatchNorm) | none (R3GAN: rpgan + R1/R2 need none)
@@ -210,7 +212,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
     "run.lease_timeout_s": (5, 86400),
     "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
-    "model.dropout": (0, 1),
+    "model.dropout": (0, 1), "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
     "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),

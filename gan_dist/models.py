@@ -6,7 +6,11 @@
 - Radford et al.'s DCGAN (2015) for square images of side 2^k >= 16 (32x32, 64x64 RGB): G grows 4x4 by stride-2
   4x4 transposed convolutions with BatchNorm and ReLU, halving channels from `width * side / 8`; D mirrors it with
   LeakyReLU(0.2), no BatchNorm on its first layer, and a 4x4 valid convolution to one logit; N(0, 0.02) init.
-- MLP for 2-D points (seed 001): G z -> 256 -> 2 (tanh), D 2 -> 256 -> 1, ReLU, logits out.
+- MLP for 2-D points (seed 001): G z -> 256 -> 2 (tanh), D 2 -> 256 -> 1, ReLU, logits out. With
+  `model.fourier_features`, D reads sin and cos of random projections of the point (Tancik et al. 2020): a ReLU MLP
+  on raw coordinates cannot resolve modes far narrower than their spacing (measured: a fresh D tells the grid's data
+  from a G with 30% of its samples between modes no better than 54% of the time; with 128 features of scale 10,
+  74%), so it can neither push G off the gaps nor, calibrated, reject G's samples there.
 - `model.spectral_norm` puts spectral normalization on every D weight, for any arch; `model.d_norm=none` drops D's
   BatchNorm (R3GAN: its losses and penalties need none, and R1 / R2 per sample want no batch coupling).
 - `model.cond`: a class-conditional pair for any arch. G concatenates a learned label embedding to z (and counts the
@@ -66,12 +70,17 @@ class Discriminator(nn.Module):
 
     head = 1
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: nn.Module = nn.Identity()
+
     def project(self, features: int, cfg: ModelConfig) -> None:
         self.embed = nn.Embedding(cfg.classes, features) if cfg.cond else None
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, 0.0, features ** -0.5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.inputs(x)
         if c is None:
             return self.net(x).flatten(1).squeeze(1)  # (B,) logits
         h = self.net[:-self.head](x)
@@ -161,10 +170,25 @@ class MLPGenerator(nn.Module):
         return self.net(z)  # (B, 2)
 
 
+class FourierFeatures(nn.Module):
+    """x -> [sin(x B), cos(x B)], B ~ N(0, scale^2) of shape (2, n), fixed at construction (a buffer)."""
+
+    def __init__(self, n: int, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(2, n) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.freqs.to(x.dtype)
+        return torch.cat([h.sin(), h.cos()], 1)
+
+
 class MLPDiscriminator(Discriminator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.net = _mlp([2] + [cfg.hidden] * cfg.depth + [1], None)
+        n = cfg.fourier_features
+        if n:
+            self.inputs = FourierFeatures(n, cfg.fourier_scale)
+        self.net = _mlp([2 * n if n else 2] + [cfg.hidden] * cfg.depth + [1], None)
         self.project(cfg.hidden, cfg)
 
 

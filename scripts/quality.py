@@ -1,14 +1,16 @@
 """The quality protocol: train each config of a suite from scratch, score it, and write markdown tables.
 
     python scripts/quality.py --suite 2d|mnist|all [--seeds N] [--jobs J] [--out docs/results.md] [--runs DIR]
-                              [--configs FILE ...] [--set KEY=VALUE ...]
+                              [--configs FILE ...] [--set KEY=VALUE ...] [--no-drs]
 
 `2d` trains ring8 and grid25 for seeds 0..N-1 and reports each seed's last evaluation beside the published numbers;
-`mnist` trains `configs/mnist_cpu.yaml` (seed 0), with CUDA also the seed DCGAN and `configs/mnist_best.yaml`, and
-reports every evaluation, the minute it appeared and the real-data floors. Each training is `python train.py --config
-FILE seed=S run.dir=RUNS/<stem>/seed<S> wandb.mode=disabled [--set overrides]`, started afresh, its output kept in
-`train.log` there; `--jobs` of them run at once (default 2 on a CPU with 2+ cores, 1 with CUDA), each with
-OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs (the tests train short runs with it). The
+`mnist` trains `configs/mnist_cpu.yaml` and `configs/mnist_cond_cpu.yaml` (seed 0), with CUDA also the seed DCGAN
+and `configs/mnist_best.yaml`, and reports every evaluation, the minute it appeared and the real-data floors. After
+each training, `scripts/evaluate.py --sampler drs` scores its final G_ema through discriminator rejection sampling:
+those numbers are a row (2-D: columns) of their own, apart from the training-time ones (`--no-drs` skips them).
+Each training is `python train.py --config FILE seed=S run.dir=RUNS/<stem>/seed<S> wandb.mode=disabled [--set
+overrides]`, started afresh, its output kept in `train.log` there; `--jobs` of them run at once (default: 2-D 2
+on a CPU with 2+ cores, else 1), each with OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs (the tests train short runs with it). The
 suite's section of `--out` is replaced, the rest of the file kept, and the same text printed.
 """
 
@@ -43,9 +45,10 @@ from gan_dist.errors import UserError  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("2d", "mnist")
 CONFIGS_2D = ("configs/ring8_best.yaml", "configs/grid25_best.yaml")
-MNIST_CPU = "configs/mnist_cpu.yaml"
+MNIST_CPU = ("configs/mnist_cpu.yaml", "configs/mnist_cond_cpu.yaml")
 MNIST_GPU = ("configs/mnist_dcgan.yaml", "configs/mnist_best.yaml")
 GOALS_2D = {"ring8": (8, 98.0), "grid25": (25, 95.0)}  # every seed: all modes, and at least this % high quality
+GOALS_DRS = {"ring8": 99.5, "grid25": 99.0}  # ... with rejection sampling
 PUBLISHED = (("PacGAN4", "7.8 / 95.9", "24.8 / 93.6"), ("VEEGAN", "8 / 52.9", "24.6 / 40.0"),
              ("GDPP", "8.0 / 71.7", "24.8 / 68.5"))
 PUBLISHED_NOTE = ("Published, modes / high quality % (2,500 samples; high quality = within 3 standard deviations of "
@@ -73,6 +76,7 @@ class Job:
     rows: list[dict] = field(default_factory=list)  # every eval row, with `wall_s`: when it appeared
     wall: float = 0.0
     code: int | None = None
+    drs: dict | None = None  # scripts/evaluate.py --sampler drs on final/
 
 
 def _show(path: Path) -> str:
@@ -124,11 +128,31 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job
     return job
 
 
-def run_all(jobs: list[Job], sets: list[str], parallel: int) -> None:
-    """Trains every job, `parallel` at a time; the first failure stops the others and is reported."""
+def score_drs(job: Job, threads: int, stop: threading.Event) -> Job:
+    """The final G_ema's metrics through discriminator rejection sampling, kept in `drs.json` beside the run."""
+    if job.code != 0 or stop.is_set():
+        return job
+    out = job.dir / "drs.json"
+    cmd = [sys.executable, "scripts/evaluate.py", "--run", str(job.dir), "--sampler", "drs", "--out", str(out)]
+    with (job.dir / "drs.log").open("w") as log:
+        job.code = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
+    if job.code == 0:
+        job.drs = json.loads(out.read_text())
+    return job
+
+
+def run_all(jobs: list[Job], sets: list[str], parallel: int, drs: bool = True) -> None:
+    """Trains every job (and scores it with DRS), `parallel` at a time; the first failure stops the others and is
+    reported."""
     threads, stop, failed = _threads(parallel), threading.Event(), None
+
+    def one(job: Job) -> Job:
+        job = train(job, sets, threads, stop)
+        return score_drs(job, threads, stop) if drs else job
+
     with ThreadPoolExecutor(parallel) as pool:
-        for done in as_completed([pool.submit(train, job, sets, threads, stop) for job in jobs]):
+        for done in as_completed([pool.submit(one, job) for job in jobs]):
             job = done.result()
             if job.code == 0 and not stop.is_set():  # a training stopped by SIGTERM may exit 0 too
                 print(f"{_show(job.config)} seed {job.seed}: {_duration(job.wall)}", flush=True)
@@ -136,11 +160,12 @@ def run_all(jobs: list[Job], sets: list[str], parallel: int) -> None:
                 failed = job
                 stop.set()
     if failed:
-        log = failed.dir / "train.log"
+        log = failed.dir / ("drs.log" if (failed.dir / "drs.log").is_file() else "train.log")
         lines = [line.rsplit("\r", 1)[-1] for line in log.read_text(errors="replace").splitlines()]
         print("\n".join(lines[-TAIL:]), file=sys.stderr)
-        raise UserError(f"training {_show(failed.config)} seed {failed.seed} failed (exit status {failed.code}); "
-                        f"its full output is in {log}")
+        what = "DRS scoring of" if log.name == "drs.log" else "training"
+        raise UserError(f"{what} {_show(failed.config)} seed {failed.seed} failed (exit status {failed.code}); its "
+                        f"full output is in {log}")
 
 
 def hardware(cuda: bool) -> str:
@@ -177,6 +202,8 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
              f"- hardware: {hardware(cuda)}",
              f"- code: commit {commit(args.out)}",
              f"- each training: `{template}`, {parallel} at a time, OMP_NUM_THREADS={_threads(parallel)}",
+             *([] if args.no_drs else ["- then, rejection sampling: `python scripts/evaluate.py --run RUN --sampler "
+                                       "drs` (final G_ema; D calibrated 500 steps; gamma at the 80th percentile)"]),
              f"- seeds: {', '.join(map(str, seeds))}; wall time of the suite: {_duration(wall)}", ""]
     for path in configs:
         text = path.read_text().strip() if path.is_file() else "# not in this checkout"
@@ -204,20 +231,31 @@ def _spread(values: list[float], fmt: str, worst: str) -> str:
 def table_2d(config: Path, jobs: list[Job]) -> str:
     dataset, rows = _dataset(jobs[0]), [_last(job, "eval/hq") for job in jobs]
     modes, hq, kl = ([r[f"eval/{k}"] for r in rows] for k in ("modes", "hq", "reverse_kl"))
+    drs = all(job.drs for job in jobs)
+    head = "| seed | steps | modes covered | high quality % | reverse KL | wall time |"
     lines = [f"### {dataset}: `{_show(config)}`", "",
-             "| seed | steps | modes covered | high quality % | reverse KL | wall time |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             head + (" DRS: modes | DRS: high quality % |" if drs else ""),
+             "| --- " * (6 + 2 * drs) + "|"]
     lines += [f"| {job.seed} | {r['train/step']} | {r['eval/modes']:.0f} | {r['eval/hq']:.2f} | "
-              f"{r['eval/reverse_kl']:.4g} | {_duration(job.wall)} |" for job, r in zip(jobs, rows)]
+              f"{r['eval/reverse_kl']:.4g} | {_duration(job.wall)} |" +
+              (f" {job.drs['modes']:.0f} | {job.drs['hq']:.2f} |" if drs else "") for job, r in zip(jobs, rows)]
     walls = [job.wall for job in jobs]
     lines += [(f"| mean ± std (worst) | | {_spread(modes, '.1f', 'min')} | {_spread(hq, '.2f', 'min')} | "
-               f"{_spread(kl, '.4f', 'max')} | {_duration(statistics.mean(walls))} (max {_duration(max(walls))}) |"),
-              ""]
+               f"{_spread(kl, '.4f', 'max')} | {_duration(statistics.mean(walls))} (max {_duration(max(walls))}) |" +
+               (f" {_spread([j.drs['modes'] for j in jobs], '.1f', 'min')} | "
+                f"{_spread([j.drs['hq'] for j in jobs], '.2f', 'min')} |" if drs else "")), ""]
     if dataset in GOALS_2D:
         want, least = GOALS_2D[dataset]
         missed = [str(job.seed) for job, r in zip(jobs, rows) if r["eval/modes"] < want or r["eval/hq"] < least]
         verdict = f"**not met** (seeds {', '.join(missed)})" if missed else "**met**"
-        lines += [f"Goal, every seed {want}/{want} modes and at least {least:g}% high quality: {verdict}.", ""]
+        lines += [f"Goal, every seed {want}/{want} modes and at least {least:g}% high quality: {verdict}."]
+        if drs:
+            least = GOALS_DRS[dataset]
+            missed = [str(j.seed) for j in jobs if j.drs["modes"] < want or j.drs["hq"] < least]
+            verdict = f"**not met** (seeds {', '.join(missed)})" if missed else "**met**"
+            lines += [f"With DRS (`scripts/evaluate.py --sampler drs`, final G_ema, default 80th percentile), every "
+                      f"seed {want}/{want} modes and at least {least:g}%: {verdict}."]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -239,24 +277,39 @@ def _mnist_cells(row: dict, suffix: str) -> str:
             f"{100 * m['class_max']:.1f} | {m['precision']:.3f} | {m['recall']:.3f}")
 
 
+def _cond_cells(row: dict, suffix: str) -> str:
+    return f"{100 * row[f'eval/class_acc{suffix}']:.2f} | {row[f'eval/fcd_class_mean{suffix}']:.4g}"
+
+
 def table_mnist(job: Job) -> str:
     last, gpu_goals = _last(job, "eval/fcd"), _show(job.config) in MNIST_GPU
-    rows, factor = [r for r in job.rows if "eval/fcd" in r], 2 if gpu_goals else 3
+    cond = "eval/class_acc" in last
+    rows, factor = [r for r in job.rows if "eval/fcd" in r], 2 if gpu_goals or cond else 3
+    extra = " class accuracy % | per-class FCD (mean) |" if cond else ""
     lines = [f"### `{_show(job.config)}`, seed {job.seed}: {_duration(job.wall)}", "",
-             "| step | kimg | epochs | minute | FCD | KID | IS | class min % | class max % | precision | recall |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| step | kimg | epochs | minute | FCD | KID | IS | class min % | class max % | precision | recall |" +
+             extra, "| --- " * (11 + 2 * cond) + "|"]
     lines += [f"| {r['train/step']} | {r['train/kimg']:.1f} | {r['train/kimg'] * 1000 / MNIST_IMAGES:.2f} | "
-              f"{r['wall_s'] / 60:.1f} | {_mnist_cells(r, '')} |" for r in rows]
-    lines.append(f"| real data (floor) | | | | {_mnist_cells(last, '_real')} |")
+              f"{r['wall_s'] / 60:.1f} | {_mnist_cells(r, '')} |" + (f" {_cond_cells(r, '')} |" if cond else "")
+              for r in rows]
+    if job.drs:
+        drs = {f"eval/{k}": v for k, v in job.drs.items()}
+        lines.append(f"| DRS on the final G_ema | | | | {_mnist_cells(drs, '')} |" +
+                     (f" {_cond_cells(drs, '')} |" if cond else ""))
+    lines.append(f"| real data (floor) | | | | {_mnist_cells(last, '_real')} |" +
+                 (f" {_cond_cells(last, '_real')} |" if cond else ""))
     goals = [(f"FCD ≤ {factor} × floor ({factor * last['eval/fcd_real']:.4g})",
               last["eval/fcd"] <= factor * last["eval/fcd_real"])]
-    if gpu_goals:
-        goals += [("IS ≥ 9.5", last["eval/is"] >= 9.5),
+    if cond:
+        goals += [("≥ 98% of samples classified as their label", last["eval/class_acc"] >= 0.98)]
+    else:
+        goals += [(f"IS ≥ {9.5 if gpu_goals else 9.0}", last["eval/is"] >= (9.5 if gpu_goals else 9.0)),
                   ("every digit 8-12%", last["eval/class_min"] >= 0.08 and last["eval/class_max"] <= 0.12)]
-    hit = next((r for r in rows if r["eval/fcd"] <= 3 * r["eval/fcd_real"]), None)
+    hit = next((r for r in rows if r["eval/fcd"] <= factor * r["eval/fcd_real"]), None)
     first = "none" if hit is None else f"step {hit['train/step']}, minute {hit['wall_s'] / 60:.1f}"
     verdicts = "; ".join(f"{goal} **{'met' if ok else 'not met'}**" for goal, ok in goals)
-    lines += ["", f"Goals at the last evaluation: {verdicts}. First evaluation with FCD ≤ 3 × floor: {first}.", ""]
+    lines += ["", f"Goals at the last evaluation (training-time numbers, without DRS): {verdicts}. First evaluation "
+              f"with FCD ≤ {factor} × floor: {first}.", ""]
     return "\n".join(lines)
 
 
@@ -281,15 +334,16 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
         configs, unmeasured = [REPO / p for p in CONFIGS_2D], []
     else:
         gpu = [REPO / p for p in MNIST_GPU]
-        configs, unmeasured = [REPO / MNIST_CPU] + (gpu if cuda else []), [] if cuda else gpu
+        configs, unmeasured = [REPO / p for p in MNIST_CPU] + (gpu if cuda else []), [] if cuda else gpu
     for path in configs:
         if not path.is_file():
             raise UserError(f"config file '{_show(path)}' not found; create it or name others with --configs")
     seeds = range(args.seeds) if suite == "2d" else [0]
     jobs = [Job(c, s, args.runs / c.stem / f"seed{s}") for c in configs for s in seeds]
-    parallel = min(parallel, len(jobs))  # a single MNIST training gets every core
+    # An MNIST training gets every core (its wall time is a goal) unless --jobs says otherwise.
+    parallel = min(parallel, len(jobs)) if suite == "2d" or args.jobs else 1
     start = time.monotonic()
-    run_all(jobs, args.set, parallel)
+    run_all(jobs, args.set, parallel, not args.no_drs)
     wall = time.monotonic() - start
     if suite == "2d":
         title, body = "2-D mixtures", section_2d({c: [j for j in jobs if j.config == c] for c in configs})
@@ -313,6 +367,7 @@ def main() -> int:
     parser.add_argument("--configs", type=Path, nargs="+", help="train these instead of the suite's configs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override added to every training (repeat for more)")
+    parser.add_argument("--no-drs", action="store_true", help="skip the rejection-sampling scores")
     args = parser.parse_args()
     args.out, args.runs = args.out.resolve(), args.runs.resolve()
     try:

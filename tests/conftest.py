@@ -50,7 +50,11 @@ def conditional_run(tmp_path_factory, shards, classifier) -> Path:
     from runs import launch
 
     run = tmp_path_factory.mktemp("conditional")
-    launch(run, shards, 1, "model.cond=true", "loss.kind=rpgan", "loss.label_noise=0", "loss.r1_gamma=1",
-           "loss.r2_gamma=1", "loss.r1_every=2", "model.d_norm=none", "model.dropout=0", "loss.topk_gamma=0.5",
-           "loss.topk_min=0.5", "optim.beta1=0", "optim.beta2=0.99", "wandb.mode=disabled")
+    launch(run, shards, 1, *CONDITIONAL)
     return run
+
+
+CONDITIONAL = ("model.cond=true", "loss.kind=rpgan", "loss.label_noise=0", "loss.r1_gamma=1", "loss.r2_gamma=1",
+               "loss.r1_every=2", "model.d_norm=none", "model.dropout=0", "loss.topk_gamma=0.5", "loss.topk_min=0.5",
+               "optim.beta1=0", "optim.beta2=0.99", "optim.schedule=cosine", "optim.lr_end=0.1",
+               "optim.schedule_kimg=1", "loss.gamma_end=0.1", "wandb.mode=disabled")

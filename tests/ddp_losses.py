@@ -120,7 +120,8 @@ def main(out: Path) -> None:
                            real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
                            select=select)
             key = f"{name}{'_sn' if sn else ''}"
-            results[key] = {"G": accelerator.unwrap_model(G).state_dict(), "D": accelerator.unwrap_model(D).state_dict()}
+            results[key] = {"G": accelerator.unwrap_model(G).state_dict(),
+                            "D": accelerator.unwrap_model(D).state_dict()}
             if rank == 0:
                 refs[key] = reference(name, cfg, sn, real, labels, z_d, z_g, world)
     torch.save(results, out / f"rank{rank}.pt")

@@ -9,6 +9,7 @@ The DDP step math of conditional networks (and of top-k) is checked against one 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runs import jsonl, launch  # noqa: E402
+from conftest import CONDITIONAL  # noqa: E402
+from runs import assert_same_weights, jsonl, launch, weights, without_timing  # noqa: E402
 
 
 def test_a_conditional_run_is_scored_per_class(conditional_run):
@@ -57,6 +59,20 @@ def test_sample_script_draws_one_class_or_the_data_frequencies(conditional_run, 
     proc = subprocess.run([sys.executable, "scripts/sample.py", "--run", str(conditional_run), "--num", "3",
                            "--out", str(tmp_path / "x.npz"), "--class", "10"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --class 10 is not a class")
+
+
+def test_conditional_r3gan_top_k_run_resumes_bit_exactly(conditional_run, shards, tmp_path):
+    # The run's folder as a preemption after step 30 would leave it: continued to 40, labels, class counts, top-k's
+    # k and the gamma and rate schedules over images seen pick up where they were, so the weights and the logged
+    # rows equal the uninterrupted run's.
+    run = tmp_path / "run"
+    shutil.copytree(conditional_run, run, symlinks=True)
+    for name in ("final", "best"):
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints" / "step_00000040")
+    assert "resumed from" in launch(run, shards, 1, *CONDITIONAL)
+    assert_same_weights(weights(run), weights(conditional_run))
+    assert without_timing(jsonl(run)) == without_timing(jsonl(conditional_run))
 
 
 def test_two_process_conditional_run_with_r3gan_and_top_k(tmp_path):

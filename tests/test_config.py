@@ -234,6 +234,13 @@ def test_yaml_that_is_not_a_mapping_is_a_user_error(tmp_path):
     ("loss.r1_gamma=-1", "loss.r1_gamma"),
     ("loss.kind=wgan", "loss.kind"),
     ("optim.schedule=step", "optim.schedule"),
+    ("loss.r2_gamma=-1", "loss.r2_gamma"),
+    ("loss.topk_gamma=0", "loss.topk_gamma"),
+    ("loss.topk_min=1.5", "loss.topk_min"),
+    ("loss.gamma_end=2", "loss.gamma_end"),
+    ("optim.lr_end=-0.1", "optim.lr_end"),
+    ("model.d_norm=layer", "model.d_norm"),
+    ("data.classes=-3", "data.classes"),
 ])
 def test_values_torch_rejects_are_config_errors(override, key):
     err = user_error([override])
@@ -241,10 +248,27 @@ def test_values_torch_rejects_are_config_errors(override, key):
 
 
 def test_label_noise_with_a_margin_loss_names_the_fix():
-    # The default label noise has no meaning for hinge or WGAN losses: say so instead of ignoring it.
-    err = user_error(["loss.kind=hinge"])
-    assert err.code == 2 and "loss.label_noise=0" in str(err)
-    assert load_config(["loss.kind=hinge", "loss.label_noise=0"]).loss.kind == "hinge"
+    # The default label noise has no meaning for hinge, WGAN or relativistic losses: say so instead of ignoring it.
+    for kind in ("hinge", "rpgan"):
+        err = user_error([f"loss.kind={kind}"])
+        assert err.code == 2 and "loss.label_noise=0" in str(err)
+        assert load_config([f"loss.kind={kind}", "loss.label_noise=0"]).loss.kind == kind
+
+
+def test_classes_default_to_the_datasets_own_and_conditional_shards_need_them():
+    assert load_config([]).model.classes == load_config([]).data.classes == 10
+    assert load_config(["data.dataset=grid25"]).model.classes == 25
+    err = user_error(["data.dataset=webdataset", "data.shards=/x", "model.cond=true"])
+    assert err.code == 2 and "data.classes" in str(err)
+    shards = ["data.dataset=webdataset", "data.shards=/x", "model.cond=true", "data.classes=7"]
+    assert load_config(shards).model.classes == 7
+    err = user_error(["model.classes=3"])
+    assert err.code == 2 and "set data.classes alone" in str(err)
+
+
+def test_r2_is_a_gradient_penalty_that_compile_cannot_train():
+    err = user_error(["perf.compile=true", "loss.r2_gamma=1"])
+    assert err.code == 2 and "loss.r2_gamma" in str(err)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -644,3 +644,19 @@ def test_device_cache_mnist_idx_files_equal_their_shards(shards):
 def test_device_cache_auto_holds_what_fits(setting, mode, counts, wanted):
     c = cfg(device_cache=setting, mode=mode, resolution=28)
     assert data.wants_device_cache(c, Source(["a.tar"], counts)) is wanted
+
+
+def test_labels_outside_data_classes_are_bad_samples_in_the_cache_and_the_loader(tmp_path, capsys):
+    # write_shards labels every sample 3; one more shard holds class 1. With data.classes=2 (a conditional run's
+    # embedding has rows 0 and 1 only) the 3s are skipped and counted, never handed to the networks.
+    urls = write_shards(tmp_path / "s", sizes=[4])
+    with wds.TarWriter(str(tmp_path / "s" / "train-00001.tar")) as writer:
+        for i in (4, 5):
+            writer.write({"__key__": f"sample_{i:05d}", "png": png(i), "cls": b"1"})
+    src = Source([*urls, str(tmp_path / "s" / "train-00001.tar")], [4, 2])
+    b = cached(src, batch=2, classes=2)
+    assert b.n == 2 and b.labels.tolist() == [1, 1] and b.skipped == 4
+    assert "cls 3 is not a class from 0 to 1 (data.classes=2)" in capsys.readouterr().err
+    labels = next(iter(stream(src, classes=2, mode="resampled")))[1]
+    assert set(np.asarray(labels).tolist()) == {1}
+    assert cached(src, batch=2).n == 6  # without data.classes every label is taken as it is

@@ -3,9 +3,9 @@
 Covers: d_loss and g_loss values (binary cross-entropy with logits, computed here independently from the
 definition), their signs and gradient directions; the label noise U(0, label_noise) added to D's 1/0 targets
 (recovered exactly from the gradient, since BCE is linear in the target); g_loss staying finite for extreme
-logits; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its k; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
+logits; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
 changing only G (D's parameters unchanged, D's grads None), lowering G's loss, and restoring D.requires_grad even
-when backward raises.
+when backward raises; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its k.
 
 Run from the repo root:
 

@@ -327,3 +327,59 @@ def test_radford_dcgan_64_has_the_published_layers_and_size():
     # No BatchNorm on D's first layer; N(0, 0.02) conv weights.
     assert not isinstance(list(D.net)[1], nn.BatchNorm2d) and isinstance(list(D.net)[3], nn.BatchNorm2d)
     assert d_convs[1].weight.detach().std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# Class-conditional networks (model.cond) and a BatchNorm-free D (model.d_norm=none)
+
+
+@pytest.mark.parametrize("arch, side", [("dcgan", 28), ("radford", 32), ("mlp", 28)])
+def test_conditional_g_follows_its_label_and_d_adds_the_class_projection(arch, side):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, z_dim=8, width=8, resolution=side, hidden=16, cond=True, classes=4, dropout=0.0)
+    G, D = build_models(cfg)
+    G.eval(), D.eval()
+    z = torch.randn(3, 8).repeat(2, 1)
+    c = torch.tensor([0, 1, 2, 3, 3, 3])
+    x = G(z, c)
+    assert not torch.allclose(x[:3], x[3:])  # the same noise drawn for different classes differs
+    with torch.no_grad():
+        D.embed.weight.zero_()
+    assert torch.equal(D(x, c), D(x))  # a zero class embedding leaves the unconditional logit
+    with torch.no_grad():
+        D.embed.weight[3].fill_(0.1)
+    h = D.net[:-D.head](x).flatten(1)
+    assert torch.allclose(D(x, c) - D(x), 0.1 * h.sum(1) * (c == 3), atol=1e-5)
+
+
+def test_conditional_g_counts_labels_into_class_frequencies():
+    G, _ = build_models(ModelConfig(arch="mlp", z_dim=4, cond=True, classes=3))
+    assert torch.allclose(G.class_freqs(), torch.full((3,), 1 / 3))
+    G.count(torch.tensor([0, 2, 2, 2]))
+    assert G.class_counts.tolist() == [1, 0, 3] and torch.allclose(G.class_freqs(), torch.tensor([0.25, 0, 0.75]))
+
+
+@pytest.mark.parametrize("arch, side", [("dcgan", 28), ("radford", 32)])
+def test_d_norm_none_leaves_no_batchnorm_and_keeps_each_logit_its_own(arch, side):
+    torch.manual_seed(0)
+    _, D = build_models(ModelConfig(arch=arch, width=8, resolution=side, d_norm="none", dropout=0.0))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
+    x = torch.randn(4, 1, side, side)
+    assert torch.allclose(D(x)[:1], D(x[:1]), atol=1e-6)  # no batch statistics couple the samples
+
+
+def test_unconditional_weights_keep_their_names():
+    # Exports and checkpoints written before model.cond load into the same unconditional networks.
+    G, D = build_models(ModelConfig())
+    assert "fc.0.weight" in G.state_dict() and "net.0.weight" in D.state_dict() and "embed.weight" not in D.state_dict()
+
+
+def test_mlp_d_with_fourier_features_reads_sines_and_cosines_of_fixed_projections():
+    torch.manual_seed(0)
+    _, D = build_models(ModelConfig(arch="mlp", hidden=16, fourier_features=8, fourier_scale=10.0))
+    freqs = D.state_dict()["inputs.freqs"]
+    assert freqs.shape == (2, 8) and D.net[0].in_features == 16 and 5 < freqs.std().item() < 20
+    x = torch.randn(4, 2)
+    h = x @ freqs
+    assert torch.allclose(D(x), D.net(torch.cat([h.sin(), h.cos()], 1)).squeeze(1))
+    # Features of scale 10 vary over a few hundredths: a shift of 0.05 (one std of grid25's modes) is seen.
+    assert not torch.allclose(D(x), D(x + 0.05), atol=1e-3)

@@ -69,3 +69,13 @@ def test_spectral_norm_bounds_every_d_weight_by_one(arch):
         assert sigma.item() == pytest.approx(1.0, abs=0.02)
     _, plain = build_models(ModelConfig(arch=arch, width=8, hidden=32))
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in plain.modules())
+
+
+def test_decay_ends_at_lr_end_and_can_run_over_images_seen():
+    cfg = OptimConfig(schedule="cosine", lr_end=0.25)
+    assert lr_factor(0, 100, cfg) == 1.0 and lr_factor(100, 100, cfg) == pytest.approx(0.25)
+    assert lr_factor(50, 100, OptimConfig(schedule="linear", lr_end=0.5)) == pytest.approx(0.75)
+    # R3GAN's way: the decay runs over schedule_kimg thousand images, whatever the step count, then holds.
+    by_images = OptimConfig(schedule="cosine", lr_end=0.1, schedule_kimg=2.0)
+    assert lr_factor(5, 10**6, by_images, nimg=1000) == pytest.approx(0.55)
+    assert lr_factor(5, 10**6, by_images, nimg=5000) == pytest.approx(0.1)

@@ -1,6 +1,6 @@
-"""scripts/quality.py on short ring8 runs: the markdown holds every seed's numbers from its metrics.jsonl, the
-command and the hardware; a failing training stops it with an error naming its log; rewriting one suite's section
-keeps the rest of the results file byte for byte.
+"""scripts/quality.py on short ring8 runs: the markdown holds every seed's numbers from its metrics.jsonl and its
+rejection-sampling scores, the command and the hardware; a failing training stops it with an error naming its
+log; rewriting one suite's section keeps the rest of the results file byte for byte.
 
 Run: python -m pytest tests/test_quality.py -q   (about 30 s on 2 cores)
 """
@@ -65,9 +65,13 @@ def test_table_holds_each_seeds_last_evaluation(two_seeds):
         for cell, key in zip(cells[2:5], ("eval/modes", "eval/hq", "eval/reverse_kl")):
             assert printed(cell, last[key]), (seed, key, cell, last[key])
         assert cells[5].endswith(" s") and (run / "train.log").is_file()
+        # Rejection sampling's numbers are columns of their own, from scripts/evaluate.py --sampler drs.
+        drs = json.loads((run / "drs.json").read_text())
+        assert drs["sampler"] == "drs" and printed(cells[6], drs["modes"]) and printed(cells[7], drs["hq"])
     mean_hq = table_row(markdown, "mean ± std (worst)")[3].split()[0]
     assert printed(mean_hq, sum(hq) / 2)
     assert "Goal, every seed 8/8 modes and at least 98% high quality: **not met** (seeds 0, 1)." in markdown
+    assert "every seed 8/8 modes and at least 99.5%: **not met** (seeds 0, 1)." in markdown
     assert "| PacGAN4 | 7.8 / 95.9 | 24.8 / 93.6 |" in markdown
 
     # The section states how it was made, and the same text went to stdout.
