@@ -207,7 +207,6 @@ class ShardStream(IterableDataset):
         flip = self.cfg.hflip and zlib.crc32(name.encode()) & 1
         return decode_image(sample, self.cfg.resolution, self.cfg.channels, bool(flip)), class_of(sample, self.cfg)
 
-
     def _batches(self, worker: int) -> Iterator[tuple]:
         chunk, offset, self.skipped = self.positions[worker]
         items, empty = [], 0

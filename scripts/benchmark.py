@@ -314,11 +314,13 @@ def main() -> int:
             raise UserError(f"unknown switch {unknown[0]}; choose from {', '.join(SWITCHES)}" if unknown else
                             "--processes must include 1: scaling and the bare loop are measured against it", code=2)
         cfg = load_config(argv)  # a bad key fails here, once, not in every launch
-        if cfg.loss.r1_gamma > 0 or cfg.loss.kind == "wgan_gp" or cfg.loss.n_critic > 1 or \
+        if cfg.loss.r1_gamma > 0 or cfg.loss.r2_gamma > 0 or cfg.loss.kind in ("wgan_gp", "rpgan") or \
+                cfg.loss.n_critic > 1 or cfg.loss.topk_gamma < 1 or cfg.model.cond or \
                 cfg.train.mixed_precision == "fp16":
-            raise UserError("the bare loop has plain D and G steps: benchmark without gradient penalties, n_critic "
-                            "> 1 or fp16 (loss.r1_gamma=0, loss.kind other than wgan_gp, loss.n_critic=1, "
-                            "train.mixed_precision no or bf16)", code=2)
+            raise UserError("the bare loop has plain unconditional D and G steps: benchmark without gradient "
+                            "penalties, rpgan, top-k, model.cond, n_critic > 1 or fp16 (loss.r1_gamma=0, "
+                            "loss.r2_gamma=0, loss.kind other than wgan_gp and rpgan, loss.topk_gamma=1, "
+                            "model.cond=false, loss.n_critic=1, train.mixed_precision no or bf16)", code=2)
         start = time.perf_counter()
         runs, done = {}, {}
         with tempfile.TemporaryDirectory() as tmp:

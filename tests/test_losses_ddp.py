@@ -1,5 +1,6 @@
-"""Every loss kind, R1 and spectral normalization are correct under DDP and gradient accumulation: two processes,
-each accumulating two micro-batches, take the same D and G step as one process on the whole batch
+"""Every loss kind (R3GAN's rpgan too), R1, R2 and spectral normalization are correct under DDP and gradient
+accumulation, for unconditional and class-conditional networks and with top-k G updates chosen over both processes:
+two processes, each accumulating two micro-batches, take the same D and G step as one process on the whole batch
 (tests/ddp_losses.py, run under the real `accelerate launch` on CPU gloo).
 
 Also one 2-process train.py run with every D option at once (WGAN-GP, n_critic, lazy R1, spectral norm, cosine
