@@ -54,7 +54,8 @@ def test_unknown_switch_fails_in_one_line():
     assert "unknown switch turbo; choose from step_sync," in proc.stderr
 
 
-def test_penalty_config_is_refused_before_any_launch():
-    proc = benchmark("loss.r1_gamma=1")
+@pytest.mark.parametrize("setting", ["loss.r1_gamma=1", "model.cond=true"])
+def test_what_the_bare_loop_does_not_do_is_refused_before_any_launch(setting):
+    proc = benchmark(setting)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "the bare loop has plain D and G steps" in proc.stderr
+    assert "the bare loop has plain unconditional D and G steps" in proc.stderr
