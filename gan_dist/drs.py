@@ -34,7 +34,7 @@ from gan_dist.checkpoint import load_run_discriminator
 from gan_dist.config import DataConfig
 from gan_dist.data import PointBatches, open_source, shard_batches, to_real
 from gan_dist.errors import UserError
-from gan_dist.models import eval_mode
+from gan_dist.models import conditioned, eval_mode
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor | None]]  # real samples in D's range, labels or None
 EPS = 1e-6
@@ -48,10 +48,6 @@ def acceptance(logits: torch.Tensor, max_logit: float, gamma: float, eps: float 
     return torch.sigmoid(f - gamma).to(logits.dtype)
 
 
-def _call(net: nn.Module, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    return net(x) if c is None else net(x, c)
-
-
 def calibrate(D: nn.Module, G: nn.Module, real: Batches, z_dim: int, steps: int, lr: float = 1e-4,
               seed: int = 0) -> nn.Module:
     """A copy of D trained `steps` more steps with the logistic loss on `real` against G's samples (same labels)."""
@@ -62,8 +58,8 @@ def calibrate(D: nn.Module, G: nn.Module, real: Batches, z_dim: int, steps: int,
         for _ in range(steps):
             x, c = next(real)
             with torch.no_grad():
-                fake = _call(G, torch.randn(len(x), z_dim, generator=rng).to(x.device), c)
-            logits = _call(D_cal, torch.cat([x, fake]), None if c is None else torch.cat([c, c]))
+                fake = conditioned(G, torch.randn(len(x), z_dim, generator=rng).to(x.device), c)
+            logits = conditioned(D_cal, torch.cat([x, fake]), None if c is None else torch.cat([c, c]))
             target = torch.cat([torch.ones(len(x)), torch.zeros(len(fake))]).to(logits)
             loss = F.binary_cross_entropy_with_logits(logits, target)
             opt.zero_grad(set_to_none=True)
@@ -84,7 +80,7 @@ class RejectionSampler(nn.Module):
                  classes: int = 0, seed: int = 0, batch: int = 500, gamma: float | None = None) -> None:
         """`gamma` overrides the percentile's (0: plain rejection sampling by exp(l - M))."""
         super().__init__()
-        self.G, self.D, self.z_dim, self.classes, self.batch = G, D, z_dim, classes, batch
+        self.G, self.D, self.z_dim = G, D, z_dim
         rng = torch.Generator().manual_seed(seed)
         z = torch.randn(burn_in, z_dim, generator=rng)
         c = torch.randint(0, classes, (burn_in,), generator=rng) if classes else None
@@ -100,7 +96,7 @@ class RejectionSampler(nn.Module):
     @torch.no_grad()
     def _logits(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         with eval_mode(self.G, self.D):
-            return _call(self.D, _call(self.G, z, c), c)
+            return conditioned(self.D, conditioned(self.G, z, c), c)
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,8 +108,8 @@ class RejectionSampler(nn.Module):
             coins = torch.tensor([float(torch.rand(1, generator=rngs[i])) for i in pending.tolist()])
             rows_c = None if c is None else c[pending.to(c.device)]
             with eval_mode(self.G, self.D):
-                x = _call(self.G, cand, rows_c)
-                p = acceptance(_call(self.D, x, rows_c), self.max_logit, self.gamma).cpu()
+                x = conditioned(self.G, cand, rows_c)
+                p = acceptance(conditioned(self.D, x, rows_c), self.max_logit, self.gamma).cpu()
             if out is None:
                 out, best, best_p = torch.empty(len(z), *x.shape[1:], dtype=x.dtype, device=x.device), \
                     torch.empty(len(z), *x.shape[1:], dtype=x.dtype, device=x.device), torch.full((len(z),), -1.0)

@@ -31,7 +31,7 @@ from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
 from gan_dist.lease import RunLease
 from gan_dist.losses import Select, d_step, g_step, topk_count, topk_weights
-from gan_dist.models import build_models, eval_mode
+from gan_dist.models import build_models, conditioned, eval_mode
 from gan_dist.optim import cosine, lr_factor, make_optimizers, schedule_progress, set_lr
 from gan_dist.signals import StopFlag, requeue, slurm_job_id
 from gan_dist.tracking import Tracker, run_info
@@ -139,16 +139,12 @@ def topk_select(cfg: Config, accelerator: Accelerator, batch: int, epochs: float
     return lambda scores: topk_weights(scores, k, accelerator.gather, rank, world)
 
 
-def generate(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    return G(z) if c is None else G(z, c)
-
-
 @torch.no_grad()
 def sample_picture(G: torch.nn.Module, z: torch.Tensor, cfg: Config, c: torch.Tensor | None = None):
     """A grid (or 2-D scatter plot) of G's samples, with BatchNorm on its running statistics; one column per class
     for a conditional run."""
     with eval_mode(G):
-        out = generate(G, z, c)
+        out = conditioned(G, z, c)
     if out.ndim == 2:
         return scatter_plot(out, mixture_centers(cfg.data))
     return image_grid(out, cols=min(cfg.model.classes, len(out)) if c is not None else None)
@@ -159,8 +155,8 @@ def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: 
                  c_real: torch.Tensor | None = None, c_fake: torch.Tensor | None = None) -> dict:
     """D's probabilities for a real batch and for G's samples, judged in eval mode as in the G step."""
     with eval_mode(G, D):
-        out = {"train/d_hist_real": torch.sigmoid(generate(D, real, c_real)),
-               "train/d_hist_fake": torch.sigmoid(generate(D, generate(G, z, c_fake), c_fake))}
+        out = {"train/d_hist_real": torch.sigmoid(conditioned(D, real, c_real)),
+               "train/d_hist_fake": torch.sigmoid(conditioned(D, conditioned(G, z, c_fake), c_fake))}
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 

@@ -16,8 +16,8 @@ same backward as the loss itself, so DDP reduces D's gradients once per micro-st
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import math
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_dist.config import LossConfig
+from gan_dist.models import conditioned
 
 Backward = Callable[[torch.Tensor], None]
 Select = Callable[[torch.Tensor], torch.Tensor]  # D's scores of G's samples -> each sample's weight in G's loss
@@ -121,7 +122,7 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
     `gamma_scale` is the gamma schedule's factor. `c`: the real samples' labels, given to G's samples too (a
     conditional run). `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros."""
     with torch.no_grad():
-        fake = G(z, c) if c is not None else G(z)
+        fake = conditioned(G, z, c)
     r2_due = r1_due and cfg.r2_gamma > 0
     parts = [real.detach().requires_grad_(r1_due and cfg.r1_gamma > 0), fake.requires_grad_(r2_due)]
     if cfg.kind == "wgan_gp":
@@ -130,7 +131,7 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
     # One forward over all parts: BatchNorm sees the mixed batch as in the seed, DDP syncs buffers once, and
     # every D parameter's gradient is reduced in a single backward (penalties included).
     labels = None if c is None else torch.cat([c, c] + ([c] if len(parts) == 3 else []))
-    logits = (D(torch.cat(parts), labels) if c is not None else D(torch.cat(parts))).split([len(p) for p in parts])
+    logits = conditioned(D, torch.cat(parts), labels).split([len(p) for p in parts])
     loss = d_loss(logits[0], logits[1], cfg.kind, cfg.label_noise)
     out = {"loss_d": loss.detach(), "d_real": torch.sigmoid(logits[0].detach()).mean(),
            "d_fake": torch.sigmoid(logits[1].detach()).mean()}
@@ -175,9 +176,9 @@ def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Te
     """One G step (or micro-step). rpgan needs `real`, the real batch G's samples are paired with; `c` labels both
     (a conditional run); `select` turns D's scores of the samples into loss weights (top-k)."""
     with frozen(D):
-        fake = G(z, c) if c is not None else G(z)
+        fake = conditioned(G, z, c)
         x = fake if real is None else torch.cat([fake, real.detach()])
-        logits = D(x) if c is None else D(x, c if real is None else torch.cat([c, c]))
+        logits = conditioned(D, x, c if c is None or real is None else torch.cat([c, c]))
         logits_fake, logits_real = (logits, None) if real is None else logits.split([len(fake), len(real)])
         weights = None if select is None else select(logits_fake)
         loss = g_loss(logits_fake, kind, logits_real, weights)

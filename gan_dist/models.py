@@ -233,6 +233,11 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     return G, spectral_normalize(D) if cfg.spectral_norm else D
 
 
+def conditioned(net: nn.Module, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """`net(x)`, or `net(x, c)` with labels (a conditional G or D): the one call for both kinds of run."""
+    return net(x) if c is None else net(x, c)
+
+
 @contextmanager
 def eval_mode(*modules: nn.Module) -> Iterator[None]:
     """Run `modules` in eval mode (BatchNorm on running statistics, no dropout), then restore their modes."""
