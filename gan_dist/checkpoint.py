@@ -36,6 +36,7 @@ from accelerate.utils import load as safe_torch_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from gan_dist.config import ModelConfig
 from gan_dist.errors import UserError
 from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic
 
@@ -360,15 +361,25 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema
 
 
 def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name: str = "final",
-                 scores: dict | None = None) -> Path:
-    """Write `{run.dir}/{name}/<module>.safetensors` (plain state_dicts) and, with `scores`, `metrics.json`; main
-    process only. `final/` is the end of training, `best/` the best evaluation so far. The old export stays in
-    place until the new one is complete and replaces it in one step."""
+                 scores: dict | None = None, *, model: ModelConfig | None = None, step: int | None = None,
+                 nimg: int | None = None) -> Path:
+    """Write `{run.dir}/{name}/<module>.safetensors` (plain state_dicts), with `model` its `config.json`, and with
+    `scores` `metrics.json`; main process only. Each file's metadata names the network, the code's commit and what
+    is given of the model (arch, resolution, channels, z_dim, classes) and of the step and images seen (step,
+    kimg), so that `gan_dist.load_generator` needs nothing beside the folder. `final/` is the end of training,
+    `best/` the best evaluation so far. The old export stays in place until the new one is complete and replaces
+    it in one step."""
+    from gan_dist.export import export_metadata  # noqa: PLC0415 - keeps this module's import light for the loop
+    from gan_dist.models import config_json  # noqa: PLC0415
+
     link = Path(run_dir) / name
     folder = versioned_dir(link)
+    metadata = export_metadata(model, step, nimg)
     for module_name, module in modules.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                  str(folder / f"{module_name}.safetensors"))
+                  str(folder / f"{module_name}.safetensors"), metadata=metadata | {"network": module_name})
+    if model is not None:
+        (folder / "config.json").write_text(config_json(model))
     if scores is not None:
         (folder / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
     publish_dir(folder, link)

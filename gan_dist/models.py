@@ -16,18 +16,32 @@
 - `model.cond`: a class-conditional pair for any arch. G concatenates a learned label embedding to z (and counts the
   labels of the data it is trained on, so samplers can draw labels at the data's class frequencies); D adds the
   projection of its last features onto a learned class embedding (Miyato & Koyama 2018) to its logit.
+- Every generator is a `Generator`, which keeps its ModelConfig and carries huggingface_hub's PyTorchModelHubMixin:
+  `G.save_pretrained(folder)` writes `model.safetensors` (with metadata naming the architecture) and `config.json`
+  (the ModelConfig), and `Generator.from_pretrained(folder or Hub repo)` rebuilds the class the config names. Its
+  state_dict is that of the plain module, so exports and checkpoints of any version load into it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from gan_dist.config import ModelConfig
+from gan_dist.errors import UserError
+
+WEIGHTS = "model.safetensors"  # the mixin's weights file of a save_pretrained folder or Hub repo
+PROVENANCE = ("step", "kimg", "commit")  # what an exported file's metadata says of the training behind its weights
 
 
 def _keras_bn(num_features: int, dims: int) -> nn.Module:
@@ -44,9 +58,88 @@ def _glorot_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-class DCGANGenerator(nn.Module):
+def describe(cfg: ModelConfig) -> dict[str, str]:
+    """safetensors metadata naming the network a weights file belongs to, readable without gan-dist (the Hub's
+    file viewer and `safe_open(...).metadata()` show it)."""
+    return {"format": "pt", "library": "gan-dist", "arch": cfg.arch, "resolution": str(cfg.resolution),
+            "channels": str(cfg.channels), "z_dim": str(cfg.z_dim), "classes": str(cfg.classes if cfg.cond else 0)}
+
+
+def config_json(cfg: ModelConfig) -> str:
+    """config.json of an export or a save_pretrained folder: the ModelConfig, flat."""
+    return json.dumps(dataclasses.asdict(cfg), indent=1, sort_keys=True) + "\n"
+
+
+def model_config(config: object, where: str) -> ModelConfig:
+    """The ModelConfig of a config.json; UserError naming `where` if it is not one. Keys it lacks keep their
+    defaults (the values of a gan-dist from before they existed); keys it does not know are refused."""
+    defaults = dataclasses.asdict(ModelConfig())
+    entries = config.items() if isinstance(config, dict) else [("(not a JSON object)", None)]
+    bad = [k for k, v in entries if k not in defaults or not isinstance(
+        v, (int, float) if isinstance(defaults[k], float) else type(defaults[k]))]
+    if bad or config.get("arch") not in ARCHS:
+        raise UserError(f"{where} is not a gan-dist model config ({', '.join(bad) or 'no key'} unknown or of the "
+                        f"wrong type; arch must be one of {', '.join(ARCHS)}); export the run again with this "
+                        "gan-dist, or load it with the version that wrote it")
+    return ModelConfig(**config)
+
+
+class Generator(nn.Module, PyTorchModelHubMixin, library_name="gan-dist", tags=["gan", "gan-dist"]):
+    """Base of every generator: it keeps the ModelConfig it was built from (`cfg`), and `provenance`, the step,
+    kimg and commit of the weights loaded into it (from a file's metadata), which `save_pretrained` writes again."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
+        self.provenance: dict[str, str] = {}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # config.json written here, so the mixin leaves it as it is: the flat ModelConfig, as in final/ and best/.
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(save_directory / WEIGHTS), metadata=describe(self.cfg) | self.provenance)
+        (save_directory / "config.json").write_text(config_json(self.cfg))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         config: dict | None = None, map_location: str | torch.device = "cpu") -> Generator:
+        """The mixin's `from_pretrained`: the class and shapes from config.json (which the mixin passes as
+        `config`), the weights loaded strictly, in eval mode on `map_location`."""
+        if os.path.isdir(model_id):
+            file = Path(model_id) / WEIGHTS
+            if config is None or not file.is_file():
+                raise UserError(f"{model_id} holds no config.json and {WEIGHTS} of save_pretrained; an export folder "
+                                "(RUN/final, RUN/best) or a run directory loads with gan_dist.load_generator")
+        else:
+            file = hf_hub_download(model_id, WEIGHTS, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, token=token, local_files_only=local_files_only)
+        G = build_generator(model_config(config, f"{model_id}/config.json"))
+        if not isinstance(G, cls):
+            raise UserError(f"{model_id} holds a {type(G).__name__}, not a {cls.__name__}; load it with "
+                            "gan_dist.models.Generator.from_pretrained")
+        return load_weights(G, file).to(map_location).eval()
+
+
+def load_weights(G: Generator, file: str | Path) -> Generator:
+    """Load the safetensors `file` into G, every tensor and no other, and keep its metadata's step, kimg and commit
+    as `G.provenance`; a UserError naming the file when it is unreadable or does not fit G."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            weights, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"{file} is not a readable safetensors file ({err})") from None
+    try:
+        G.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"{file} does not fit the model its config describes "
+                        f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
+    G.provenance = {k: metadata[k] for k in PROVENANCE if k in metadata}
+    return G
+
+
+class DCGANGenerator(Generator):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
         c, s = 4 * cfg.width, cfg.resolution // 4
         self.c, self.s = c, s
         self.fc = nn.Sequential(nn.Linear(cfg.z_dim, s * s * c, bias=False), _keras_bn(s * s * c, 1), nn.LeakyReLU(0.2))
@@ -113,9 +206,9 @@ def _radford_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class RadfordGenerator(nn.Module):
+class RadfordGenerator(Generator):
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         c = cfg.width * cfg.resolution // 8  # 512 at 64x64, 256 at 32x32 (width 64)
         layers: list[nn.Module] = [nn.Unflatten(1, (cfg.z_dim, 1, 1)),
                                    nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
@@ -160,9 +253,9 @@ def _mlp(sizes: list[int], out_act: nn.Module | None) -> nn.Sequential:
     return net
 
 
-class MLPGenerator(nn.Module):
+class MLPGenerator(Generator):
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         out_act = nn.Tanh() if cfg.out_act == "tanh" else None
         self.net = _mlp([cfg.z_dim] + [cfg.hidden] * cfg.depth + [2], out_act)
 
@@ -192,13 +285,13 @@ class MLPDiscriminator(Discriminator):
         self.project(cfg.hidden, cfg)
 
 
-class ConditionalGenerator(nn.Module):
-    """G(z, c) = net(z concatenated with a learned embedding of c), `net` an unconditional G with a longer z.
-    `class_counts` holds the labels of the real batches it was trained with (`count`)."""
+class ConditionalGenerator(Generator):
+    """G(z, c) = net(z concatenated with a learned embedding of c), `net` the unconditional G of `cfg.arch` with a
+    longer z. `class_counts` holds the labels of the real batches it was trained with (`count`)."""
 
-    def __init__(self, net_cls: type[nn.Module], cfg: ModelConfig) -> None:
-        super().__init__()
-        self.net = net_cls(dataclasses.replace(cfg, z_dim=2 * cfg.z_dim))
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.net = ARCHS[cfg.arch][0](dataclasses.replace(cfg, z_dim=2 * cfg.z_dim, cond=False))
         self.embed = nn.Embedding(cfg.classes, cfg.z_dim)
         self.register_buffer("class_counts", torch.zeros(cfg.classes, dtype=torch.float64))
 
@@ -227,9 +320,13 @@ ARCHS = {"dcgan": (DCGANGenerator, DCGANDiscriminator), "radford": (RadfordGener
          "mlp": (MLPGenerator, MLPDiscriminator)}
 
 
-def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    G_cls, D_cls = ARCHS[cfg.arch]
-    G, D = ConditionalGenerator(G_cls, cfg) if cfg.cond else G_cls(cfg), D_cls(cfg)
+def build_generator(cfg: ModelConfig) -> Generator:
+    return ConditionalGenerator(cfg) if cfg.cond else ARCHS[cfg.arch][0](cfg)
+
+
+def build_models(cfg: ModelConfig) -> tuple[Generator, nn.Module]:
+    G = build_generator(cfg)  # before D: the order the seed's random initialisations are drawn in
+    D = ARCHS[cfg.arch][1](cfg)
     return G, spectral_normalize(D) if cfg.spectral_norm else D
 
 

@@ -1,0 +1,100 @@
+"""What an export says about itself, and `load_generator`, which loads a generator from wherever it was put.
+
+An export (`{run.dir}/final/`, `{run.dir}/best/`, written by `checkpoint.export_final`) holds `config.json` (the
+ModelConfig, flat, as `Generator.save_pretrained` writes it) and safetensors files whose metadata names the
+architecture and the training behind the weights: arch, resolution, channels, z_dim, classes, step, kimg and the
+code's git commit. Exports of a gan-dist from before config.json still load, with the ModelConfig of the run's
+config.yaml beside them.
+
+    from gan_dist import load_generator
+    G = load_generator("runs/mnist/final")  # or a run dir, a save_pretrained folder, a Hub repo id
+    images = G(torch.randn(16, G.cfg.z_dim))  # (16, C, H, W) in [-1, 1]; G(z, c) for a conditional run
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+from gan_dist.config import ModelConfig, load_config
+from gan_dist.errors import UserError
+from gan_dist.models import WEIGHTS, Generator, build_generator, describe, load_weights, model_config
+
+
+@functools.cache
+def git_commit() -> str:
+    """The commit of the gan-dist code that runs, or "unknown" outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return commit or "unknown"
+
+
+def export_metadata(model: ModelConfig | None, step: int | None, nimg: int | None) -> dict[str, str]:
+    """safetensors metadata of an exported network: the model's description and what is known of its training."""
+    metadata = {"format": "pt"} if model is None else describe(model)
+    if step is not None:
+        metadata["step"] = str(step)
+    if nimg is not None:
+        metadata["kimg"] = str(nimg / 1000)
+    return metadata | {"commit": git_commit()}
+
+
+def load_generator(path_or_repo: str | Path, ema: bool = True, device: str | torch.device = "cpu",
+                   revision: str | None = None) -> Generator:
+    """G in eval mode on `device`, from an export folder (`RUN/final`, `RUN/best`), a run directory (its final/),
+    a folder written by `save_pretrained`, or a Hub repo id (`revision` a branch, tag or commit of it). `ema` picks
+    G_ema (else G) in an export or run; a save_pretrained folder or repo holds one generator. UserError when the
+    path or repo holds no generator, naming it."""
+    path = Path(path_or_repo)
+    if not path.exists():
+        path = _download(str(path_or_repo), revision)
+    if (path / WEIGHTS).is_file():
+        return Generator.from_pretrained(path, map_location=device)
+    if (path / "config.yaml").is_file():
+        if not (path / "final").is_dir():
+            raise UserError(f"run directory {path} has no final/ export (the run has not finished); pass {path}/best "
+                            "for its best evaluation so far, or finish the run")
+        path = path / "final"
+    file = path / f"{'generator_ema' if ema else 'generator'}.safetensors"
+    if not file.is_file():
+        raise UserError(f"{path} holds no generator: pass an export folder (RUN/final, RUN/best, with {file.name}), "
+                        f"a run directory, a save_pretrained folder (with {WEIGHTS}), or a Hub repo id")
+    G = build_generator(_export_config(path))
+    return load_weights(G, file).to(device).eval()
+
+
+def _export_config(folder: Path) -> ModelConfig:
+    """An export's ModelConfig: its config.json, or for an export of an older gan-dist its run's config.yaml."""
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{folder / 'config.json'} is unreadable ({err})") from None
+        return model_config(config, str(folder / "config.json"))
+    run_config = folder.resolve().parent / "config.yaml"
+    if not run_config.is_file():
+        raise UserError(f"{folder} has no config.json, and no config.yaml of its run beside it ({run_config}); "
+                        "load the export from inside its run directory")
+    return load_config(["--config", str(run_config)]).model
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    """The Hub repo's config.json and weights, in the local cache (downloaded unless there already)."""
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=["config.json", WEIGHTS]))
+    except HFValidationError:
+        raise UserError(f"{repo} does not exist, and is no Hub repo id either; pass an export folder (RUN/final, "
+                        "RUN/best), a run directory, a save_pretrained folder, or a repo id like user/name") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{repo} is no local folder, and the Hub repo of that name cannot be downloaded ({first[:200]})"
+                        "; check the name, the network and your token (`hf auth login`)") from None
