@@ -1,7 +1,9 @@
-"""Training data as an endless, deterministic, resumable stream of batches for one rank.
+"""Training images as an endless, deterministic, resumable stream of batches for one rank: streamed from shards
+(`ShardBatches`) or drawn from the whole dataset held on the device (`CachedBatches`), then handed to the step on
+the device with the next batch prefetched (`DeviceBatches`, which carries `points.py`'s 2-D batches the same way).
 
-Images come from webdataset shards (see `shards.py`). Every rank x loader-worker pair is a "slot", and each slot
-reads its stream in chunks:
+Images come from webdataset shards (read by `shards.py`; MNIST's are written on first use by `mnist_shards.py`).
+Every rank x loader-worker pair is a "slot", and each slot reads its stream in chunks:
 
 - `data.mode=epoch`: chunk e is the slot's share of epoch e. The shards are permuted with a seed all ranks share,
   laid end to end, and cut into `slots` contiguous ranges of equal sample count (within one), so every sample is
@@ -15,8 +17,7 @@ Samples of a chunk are shuffled with a buffer seeded by (seed, chunk, rank, work
 decoded only after shuffling. A slot's position is (chunk, samples taken from it, samples skipped so far); the loop
 saves every slot's position with each checkpoint, and a resumed slot re-reads its chunk as raw bytes up to there
 without decoding any of it. Bad images and truncated shards are skipped with a warning (or stop the run with
-`data.on_error=raise`); the skip count travels with the position. 2-D mixtures are drawn per batch from a generator
-seeded by (seed, rank, batch index).
+`data.on_error=raise`); the skip count travels with the position.
 
 With `data.device_cache` (MNIST, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
 decoded once into a uint8 tensor on the device and batches are gathered from it (`CachedBatches`).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import random
 import sys
 import zlib
@@ -45,12 +45,14 @@ from gan_dist import mnist
 from gan_dist.config import DataConfig
 from gan_dist.errors import UserError
 from gan_dist.images import BadSample, decode_image, pixel_bound, sample_label
-from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, manifest_counts, open_shard, \
-    tar_samples
+from gan_dist.mnist_shards import ensure_shards
+from gan_dist.points import PointBatches
+from gan_dist.shardformat import manifest_counts
+from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, open_shard, tar_samples
 from gan_dist.signals import ignore_in_worker
 
 RESAMPLED_CHUNK = 4  # shards per resampled chunk: a resumed worker re-reads at most this many
-Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) uint8, or points (B, 2) float; labels (B,)
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) uint8; labels (B,)
 Position = list[int]  # [chunk, samples taken from it, samples skipped so far]
 
 
@@ -70,7 +72,7 @@ def open_source(cfg: DataConfig) -> Source:
     """The shards of `data.dataset` (MNIST's, written on first use, or `data.shards` with its manifest) as a
     Source; UserError naming the problem and the fix."""
     if cfg.dataset == "mnist":
-        manifest = mnist.ensure_shards(cfg.mnist_dir, cfg.cache_dir, cfg.download)
+        manifest = ensure_shards(cfg.mnist_dir, cfg.cache_dir, cfg.download)
         shards = manifest["splits"]["train"]["shards"]
         return Source([str(Path(cfg.cache_dir) / s["name"]) for s in shards], [s["num_samples"] for s in shards])
     urls = expand_urls(cfg.shards)
@@ -401,40 +403,6 @@ class CachedBatches:
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # From pinned memory the copy is queued like a kernel; from pageable memory it would wait for the device.
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-class PointBatches:
-    """Batches of 2-D points, drawn per batch from a generator seeded by (seed, rank, batch index)."""
-
-    def __init__(self, cfg: DataConfig, batch: int, seed: int, rank: int, start_batch: int) -> None:
-        self.centers = mixture_centers(cfg)
-        self.std = 1.0 if cfg.dataset == "gaussian" else cfg.std
-        self.batch, self.seed, self.rank, self.index = batch, seed, rank, start_batch
-        self.epoch_size = 0
-
-    def __iter__(self) -> PointBatches:
-        return self
-
-    def __next__(self) -> Batch:
-        rng = np.random.default_rng([self.seed, self.rank, self.index])
-        self.index += 1
-        labels = rng.integers(len(self.centers), size=self.batch)
-        points = self.centers[labels] + self.std * rng.standard_normal((self.batch, 2))
-        return torch.from_numpy(points.astype(np.float32)), torch.from_numpy(labels)
-
-    def state(self) -> torch.Tensor:
-        return torch.tensor([[self.index, 0, 0]], dtype=torch.int64)
-
-
-def mixture_centers(cfg: DataConfig) -> np.ndarray:
-    """Mode centres of the 2-D target, (K, 2); the single origin for the seed's N(0, I)."""
-    if cfg.dataset == "ring8":
-        angles = 2 * math.pi * np.arange(8) / 8
-        return cfg.radius * np.stack([np.cos(angles), np.sin(angles)], 1)
-    if cfg.dataset == "grid25":
-        ticks = cfg.spacing * (np.arange(5) - 2)
-        return np.stack(np.meshgrid(ticks, ticks, indexing="ij"), -1).reshape(-1, 2)
-    return np.zeros((1, 2))
 
 
 class DeviceBatches:

@@ -32,9 +32,10 @@ from torch import nn
 from gan_dist import mnist
 from gan_dist.checkpoint import load_run_discriminator
 from gan_dist.config import DataConfig
-from gan_dist.data import PointBatches, open_source, shard_batches, to_real
+from gan_dist.data import open_source, shard_batches, to_real
 from gan_dist.errors import UserError
 from gan_dist.models import conditioned, eval_mode
+from gan_dist.points import PointBatches
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor | None]]  # real samples in D's range, labels or None
 EPS = 1e-6

@@ -30,10 +30,11 @@ from safetensors.torch import save_file
 from gan_dist import metrics, mnist
 from gan_dist.classifier import ensure_classifier
 from gan_dist.config import DataConfig, EvalConfig
-from gan_dist.data import mixture_centers, open_source, shard_batches
+from gan_dist.data import open_source, shard_batches
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
 from gan_dist.models import eval_mode
+from gan_dist.points import mixture_centers
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 LOWER_IS_BETTER = {"fcd", "kid", "class_kl", "class_max", "reverse_kl", "fid"}

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from gan_dist.shards import IMAGE_EXTS
+from gan_dist.shardformat import IMAGE_EXTS
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_LABEL = 999_999

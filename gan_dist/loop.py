@@ -24,8 +24,8 @@ from tqdm import tqdm
 from gan_dist.checkpoint import CheckpointError, Resume, TrainState, choose_resume, export_final, load_checkpoint, \
     save_checkpoint
 from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
-from gan_dist.data import CachedBatches, DeviceBatches, PointBatches, decode_dataset, mixture_centers, open_source, \
-    shard_batches, start_positions, wants_device_cache
+from gan_dist.data import CachedBatches, DeviceBatches, decode_dataset, open_source, shard_batches, start_positions, \
+    wants_device_cache
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
@@ -33,6 +33,7 @@ from gan_dist.lease import RunLease
 from gan_dist.losses import Select, d_step, g_step, topk_count, topk_weights
 from gan_dist.models import build_models, conditioned, eval_mode
 from gan_dist.optim import cosine, lr_factor, make_optimizers, schedule_progress, set_lr
+from gan_dist.points import PointBatches, mixture_centers
 from gan_dist.signals import StopFlag, requeue, slurm_job_id
 from gan_dist.tracking import Tracker, run_info
 from gan_dist.viz import image_grid, scatter_plot

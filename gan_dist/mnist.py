@@ -1,24 +1,18 @@
-"""MNIST on disk: reading the IDX files, downloading them, and converting them to webdataset tar shards.
+"""MNIST's four IDX files on disk: reading them (`read_idx`, `load_mnist`, `files_present`) and downloading them
+(`download_mnist`).
 
-The trainer never reads IDX files directly. It streams the shards written here, described by a
-`manifest.json` (format `gan-dist-shards/1`) that lists every shard with its sample count and sha256.
-`ensure_shards` is the one entry point a run needs: it reuses a finished shard folder, or builds one from
-the four MNIST files (downloading them first when allowed).
-
-This module is plain Python, numpy and PIL. webdataset is imported only inside `write_shards`, because
-importing it pulls in torch and torch.distributed, which tools that only read or check data don't need.
+Training streams MNIST from the shards `mnist_shards.py` converts these files to; the files themselves are read
+where all of MNIST is wanted at once (the device cache, evaluation, rejection sampling, the classifier). Plain
+Python and numpy.
 """
 
 from __future__ import annotations
 
 import gzip
 import http.client
-import json
 import os
-import re
 import shutil
 import struct
-import tarfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -26,8 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from gan_dist.errors import UserError
-from gan_dist.files import sha256_file
-from gan_dist.shards import MANIFEST_FORMAT
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -42,18 +34,13 @@ MIRRORS = [
 
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801
-_SIZE = 28
-# 120 training shards: enough for data.mode=epoch on up to 120 ranks x loader workers.
-SHARD_SIZE = 500
+SIZE = 28  # images are SIZE x SIZE
 
 _FIX_SOURCE = (
     "set data.mnist_dir=DIR (or --src DIR) to a folder with the four MNIST files, "
     "or run online so they can be downloaded"
 )
 _FIX_CORRUPT = "re-download it or point data.mnist_dir at the original files"
-
-# Anything else in an existing output folder means it is not ours to delete.
-_SHARD_NAME = re.compile(r"^(train|test)-\d{5,}\.tar$")
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -90,9 +77,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < header:
         raise UserError(f"{path} is truncated inside its IDX header; {_FIX_CORRUPT}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    if ndim == 3 and dims[1:] != (_SIZE, _SIZE):
+    if ndim == 3 and dims[1:] != (SIZE, SIZE):
         raise UserError(
-            f"{path} holds {dims[1]}x{dims[2]} images, MNIST images are {_SIZE}x{_SIZE}; {_FIX_CORRUPT}"
+            f"{path} holds {dims[1]}x{dims[2]} images, MNIST images are {SIZE}x{SIZE}; {_FIX_CORRUPT}"
         )
     expected = int(np.prod(dims, dtype=np.int64))
     payload = len(data) - header
@@ -199,180 +186,3 @@ def download_mnist(dest: str | Path, timeout: float = 20.0) -> Path:
                 f"four MNIST files"
             )
     return dest
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _encode_png(image: np.ndarray) -> bytes:
-    # Hand-built rather than PIL's encoder: about 10x faster on 28x28 images, and the bytes depend only on
-    # zlib (no encoder options, metadata or Pillow version), which keeps shard checksums reproducible.
-    height, width = image.shape
-    rows = np.zeros((height, width + 1), dtype=np.uint8)  # filter byte 0 ("none") before each row
-    rows[:, 1:] = image
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
-    return (
-        _PNG_SIGNATURE
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def _check_output_dir(out: Path) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"shard output {out} exists and is not a folder; choose another output folder")
-    if (out / "manifest.json").exists():
-        try:
-            complete = read_manifest(out) is not None
-        except UserError:
-            complete = False  # a broken cache of ours: exactly the case that gets rebuilt in place
-        if complete:
-            raise UserError(
-                f"shard folder {out} already exists with a manifest.json; use it as is, "
-                f"or delete it to rebuild, or choose another output folder"
-            )
-    foreign = [p.name for p in out.iterdir() if p.name != "manifest.json" and not _SHARD_NAME.match(p.name)]
-    if foreign:
-        raise UserError(
-            f"shard output {out} is not empty and holds files that are not shards ({', '.join(sorted(foreign)[:3])}); "
-            f"choose an empty or new output folder"
-        )
-
-
-def write_shards(src: str | Path, out: str | Path, shard_size: int = SHARD_SIZE, *, progress: bool = False) -> dict:
-    """Write MNIST from `src` as webdataset shards plus manifest.json into `out`, atomically; returns the manifest."""
-    src, out = Path(src), Path(out)
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise UserError(f"shard size must be a positive integer, got {shard_size!r}")
-    _check_output_dir(out)
-    data = load_mnist(src)
-
-    import webdataset  # noqa: PLC0415 - see the module docstring
-
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    bar = None
-    if progress:
-        from tqdm import tqdm  # noqa: PLC0415 - only needed for interactive use
-
-        bar = tqdm(total=sum(len(labels) for _, labels in data.values()), unit="img", desc=f"sharding {out.name}")
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        splits = {}
-        for split, (images, labels) in data.items():
-            shards = []
-            for index, start in enumerate(range(0, len(labels), shard_size)):
-                stop = min(start + shard_size, len(labels))
-                name = f"{split}-{index:05d}.tar"
-                with open(tmp / name, "wb") as f:
-                    # Fixed mtime (and the fixed default owner/mode) so the same input gives the same tar bytes.
-                    with webdataset.TarWriter(f, encoder=False, compress=False, mtime=0) as writer:
-                        # Plain ustar headers: a third faster than pax and the names need nothing more.
-                        # (TarWriter's own `format` argument is not passed on to tarfile in webdataset 1.0.)
-                        writer.tarstream.format = tarfile.USTAR_FORMAT
-                        for i in range(start, stop):
-                            writer.write(
-                                {
-                                    "__key__": f"{split}_{i:05d}",
-                                    "png": _encode_png(images[i]),
-                                    "cls": str(int(labels[i])).encode("ascii"),
-                                }
-                            )
-                shards.append({"name": name, "num_samples": stop - start, "sha256": sha256_file(tmp / name)})
-                if bar is not None:
-                    bar.update(stop - start)
-            splits[split] = {"num_samples": int(len(labels)), "shards": shards}
-
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "dataset": "mnist",
-            "image": {"height": _SIZE, "width": _SIZE, "channels": 1},
-            "num_classes": 10,
-            "splits": splits,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-        if out.exists():
-            # Only an empty folder or a broken cache of ours gets here (see _check_output_dir).
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                # Another process finished the same conversion first; its shards are byte-identical to ours.
-                existing = read_manifest(out)
-                if existing is None:
-                    raise
-                return existing
-        return manifest
-    except OSError as e:
-        raise UserError(
-            f"cannot write shards to {out} ({e}); check the folder is writable and has free space"
-        ) from None
-    finally:
-        if bar is not None:
-            bar.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_manifest(out: str | Path) -> dict | None:
-    """The manifest of the shard folder `out`, or None if it has none; UserError if it is broken."""
-    out = Path(out)
-    path = out / "manifest.json"
-    if not path.is_file():
-        return None
-    fix = f"delete {out} so it is rebuilt"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"shard folder {out} has an unreadable manifest.json ({e}); {fix}") from None
-    try:
-        if manifest["format"] != MANIFEST_FORMAT:
-            raise UserError(
-                f"shard folder {out} has manifest format {manifest['format']!r}, expected {MANIFEST_FORMAT!r}; {fix}"
-            )
-        names = [shard["name"] for split in manifest["splits"].values() for shard in split["shards"]]
-    except (KeyError, TypeError, AttributeError):
-        raise UserError(f"shard folder {out} has a malformed manifest.json; {fix}") from None
-
-    missing = []
-    for name in names:
-        # A name with a path in it would point outside the folder.
-        if not isinstance(name, str) or Path(name).name != name:
-            raise UserError(f"shard folder {out} has a malformed manifest.json (shard name {name!r}); {fix}")
-        shard = out / name
-        if not shard.is_file() or shard.stat().st_size == 0:
-            missing.append(name)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(
-            f"shard folder {out} is incomplete: {', '.join(missing[:3])}{more} missing or empty; {fix}"
-        )
-    return manifest
-
-
-def ensure_shards(mnist_dir: str | Path, cache_dir: str | Path, download: bool = True) -> dict:
-    """The manifest of the shards in `cache_dir`, building them from `mnist_dir` (downloading first) if needed."""
-    manifest = read_manifest(cache_dir)
-    if manifest is not None:
-        if manifest.get("dataset") != "mnist":
-            raise UserError(
-                f"shard folder {cache_dir} holds {manifest.get('dataset')!r}, not MNIST; "
-                f"point the cache at another folder or delete it so it is rebuilt"
-            )
-        return manifest
-    if download and _missing_files(Path(mnist_dir)):
-        download_mnist(mnist_dir)
-    return write_shards(mnist_dir, cache_dir)

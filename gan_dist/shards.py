@@ -1,10 +1,9 @@
-"""Webdataset shards on disk or behind a URL: expanding `data.shards`, opening and reading tars, and manifests.
+"""Webdataset shards on disk or behind a URL: expanding `data.shards`, opening shards and reading their samples.
 
-A shard is a tar in the usual webdataset layout: members `KEY.EXT` grouped into samples by KEY (`__key__` plus one
-entry per extension, e.g. `png`, `cls`). Shards come from local paths, brace patterns (`train-{00000..00127}.tar`),
+A shard is a tar in the usual webdataset layout (see `shardformat.py`, which also owns the manifests): members
+`KEY.EXT` grouped into samples by KEY. Shards come from local paths, brace patterns (`train-{00000..00127}.tar`),
 `pipe:` commands (`pipe:aws s3 cp s3://bucket/train-00000.tar -`) and http(s) URLs, joined with `::` or given as a
-list. A shard folder's `manifest.json` (format `gan-dist-shards/1`) lists every shard's name and sample count; the
-trainer needs it to split exact epochs, and `scripts/make_shards.py --index` writes one for foreign shards.
+list; `location` makes a shard's URL comparable with a manifest's.
 
 Reading here yields raw bytes only: nothing is decoded, and no member is ever unpickled. Remote shards (http(s),
 `pipe:`) are read with a stall watchdog (`data.timeout_s`, `data.min_rate_kbs`), so none can hang a rank.
@@ -12,7 +11,6 @@ Reading here yields raw bytes only: nothing is decoded, and no member is ever un
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -29,9 +27,6 @@ from typing import IO, Iterator
 import braceexpand
 
 from gan_dist.errors import UserError
-
-MANIFEST_FORMAT = "gan-dist-shards/1"
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 class ShardError(Exception):
@@ -242,30 +237,6 @@ def tar_samples(stream: IO[bytes], url: str, max_member_bytes: int | None = None
         yield sample
 
 
-def read_manifest_file(path_or_url: str) -> dict:
-    """A manifest from a local file or any URL `open_shard` takes; UserError if it is missing or malformed."""
-    try:
-        if is_remote(path_or_url):
-            with open_shard(path_or_url) as f:
-                raw = f.read()
-        else:
-            raw = Path(path_or_url).read_bytes()
-        manifest = json.loads(raw)
-    except (OSError, ShardError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read shard manifest {path_or_url} ({err}); write one with "
-                        f"scripts/make_shards.py --index SHARD_FOLDER") from None
-    try:
-        ok = manifest["format"] == MANIFEST_FORMAT and all(
-            isinstance(s["name"], str) and int(s["num_samples"]) >= 0
-            for split in manifest["splits"].values() for s in split["shards"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise UserError(f"shard manifest {path_or_url} is not a {MANIFEST_FORMAT} manifest; rewrite it with "
-                        f"scripts/make_shards.py --index SHARD_FOLDER")
-    return manifest
-
-
 def location(url: str) -> str:
     """Where a shard or manifest lives, comparable between the two: a local file's absolute path, an http(s) URL,
     or the last path or URL in a `pipe:` command."""
@@ -277,23 +248,3 @@ def location(url: str) -> str:
     if url.startswith(("http://", "https://", "pipe:")):
         return url
     return str(Path(url.removeprefix("file:")).resolve())
-
-
-def manifest_counts(urls: list[str], manifests: list[str]) -> list[int]:
-    """Each URL's sample count from the `manifests`, whose shard names are taken relative to where each manifest
-    lives; UserError naming the first shard that none of them lists."""
-    known: dict[str, int] = {}
-    for path in manifests:
-        manifest = read_manifest_file(path)
-        base = location(path)
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                entry = base.rsplit("/", 1)[0] + "/" + shard["name"]
-                known[entry if "://" in entry else str(Path(entry).resolve())] = int(shard["num_samples"])
-    counts = [known.get(location(url)) for url in urls]
-    if None in counts:
-        url = urls[counts.index(None)]
-        raise UserError(f"shard {url} is not listed in the manifest {' or '.join(manifests)} (manifests list shards "
-                        "by their path beside the manifest); re-index the shards with scripts/make_shards.py "
-                        "--index SHARD_FOLDER")
-    return counts

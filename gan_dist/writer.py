@@ -1,7 +1,7 @@
 """Writing shards from an image folder (`make_shards`) and indexing shards written elsewhere (`index_shards`).
 
-Both leave a `manifest.json` (format `gan-dist-shards/1`, the MNIST one plus `classes` and `image.uniform`) beside the
-shards, and both are what `scripts/make_shards.py` runs.
+Both leave a `manifest.json` (`shardformat.py`'s, with `classes` and `image.uniform` beside what MNIST's has) next to
+the shards, and both are what `scripts/make_shards.py` runs.
 
 `make_shards` reads `FOLDER/*.png|jpg|jpeg|webp` (no classes) or `FOLDER/<class>/**/*` (classes are the sorted names
 of the first-level folders that hold images; a class index is its position in that list). The file list is sorted,
@@ -24,7 +24,6 @@ import random
 import re
 import shutil
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from multiprocessing import Pool
@@ -38,7 +37,9 @@ from tqdm import tqdm
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
 from gan_dist.images import decode_image, npy_image
-from gan_dist.shards import IMAGE_EXTS, MANIFEST_FORMAT, ShardError, open_shard, tar_samples
+from gan_dist.shardformat import IMAGE_EXTS, build_manifest, member_bytes, shard_entry, tar_bytes, write_manifest, \
+    write_shard
+from gan_dist.shards import ShardError, open_shard, tar_samples
 
 DEFAULT_MAX_COUNT = 1000
 MB = 1_000_000
@@ -128,16 +129,12 @@ def index_shards(folder: str | Path, workers: int | None = None, progress: bool 
     if not shapes:
         raise UserError(f"the shards in {folder} hold no {_EXTS} images; index shards of images only")
     classes = _index_classes(set().union(*(r.classes for r in results)))
-    shards = [{"name": r.name, "num_samples": r.num_samples, "sha256": r.sha256} for r in results]
+    shards = [shard_entry(r.name, r.num_samples, r.sha256) for r in results]
     manifest = _manifest(_dataset_name(folder), shapes, classes, {"train": shards})
-    tmp = folder / f".manifest.json.tmp-{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, folder / "manifest.json")
+        write_manifest(folder, manifest)
     except OSError as err:
         raise UserError(f"cannot write {folder / 'manifest.json'} ({err}); check that the folder is writable") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     total = manifest["splits"]["train"]["num_samples"]
     print(f"Indexed {total} samples in {len(shards)} shards in {folder}; {_describe(manifest)}; "
           f"wrote {folder / 'manifest.json'}.")
@@ -195,15 +192,6 @@ def _list_images(src: Path) -> tuple[list[str], list[str], int]:
     return rels, sorted({r.split("/", 1)[0] for r in nested}), ignored
 
 
-def _member_bytes(size: int) -> int:
-    return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
-def _tar_bytes(members: int) -> int:
-    """The file size of a tar whose members take `members` bytes: two end blocks, padded to a whole record."""
-    return -(-(members + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-
 def _extras(rel: str, cls: int | None) -> dict[str, bytes]:
     extras = {"json": json.dumps({"path": rel}).encode()}
     if cls is not None:
@@ -221,8 +209,8 @@ def _shuffled_items(src: Path, rels: list[str], classes: list[str], seed: int,
             size = len(as_npy(np.zeros((npy[0], npy[0], npy[1]), np.uint8))) if npy else os.stat(src / rel).st_size
         except OSError:
             size = 0  # a broken link: the writer reports it as unreadable and skips it
-        extras = sum(_member_bytes(len(data)) for data in _extras(rel, cls).values())
-        items.append(_Item(rel, cls, _member_bytes(size) + extras))
+        extras = sum(member_bytes(len(data)) for data in _extras(rel, cls).values())
+        items.append(_Item(rel, cls, member_bytes(size) + extras))
     random.Random(seed).shuffle(items)
     return items
 
@@ -232,7 +220,7 @@ def _plan(items: list[_Item], max_count: int | None, max_bytes: int | None) -> l
     bounds, start, used = [], 0, 0
     for i, item in enumerate(items):
         full = max_count is not None and i - start >= max_count
-        too_big = max_bytes is not None and _tar_bytes(used + item.size) > max_bytes
+        too_big = max_bytes is not None and tar_bytes(used + item.size) > max_bytes
         if i > start and (full or too_big):
             bounds.append((start, i))
             start, used = i, 0
@@ -259,14 +247,10 @@ def as_npy(array: np.ndarray) -> bytes:
 
 
 def _write_shard(job: tuple[str, str, int, int, list[_Item], tuple[int, int] | None]) -> _Written:
-    import webdataset  # noqa: PLC0415 - see the module docstring
-
     src, tmp, shard, first, items, npy = job
-    path = Path(tmp, f"{shard:05d}.part")
     shapes, skipped = Counter(), []
-    with open(path, "wb") as f, webdataset.TarWriter(f, encoder=False, compress=False, mtime=0) as writer:
-        # Plain ustar headers as in mnist.py (TarWriter's own `format` argument is not passed on in webdataset 1.0).
-        writer.tarstream.format = tarfile.USTAR_FORMAT
+
+    def samples() -> Iterator[dict]:
         for key, item in enumerate(items, first):
             try:
                 data = Path(src, item.rel).read_bytes()
@@ -280,8 +264,10 @@ def _write_shard(job: tuple[str, str, int, int, list[_Item], tuple[int, int] | N
                 skipped.append(f"{Path(src, item.rel)} ({_reason(err)})")
                 continue
             member = "npy" if npy else _image_ext(item.rel)
-            writer.write({"__key__": f"{key:08d}", member: data, **_extras(item.rel, item.cls)})
-    return _Written(shard, sum(shapes.values()), shapes, skipped, sha256_file(path))
+            yield {"__key__": f"{key:08d}", member: data, **_extras(item.rel, item.cls)}
+
+    count, digest = write_shard(Path(tmp, f"{shard:05d}.part"), samples())
+    return _Written(shard, count, shapes, skipped, digest)
 
 
 def _scan_shard(url: str) -> _Scanned:
@@ -342,12 +328,12 @@ def _finish(tmp: Path, src: Path, classes: list[str], split: str, results: list[
     for i, r in enumerate(kept):
         name = f"{split}-{i:05d}.tar"
         os.rename(tmp / f"{r.shard:05d}.part", tmp / name)
-        shards.append({"name": name, "num_samples": r.num_samples, "sha256": r.sha256})
+        shards.append(shard_entry(name, r.num_samples, r.sha256))
     for r in results:
         if not r.num_samples:
             Path(tmp, f"{r.shard:05d}.part").unlink()
     manifest = _manifest(_dataset_name(src), sum((r.shapes for r in kept), Counter()), classes, {split: shards})
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(tmp, manifest)
     return manifest
 
 
@@ -357,15 +343,8 @@ def _dataset_name(folder: Path) -> str:
 
 def _manifest(dataset: str, shapes: Counter, classes: list[str], splits: dict[str, list[dict]]) -> dict:
     (height, width, channels), _ = max(shapes.items(), key=lambda kv: (kv[1], kv[0]))  # ties: deterministically
-    return {
-        "format": MANIFEST_FORMAT,
-        "dataset": dataset,
-        "image": {"height": height, "width": width, "channels": channels, "uniform": len(shapes) == 1},
-        "classes": classes,
-        "num_classes": len(classes),
-        "splits": {name: {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
-                   for name, shards in splits.items()},
-    }
+    image = {"height": height, "width": width, "channels": channels, "uniform": len(shapes) == 1}
+    return build_manifest(dataset, image, splits, len(classes), classes)
 
 
 def _describe(manifest: dict) -> str:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from gan_dist.config import Config, load_config  # noqa: E402
 from gan_dist.data import Source, decode_dataset, open_source, shard_batches  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
 from gan_dist.images import decode_image  # noqa: E402
+from gan_dist.shardformat import write_shard  # noqa: E402
 from gan_dist.shards import open_shard, tar_samples  # noqa: E402
 from gan_dist.writer import as_npy, index_shards  # noqa: E402
 from benchmark import bare_loop  # noqa: E402 - scripts/ is on the path of a script run from it
@@ -62,8 +62,6 @@ def loader_rate(cfg: Config, workers: int, batches: int) -> dict:
 
 def npy_vs_png(cfg: Config, shards: int, batches: int, folder: Path) -> dict:
     """One worker's images/s on the first `shards` shards as they are, and as npy shards of the same samples."""
-    import webdataset as wds  # noqa: PLC0415 - only this measurement writes shards
-
     source = open_source(cfg.data)
     subset = Source(source.urls[:shards], source.counts[:shards])
     plain = dataclasses.replace(cfg.data, dataset="webdataset", shards="::".join(subset.urls), num_workers=0)
@@ -71,11 +69,10 @@ def npy_vs_png(cfg: Config, shards: int, batches: int, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     start = 0
     for i, count in enumerate(subset.counts):
-        with wds.TarWriter(str(folder / f"train-{i:05d}.tar")) as out:
-            out.tarstream.format = tarfile.USTAR_FORMAT  # as make_shards.py writes them: one header per member
-            for k in range(start, start + count):
-                label = {"cls": str(int(labels[k])).encode()} if labels[k] >= 0 else {}  # -1: the sample has none
-                out.write({"__key__": f"{k:08d}", "npy": as_npy(images[k].transpose(1, 2, 0))} | label)
+        samples = ({"__key__": f"{k:08d}", "npy": as_npy(images[k].transpose(1, 2, 0))}
+                   | ({"cls": str(int(labels[k])).encode()} if labels[k] >= 0 else {})  # -1: the sample has none
+                   for k in range(start, start + count))
+        write_shard(folder / f"train-{i:05d}.tar", samples)
         start += count
     index_shards(folder)
     npy = dataclasses.replace(plain, shards=str(folder), manifest="")

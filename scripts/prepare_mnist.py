@@ -25,7 +25,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.mnist import SHARD_SIZE, download_mnist, write_shards  # noqa: E402
+from gan_dist.mnist import download_mnist  # noqa: E402
+from gan_dist.mnist_shards import SHARD_SIZE, write_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

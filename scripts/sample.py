@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gan_dist.checkpoint import load_run_generator  # noqa: E402
-from gan_dist.data import mixture_centers  # noqa: E402
 from gan_dist.drs import add_sampler_args, make_sampler  # noqa: E402
 from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.points import mixture_centers  # noqa: E402
 from gan_dist.viz import as_uint8, image_grid, scatter_plot  # noqa: E402
 
 STRIP = 10  # images per interpolation row

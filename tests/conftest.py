@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gan_dist import mnist
+from gan_dist import mnist_shards
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "mnist-shards"
-    mnist.write_shards(MNIST, out)
+    mnist_shards.write_shards(MNIST, out)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Tests for gan_dist.data: exact epochs and resampled streams over uneven shards, resume, faults, 2-D mixtures.
+"""Tests for gan_dist.data (exact epochs and resampled streams over uneven shards, resume, faults) and
+gan_dist.points (2-D mixtures).
 
 The shards are written here: 5 shards of uneven sizes (7, 13, 10, 4, 9 samples, 43 in all) with a manifest, each
 sample a 4x4 grayscale PNG whose every pixel equals the sample's global index, keyed `sample_{index}`. A batch's
@@ -30,9 +31,9 @@ from PIL import Image
 
 from gan_dist import data
 from gan_dist.config import DataConfig
-from gan_dist.data import PointBatches, ShardStream, Source, mixture_centers, open_source, \
-    shard_batches, start_positions, to_real
+from gan_dist.data import ShardStream, Source, open_source, shard_batches, start_positions, to_real
 from gan_dist.errors import UserError
+from gan_dist.points import PointBatches, mixture_centers
 from gan_dist.shards import open_shard, tar_samples
 
 SIZES = [7, 13, 10, 4, 9]

@@ -25,7 +25,8 @@ import webdataset as wds
 from PIL import Image
 
 from gan_dist.errors import UserError
-from gan_dist.shards import IMAGE_EXTS, open_shard, read_manifest_file, tar_samples
+from gan_dist.shardformat import IMAGE_EXTS, read_manifest_file
+from gan_dist.shards import open_shard, tar_samples
 from gan_dist.writer import index_shards, make_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import torch
 
 from gan_dist import metrics
 from gan_dist.config import DataConfig, EvalConfig
-from gan_dist.data import mixture_centers
 from gan_dist.errors import UserError
 from gan_dist.evaluation import Evaluator, better, share
+from gan_dist.points import mixture_centers
 
 
 def gaussian(n: int, d: int, shift: float = 0.0, scale: float = 1.0, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Tests for gan_dist.mnist (IDX reading, download failure, shard writing) and scripts/prepare_mnist.py.
+"""Tests for gan_dist.mnist (IDX reading, download failure), gan_dist.mnist_shards (shard writing, the cache), the
+shard-folder manifests of gan_dist.shardformat, and scripts/prepare_mnist.py.
 
 Run from the repo root:
 
@@ -28,16 +29,9 @@ import pytest
 from gan_dist import mnist
 from gan_dist.errors import UserError
 from gan_dist.images import decode_image
-from gan_dist.mnist import (
-    SHARD_SIZE,
-    FILES,
-    download_mnist,
-    ensure_shards,
-    load_mnist,
-    read_idx,
-    read_manifest,
-    write_shards,
-)
+from gan_dist.mnist import FILES, download_mnist, load_mnist, read_idx
+from gan_dist.mnist_shards import SHARD_SIZE, ensure_shards, write_shards
+from gan_dist.shardformat import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from gan_dist.config import EMAConfig, LossConfig, ModelConfig, OptimConfig, load_config
-from gan_dist.data import DeviceBatches, PointBatches, open_source, shard_batches
+from gan_dist.data import DeviceBatches, open_source, shard_batches
 from gan_dist.ema import EMA, ema_beta
 from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models
 from gan_dist.optim import make_optimizers
+from gan_dist.points import PointBatches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from runs import launch  # noqa: E402
