@@ -3,7 +3,7 @@
 # node, from Debian's packages, without systemd. Needs root and apt (Debian 12 tested, Slurm 22.05).
 #
 #   scripts/local_slurm.sh up       install if missing, write the config, start the daemons, wait until all nodes idle
-#   scripts/local_slurm.sh down     cancel jobs, stop the daemons this script started
+#   scripts/local_slurm.sh down     cancel jobs, stop the daemons this script started (munged too, if it did)
 #   scripts/local_slurm.sh status   sinfo and the queue
 #
 # Knobs: SLURM_LOCAL_NODES (default 2), SLURM_LOCAL_CPUS (default nproc), SLURM_LOCAL_TIMEOUT (default 60 s).
@@ -118,6 +118,7 @@ up() {
   chown munge:munge /run/munge
   if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     runuser -u munge -- /usr/sbin/munged
+    cp /run/munge/munged.pid "$STATE/munged"  # a munged that was already running is not ours to stop
   fi
   slurmctld -c
   sleep 0.5
@@ -148,6 +149,16 @@ down() {
     for _ in $(seq 150); do [[ -z $(squeue -h 2>/dev/null) ]] && break; sleep 0.2; done
   fi
   stop_daemons
+  # A restart with another config (in `up`) keeps munged; only `down` stops it, and only the one `up` started.
+  local pid
+  if [[ -f $STATE/munged ]]; then
+    pid=$(<"$STATE/munged")
+    if [[ -d /proc/$pid ]] && grep -qx munged "/proc/$pid/comm"; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+    fi
+    rm -f "$STATE/munged"
+  fi
   say "stopped"
 }
 

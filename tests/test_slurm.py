@@ -44,15 +44,24 @@ wandb.sdk.wandb_run.Run.finish = lambda self, *args, **kwargs: time.sleep(3600)
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
+    """The local two-node cluster, brought up for this session and stopped at its end (also when bringing it up
+    fails halfway); a cluster that was already running (.ci/run starts one, a developer may keep one) stays up."""
     if shutil.which("sbatch") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
         pytest.skip("SLURM is not installed and cannot be installed here (needs root and apt-get)")
-    up = subprocess.run(["bash", "scripts/local_slurm.sh", "up"], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, SLURM_LOCAL_NODES="2"))
-    if up.returncode and shutil.which("sbatch") is None:
-        pytest.skip(f"SLURM could not be installed here: {up.stderr.strip().splitlines()[-1:]}")
-    assert up.returncode == 0, f"the local SLURM cluster did not come up:\n{up.stderr}"
+    # A running controller, not `sinfo`: without one, sinfo retries for about 10 s before it fails.
+    was_up = any(p.info["name"] == "slurmctld" for p in psutil.process_iter(["name"]))
+    try:
+        up = subprocess.run(["bash", "scripts/local_slurm.sh", "up"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, SLURM_LOCAL_NODES="2"))
+        if up.returncode and shutil.which("sbatch") is None:
+            pytest.skip(f"SLURM could not be installed here: {up.stderr.strip().splitlines()[-1:]}")
+        assert up.returncode == 0, f"the local SLURM cluster did not come up:\n{up.stderr}"
+        yield
+    finally:
+        if not was_up:
+            subprocess.run(["bash", "scripts/local_slurm.sh", "down"], cwd=REPO, capture_output=True, timeout=120)
 
 
 def submit(script: str, run_dir: Path, shards: Path, *overrides: str, wait: bool = False,
