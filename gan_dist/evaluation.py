@@ -10,6 +10,8 @@ its share, the shares gathered in index order, and the metrics of `metrics.py` b
 - RGB images: Inception FID against `eval.num_samples` real images, when StyleGAN's TorchScript Inception
   (`eval.inception`) is given; otherwise skipped with one line.
 
+Which metrics each kind of data gets, and which way each one improves, is `metric_names.py`'s list.
+
 No accelerate here: the caller passes `gather` (concatenate equal-shaped tensors of all ranks in rank order).
 """
 
@@ -27,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gan_dist import metrics, mnist
+from gan_dist import metric_names, metrics, mnist
 from gan_dist.classifier import ensure_classifier
 from gan_dist.config import DataConfig, EvalConfig
 from gan_dist.data import open_source, shard_batches
@@ -37,9 +39,6 @@ from gan_dist.models import eval_mode
 from gan_dist.points import mixture_centers
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
-LOWER_IS_BETTER = {"fcd", "kid", "class_kl", "class_max", "reverse_kl", "fid"}
-NAMES = {"mnist": ("fcd", "kid", "is", "class_kl", "class_min", "class_max", "precision", "recall"),
-         "webdataset": ("fid",), "points": ("modes", "hq", "reverse_kl")}
 REFERENCE_SIZE = 5000
 NOISE_SEED = 0x5EED  # added to the run's seed: evaluation noise never collides with training noise
 
@@ -51,7 +50,7 @@ def best_metric(cfg: EvalConfig, data: DataConfig) -> str:
 
 
 def better(name: str, new: float, old: float | None) -> bool:
-    return old is None or (new < old if name in LOWER_IS_BETTER else new > old)
+    return old is None or (new < old if metric_names.BY_KEY[name].lower_is_better else new > old)
 
 
 def share(num: int, rank: int, world: int) -> torch.Tensor:
@@ -119,7 +118,7 @@ class Evaluator:
         self.cfg, self.data, self.z_dim, self.classes = cfg, data, z_dim, classes
         self.z = torch.randn(cfg.num_samples, z_dim, generator=torch.Generator().manual_seed(seed + NOISE_SEED))
         self.net = self.ref = self.inception = self.real_stats = None
-        names = NAMES.get(data.dataset, NAMES["points"])
+        names = [m.key for m in metric_names.of(metric_names.data_kind(data.dataset), conditional=classes > 0)]
         if best_metric(cfg, data) not in names:
             raise UserError(f"eval.best_metric={cfg.best_metric} is not computed for data.dataset={data.dataset}; "
                             f"choose one of auto, {', '.join(names)}", code=2)
@@ -169,8 +168,8 @@ class Evaluator:
                 if self.classes:
                     out |= metrics.class_metrics(feats, probs, torch.arange(n) % self.classes, self.ref["class_mu"],
                                                  self.ref["class_cov"])
-                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real") and (
-                    self.classes or not k.startswith(("class_acc", "fcd_class")))}
+                # Each computed metric's floor beside it: an unconditional G gets no class metrics, nor their floors.
+                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real") and k[:-5] in out}
             if self.data.dataset not in ("mnist", "webdataset"):
                 points = gather(_in_batches(draw, z, self.cfg.batch))[:n].cpu()
                 if rank:

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from gan_dist.config import WandbConfig
-from gan_dist.evaluation import LOWER_IS_BETTER, NAMES
 from gan_dist.files import write_atomic
+from gan_dist.metric_names import METRICS
 
 
 def _say(msg: str) -> None:
@@ -73,8 +73,8 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
     # Every metric is plotted against train/step; train/kimg rides in every row, so the x axis can switch to it.
     run.define_metric("train/step")
     run.define_metric("*", step_metric="train/step")
-    for name in {n for names in NAMES.values() for n in names}:  # W&B's summary keeps each one's best value
-        run.define_metric(f"eval/{name}", step_metric="train/step", summary="min" if name in LOWER_IS_BETTER else "max")
+    for m in METRICS:  # W&B's summary keeps each one's best value
+        run.define_metric(f"eval/{m.key}", step_metric="train/step", summary="min" if m.lower_is_better else "max")
     return run
 
 

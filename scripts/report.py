@@ -7,10 +7,11 @@ Usage (from the repo root):
 
 It reads what a run directory holds: `metrics.jsonl` (required), `config.yaml`, `samples/samples_<kind>_<step>.png`,
 `final/metrics.json` and `best/metrics.json`. The page has a summary table (one column per run), one plot per metric
-against kimg with every run overlaid (a dashed floor line where `eval/<name>_real` is logged), the sample-grid
-progression of each run, and each run's config. Everything is in the one file: plots are inline SVG drawn here,
-images are base64 data URIs, there is no script and no external URL, so it opens anywhere, offline, and can be
-mailed or copied off a cluster. Any metric may be missing; unknown metrics are plotted too.
+against kimg with every run overlaid (a dashed floor line where `eval/<name>_real` is logged; evaluation metrics in
+the order, and under the labels, of `gan_dist/metric_names.py`), the sample-grid progression of each run, and each
+run's config. Everything is in the one file: plots are inline SVG drawn here, images are base64 data URIs, there is
+no script and no external URL, so it opens anywhere, offline, and can be mailed or copied off a cluster. Any metric
+may be missing; unknown metrics are plotted too.
 """
 
 from __future__ import annotations
@@ -28,15 +29,21 @@ from pathlib import Path
 
 import yaml
 
+try:
+    import gan_dist  # noqa: F401
+except ImportError:
+    # Run from a checkout without `pip install -e .`: only the metric list is needed, not torch or the trainer.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gan_dist.metric_names import BY_KEY, METRICS  # noqa: E402
+
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 MAX_GRIDS = 12  # sample grids shown per run, evenly spaced over the run
 THUMB_PX = 180  # displayed width of one sample grid; the PNG keeps its full resolution inside the page
 TRAIN = ["train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"]  # one row of four plots
 PERF = ["perf/img_per_sec", "perf/data_wait_frac"]
-EVAL_ORDER = ["eval/fcd", "eval/fid", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl",
-              "eval/class_min", "eval/class_max", "eval/class_acc", "eval/fcd_class_mean", "eval/fcd_class_max",
-              "eval/modes", "eval/hq", "eval/reverse_kl"]  # then alphabetically
 AXES = ("train/step", "train/kimg")
+METRIC_RANK = {m.key: i for i, m in enumerate(METRICS)}  # evaluation plots and summary rows in the list's order
 SAMPLE_RE = re.compile(r"samples_(.+)_(\d{8})\.png$")
 
 
@@ -144,11 +151,12 @@ def fmt_tick(v: float, step: float) -> str:
     return f"{v:.{decimals}f}"
 
 
-def svg_plot(title: str, lines: list[dict], xlabel: str, xrange: tuple[float, float] | None = None,
+def svg_plot(key: str, title: str, lines: list[dict], xlabel: str, xrange: tuple[float, float] | None = None,
              width: int = 318, height: int = 210) -> str:
-    """An inline SVG line plot. Each line: {label, color, points [(x, y)]}, or a floor {label, color, y}, drawn dashed
-    across the whole x range. `xrange` gives every plot of a page the same x axis, so they line up by eye. The
-    legend sits below the axis label, one entry a row, so it never covers data or ticks however many runs there are."""
+    """An inline SVG line plot of the logged `key`, headed `title`. Each line: {label, color, points [(x, y)]}, or a
+    floor {label, color, y}, drawn dashed across the whole x range. `xrange` gives every plot of a page the same x
+    axis, so they line up by eye. The legend sits below the axis label, one entry a row, so it never covers data or
+    ticks however many runs there are."""
     left, right, top, bottom = 52, 12, 26, 34
     curves = [ln for ln in lines if ln.get("points")]
     floors = [ln for ln in lines if "y" in ln]
@@ -164,7 +172,7 @@ def svg_plot(title: str, lines: list[dict], xlabel: str, xrange: tuple[float, fl
     def sy(y):
         return top + ph - (y - yt[0]) / (yt[-1] - yt[0]) * ph
 
-    out = [(f'<svg class="plot" data-metric="{html.escape(title)}" width="{width}" height="{total_h}" '
+    out = [(f'<svg class="plot" data-metric="{html.escape(key)}" width="{width}" height="{total_h}" '
             f'viewBox="0 0 {width} {total_h}" role="img">'),
            f'<text x="{width / 2}" y="16" text-anchor="middle" class="title">{html.escape(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>']
@@ -214,12 +222,12 @@ def metric_plot(runs: list[Run], key: str, xkey: str, xrange: tuple[float, float
     if floors and all(math.isclose(f["y"], floors[0]["y"], rel_tol=1e-6) for f in floors):
         floors = [{"label": "floor (real data)", "color": "#555" if len(lines) > 1 else lines[0]["color"],
                    "y": floors[0]["y"]}]  # runs on the same data share one floor: draw it once
-    return svg_plot(key, lines + floors, xkey.split("/")[-1], xrange) if lines else None
+    return svg_plot(key, plot_title(key), lines + floors, xkey.split("/")[-1], xrange) if lines else None
 
 
-def plot_section(runs: list[Run], title: str, keys: list[str], xkey: str, xrange, empty: str) -> str:
+def plot_section(runs: list[Run], title: str, keys: list[str], xkey: str, xrange, empty: str, note: str = "") -> str:
     plots = [p for k in keys if (p := metric_plot(runs, k, xkey, xrange))]
-    body = f'<div class="plots">{"".join(plots)}</div>' if plots else f'<p class="none">{empty}</p>'
+    body = f'{note}<div class="plots">{"".join(plots)}</div>' if plots else f'<p class="none">{empty}</p>'
     return f"<h2>{title}</h2>{body}"
 
 
@@ -231,10 +239,21 @@ def all_keys(runs: list[Run]) -> list[str]:
     return list(seen)
 
 
+def metric_rank(key: str) -> int:
+    """Where `eval/<name>` or `<name>` (as in metrics.json) stands in the metric list; other keys after it."""
+    return METRIC_RANK.get(key.removeprefix("eval/"), len(METRIC_RANK))
+
+
 def eval_keys(keys: list[str]) -> list[str]:
     ev = [k for k in keys if k.startswith("eval/")]
     ev = [k for k in ev if not (k.endswith("_real") and k[:-5] in ev)]  # floors go into their metric's plot
-    return sorted(ev, key=lambda k: (EVAL_ORDER.index(k) if k in EVAL_ORDER else len(EVAL_ORDER), k))
+    return sorted(ev, key=lambda k: (metric_rank(k), k))
+
+
+def plot_title(key: str) -> str:
+    """A listed metric's label and which way is better (as papers mark FID↓); any other key as logged."""
+    m = BY_KEY.get(key.removeprefix("eval/")) if key.startswith("eval/") else None
+    return key if m is None else f"{m.label} {'↓' if m.lower_is_better else '↑'}"
 
 
 def fmt(v) -> str:
@@ -279,8 +298,8 @@ def summary_table(runs: list[Run]) -> str:
         return None if value is None else fmt(value) + ("" if floor is None else f" (real data {fmt(floor)})")
 
     for label, attr in (("final", "final"), ("best", "best")):
-        keys = list(dict.fromkeys(k for r in runs for k in (getattr(r, attr) or {})
-                                  if k not in ("step", "kimg") and not k.endswith("_real")))
+        keys = sorted(dict.fromkeys(k for r in runs for k in (getattr(r, attr) or {})
+                                    if k not in ("step", "kimg") and not k.endswith("_real")), key=metric_rank)
         if any(getattr(r, attr) for r in runs):
             if attr == "best":
                 rows.append(("best step", lambda r: (r.best or {}).get("step")))
@@ -373,7 +392,9 @@ def build_report(runs: list[Run]) -> str:
     xrange = (min(0.0, *xs), max(xs)) if xs else None  # from 0: where training started, even if logged later
     parts = [plot_section(runs, "Losses and D outputs (probabilities)", TRAIN, xkey, xrange,
                           "no train/loss_* or train/d_* logged"),
-             plot_section(runs, "Evaluation", ev, xkey, xrange, "no eval/* metrics logged"),
+             plot_section(runs, "Evaluation", ev, xkey, xrange, "no eval/* metrics logged",
+                          '<p class="meta">↓ lower is better, ↑ higher is better; dashed: the same metric of held-out '
+                          "real data (the floor)</p>"),
              plot_section(runs, "Throughput", PERF, xkey, xrange, "no perf/img_per_sec logged")]
     if other:  # whatever else was logged (data/skipped, data/epoch, keys added later), folded away
         plots = "".join(p for k in other if (p := metric_plot(runs, k, xkey, xrange)))

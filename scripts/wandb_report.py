@@ -1,5 +1,6 @@
 """Build a W&B Report of gan-dist training runs: losses, D probabilities, eval metrics, throughput, samples
-and a run comparison, for a whole project or one run group.
+and a run comparison, for a whole project or one run group. The eval metrics are those of
+`gan_dist/metric_names.py`, a section per kind of data, each metric beside its real-data floor.
 
 Usage (from the repo root; needs `pip install wandb-workspaces`):
 
@@ -22,8 +23,10 @@ import wandb
 try:
     import gan_dist  # noqa: F401
 except ImportError:
-    # Run from a checkout without `pip install -e .` (kept like the other scripts, though nothing here needs it).
+    # Run from a checkout without `pip install -e .`: only the metric list is needed, not torch or the trainer.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gan_dist.metric_names import KINDS, METRICS, Metric  # noqa: E402
 
 try:
     import wandb_workspaces.reports.v2 as wr
@@ -35,19 +38,21 @@ ENTITY_PLACEHOLDER = "<your-entity>"
 KIMG = "train/kimg"  # every curve is drawn over images seen, so runs with different batch sizes line up
 LOSSES = ["train/loss_d", "train/loss_g"]
 D_PROBS = ["train/d_real", "train/d_fake"]
-# (title, keys): metrics on different scales get their own plot; precision and recall share [0, 1].
-EVAL_PLOTS = [
-    ("FCD", ["eval/fcd"]),
-    ("KID", ["eval/kid"]),
-    ("Inception score", ["eval/is"]),
-    ("Precision / recall", ["eval/precision", "eval/recall"]),
-    ("Class KL", ["eval/class_kl"]),
-    ("Class accuracy (conditional runs)", ["eval/class_acc"]),
-    ("Per-class FCD (conditional runs)", ["eval/fcd_class_mean", "eval/fcd_class_max"]),
-    ("Modes covered (2-D runs)", ["eval/modes"]),
-    ("High-quality samples (2-D runs)", ["eval/hq"]),
-]
-EVAL_KEYS = [key for _, keys in EVAL_PLOTS for key in keys]
+
+
+def eval_plots(metrics: list[Metric]) -> list[tuple[str, list[str]]]:
+    """(title, keys) of one plot per metric, beside its floor; metrics on one scale (the same `plot`) share one."""
+    plots: dict[str, list[str]] = {}
+    for m in metrics:
+        plots.setdefault(m.plot or m.label, []).extend(f"eval/{key}" for key in (m.key, m.floor) if key)
+    return list(plots.items())
+
+
+# (heading, plots): a section per kind of data, and one for a class-conditional G's class metrics.
+EVAL_SECTIONS = [(name + (", class-conditional G" if cond else ""), eval_plots(metrics))
+                 for kind, name in KINDS.items() for cond in (False, True)
+                 if (metrics := [m for m in METRICS if kind in m.kinds and m.conditional == cond])]
+EVAL_KEYS = [f"eval/{m.key}" for m in METRICS]
 PERF_PLOTS = [("Throughput (img/s)", ["perf/img_per_sec"]), ("Data wait fraction", ["perf/data_wait_frac"])]
 MEDIA = [("Samples from G_ema", "samples/ema"), ("Samples from G", "samples/G")]
 
@@ -91,8 +96,10 @@ def build_report(project: str, entity: str | None = None, group: str | None = No
             wr.H2("Training"),
             grid([_line("D and G losses", LOSSES), _line("D probabilities (real, fake)", D_PROBS)]),
             wr.H2("Evaluation"),
-            wr.P("FCD, KID, IS, precision/recall and class KL come from image runs; modes and hq from 2-D runs."),
-            grid([_line(title, keys) for title, keys in EVAL_PLOTS]),
+            wr.P("Each run logs the metrics of its kind of data; `_real` is the same metric of held-out real data "
+                 "(the floor a generator approaches)."),
+            *(block for heading, plots in EVAL_SECTIONS
+              for block in (wr.H3(heading), grid([_line(title, keys) for title, keys in plots]))),
             wr.H2("Throughput"),
             grid([_line(title, keys) for title, keys in PERF_PLOTS]),
             wr.H2("Samples"),

@@ -1,4 +1,5 @@
-"""Tests for scripts/report.py: the offline HTML report of fake run directories (no training, no torch, < 1 s).
+"""Tests for scripts/report.py: the offline HTML report of fake run directories (no training, no torch, < 1 s), its
+evaluation plots and summary rows in the order and under the labels of gan_dist/metric_names.py.
 
     . .venv/bin/activate && python -m pytest tests/test_report.py -q
 """
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gan_dist.metric_names import METRICS
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "report.py"
 _spec = importlib.util.spec_from_file_location("report", SCRIPT)
@@ -28,7 +31,8 @@ def make_run(root: Path, name: str, steps: int = 200, every: int = 10, eval_ever
     run = root / name
     (run / "samples").mkdir(parents=True)
     (run / "config.yaml").write_text(f"model:\n  arch: dcgan\n  z_dim: 100\ndata:\n  dataset: mnist\n  resolution: 28\n"
-                                     f"  channels: 1\ntrain:\n  steps: {steps}\n  batch_size: 64\nwandb:\n  name: {name}-wb\n")
+                                     f"  channels: 1\ntrain:\n  steps: {steps}\n  batch_size: 64\n"
+                                     f"wandb:\n  name: {name}-wb\n")
     rows = []
     for s in range(every, steps + 1, every):
         rows.append({"train/step": s, "train/kimg": s * 64 / 1000, "train/loss_d": 1.2 - s / 1000,
@@ -92,6 +96,31 @@ def test_summary_and_offline(page):
     assert "dcgan" in summary and "mnist 28px" in summary
     assert "http://" not in page and "https://" not in page
     assert page.count("<details><summary>run_") == 2 and "arch: dcgan" in page
+
+
+def test_every_listed_metric_in_the_lists_order_and_words(tmp_path):
+    """A run logging every listed metric (here in reverse) and one the list does not know (a per-class FCD): a plot
+    for each listed one, in the list's order, titled with its label and direction, its floor drawn inside where it
+    has one; the unknown one after them; the summary's final rows in the same order."""
+    run = make_run(tmp_path, "all", grids=(), with_eval=False)
+    scores = {m.key: 2.0 + i for i, m in enumerate(reversed(METRICS))} | {m.floor: 1.0 for m in METRICS if m.floor}
+    scores["fcd_class3"] = 5.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"train/step": s, "train/kimg": s / 10} | {
+        f"eval/{k}": v for k, v in scores.items()}) + "\n" for s in (10, 20)))
+    (run / "final").mkdir()
+    (run / "final" / "metrics.json").write_text(json.dumps(scores))
+    assert report.main([str(run)]) == 0
+    page = (run / "report.html").read_text()
+    svgs = plots(page)
+    assert [k for k in svgs if k.startswith("eval/")] == [f"eval/{m.key}" for m in METRICS] + ["eval/fcd_class3"]
+    for m in METRICS:
+        svg = svgs[f"eval/{m.key}"]
+        assert f'class="title">{m.label} {"↓" if m.lower_is_better else "↑"}</text>' in svg, m.key
+        assert svg.count('class="floor"') == (m.floor is not None), m.key
+    assert 'class="title">eval/fcd_class3</text>' in svgs["eval/fcd_class3"]
+    summary = page.split('<table class="summary">')[1].split("</table>")[0]
+    assert re.findall(r"<th>final ([^<]+)</th>", summary) == [m.key for m in METRICS] + ["fcd_class3"]
+    assert re.search(r"final fcd</th><td>[\d.]+ \(real data 1\)</td>", summary)
 
 
 def test_run_without_samples_or_eval(tmp_path):

@@ -1,5 +1,6 @@
-"""scripts/wandb_report.py: the report's panels and keys, the run-group filter, and the CLI (--dry-run, and the one-line
-error when saving is impossible), all offline."""
+"""scripts/wandb_report.py: the report's panels and keys (every metric of gan_dist/metric_names.py in the section of
+its kind of data, beside its floor), the run-group filter, and the CLI (--dry-run, and the one-line error when saving
+is impossible), all offline."""
 
 import importlib.util
 import os
@@ -14,17 +15,15 @@ pytest.importorskip("wandb_workspaces.reports.v2",
 import wandb_workspaces.reports.v2 as wr  # noqa: E402
 from wandb_workspaces import expr  # noqa: E402
 
+from gan_dist.metric_names import KINDS, METRICS  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "wandb_report.py"
-LINES = {  # y keys of each LinePlot, all over train/kimg
-    ("train/loss_d", "train/loss_g"), ("train/d_real", "train/d_fake"),
-    ("eval/fcd",), ("eval/kid",), ("eval/is",), ("eval/precision", "eval/recall"), ("eval/class_kl",),
-    ("eval/class_acc",), ("eval/fcd_class_mean", "eval/fcd_class_max"),
-    ("eval/modes",), ("eval/hq",), ("perf/img_per_sec",), ("perf/data_wait_frac",),
+LINES = {  # y keys of each LinePlot outside the evaluation sections, all over train/kimg
+    ("train/loss_d", "train/loss_g"), ("train/d_real", "train/d_fake"), ("perf/img_per_sec",), ("perf/data_wait_frac",),
 }
 MEDIA = {"samples/ema", "samples/G"}
-EVAL = ["eval/fcd", "eval/kid", "eval/is", "eval/precision", "eval/recall", "eval/class_kl", "eval/class_acc",
-        "eval/fcd_class_mean", "eval/fcd_class_max", "eval/modes", "eval/hq"]
-ALL_KEYS = {"train/kimg", *MEDIA, *(key for keys in LINES for key in keys)}
+EVAL = {f"eval/{key}" for m in METRICS for key in (m.key, m.floor) if key}
+ALL_KEYS = {"train/kimg", *MEDIA, *(key for keys in LINES for key in keys), *EVAL}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +42,13 @@ def panels(report, kind):
     return [panel for grid in grids(report) for panel in grid.panels if isinstance(panel, kind)]
 
 
+def eval_sections(report) -> dict[str, list[str]]:
+    """Heading -> the y keys of the panel grid under it, for each H3 section (the evaluation part)."""
+    return {head.text: [key for panel in grid.panels for key in panel.y]
+            for head, grid in zip(report.blocks, report.blocks[1:])
+            if isinstance(head, wr.H3) and isinstance(grid, wr.PanelGrid)}
+
+
 def parsed_filters(runset):
     """The filter leaves W&B receives on save (the package parses the string the same way there)."""
     return expr.filters_tree_to_v2(expr.expr_to_filters(runset.filters))["filters"]
@@ -59,13 +65,23 @@ def test_panels_and_keys(script, monkeypatch):
     assert (report.project, report.entity) == ("gan-dist", "me")
 
     lines = panels(report, wr.LinePlot)
-    assert sorted(tuple(p.y) for p in lines) == sorted(LINES)  # each set of keys exactly once
+    sections = eval_sections(report)
+    outside = [tuple(p.y) for p in lines if not set(p.y) <= EVAL]
+    assert sorted(outside) == sorted(LINES)  # each set of keys exactly once
     assert {p.x for p in lines} == {"train/kimg"}
+    # Every listed metric, with its floor, once, in the section of its kind of data (class metrics apart).
+    for kind, name in KINDS.items():
+        for cond, heading in ((False, name), (True, f"{name}, class-conditional G")):
+            listed = [f"eval/{key}" for m in METRICS if kind in m.kinds and m.conditional == cond
+                      for key in (m.key, m.floor) if key]
+            assert sorted(sections.get(heading, [])) == sorted(listed), heading
+    assert sorted(key for keys in sections.values() for key in keys) == sorted(EVAL)
+    assert "eval/fid" in sections["RGB images"] and "eval/reverse_kl" in sections["2-D mixtures"]
     media = panels(report, wr.MediaBrowser)
     assert sorted(key for p in media for key in p.media_keys) == sorted(MEDIA)
     assert len(panels(report, wr.RunComparer)) == 1
     comparison = next(g for g in grids(report) if any(isinstance(p, wr.RunComparer) for p in g.panels))
-    assert comparison.runsets[0].pinned_columns == [f"summary:{key}" for key in EVAL]
+    assert comparison.runsets[0].pinned_columns == [f"summary:eval/{m.key}" for m in METRICS]
     kinds = {type(p) for g in grids(report) for p in g.panels}
     assert kinds == {wr.LinePlot, wr.MediaBrowser, wr.RunComparer}
 
