@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-from dataclasses import dataclass, field
+import os
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from omegaconf import II, OmegaConf
@@ -27,7 +30,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan (seed 000) | radford (Radford et al.'s DCGAN) | mlp (seed 001, 2-D points)
+    arch: Literal["dcgan", "radford", "mlp"] = "dcgan"  # seed 000's; Radford et al.'s DCGAN; seed 001's (2-D points)
     z_dim: int = 100
     width: int = 64  # D's first conv has `width` channels; dcgan G's first feature map 4 * width
     channels: int = 1  # image channels; in the config tree it follows data.channels
@@ -37,9 +40,9 @@ class ModelConfig:
     depth: int = 1  # mlp hidden layers
     fourier_features: int = 0  # mlp D sees sin / cos of this many random projections of its input (0 = the input)
     fourier_scale: float = 1.0  # ... drawn from N(0, fourier_scale^2): the finest detail D resolves ~ 1 / scale
-    out_act: str = "tanh"  # mlp G output: tanh (seed 001) | none (mixtures outside [-1, 1])
+    out_act: Literal["tanh", "none"] = "tanh"  # mlp G output: seed 001's tanh; none for mixtures outside [-1, 1]
     spectral_norm: bool = False  # spectral normalization (Miyato et al. 2018) of every D weight
-    d_norm: str = "batch"  # D's normalization: batch (the seeds' BatchNorm) | none (R3GAN: rpgan + R1/R2 need none)
+    d_norm: Literal["batch", "none"] = "batch"  # D's normalization: the seeds' BatchNorm, or none (R3GAN's)
     cond: bool = False  # class-conditional G (label embedding) and projection D (Miyato & Koyama 2018)
     classes: int = 0  # number of classes; in the config tree it follows data.classes
 
@@ -51,17 +54,18 @@ class OptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     eps: float = 1e-7  # Keras' Adam default, which both seeds used
-    schedule: str = "constant"  # learning rates after warmup: constant | linear | cosine (decay to lr_end at its end)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # rates after warmup (decays end at lr_end)
     lr_end: float = 0.0  # linear / cosine decay ends at this fraction of lr_G and lr_D
     schedule_kimg: float = 0.0  # > 0: schedules (rates, loss.gamma_end) run over this many kimg seen (R3GAN); 0: steps
     warmup_steps: int = 0  # learning rates rise linearly from 0 over these first steps
-    impl: str = "auto"  # Adam kernels: auto (torch picks: foreach on GPU, per tensor on CPU) | foreach | fused | single
+    impl: Literal["auto", "foreach", "fused", "single"] = "auto"  # Adam kernels; auto: torch picks (foreach on GPU)
     set_to_none: bool = True  # zero_grad frees gradients (the next backward writes them) instead of filling zeros
 
 
 @dataclass
 class LossConfig:
-    kind: str = "ns"  # ns (non-saturating, the seeds') | minimax | hinge | ls (least squares) | wgan_gp | rpgan (R3GAN)
+    # ns: non-saturating (the seeds'); ls: least squares; rpgan: R3GAN's relativistic pairing
+    kind: Literal["ns", "minimax", "hinge", "ls", "wgan_gp", "rpgan"] = "ns"
     label_noise: float = 0.05  # seed 000's noise on D's 0/1 targets (ns, minimax, ls); 0 turns it off
     n_critic: int = 1  # D steps per G step, each on its own real batch (5 in WGAN-GP's paper)
     gp_weight: float = 10.0  # wgan_gp: weight of the gradient penalty on real/fake interpolates
@@ -84,27 +88,30 @@ class TrainConfig:
     steps: int = 46800  # iterations; each is one D step and one G step
     batch_size: int = 128  # global batch over all processes (and accumulation micro-steps)
     grad_accum: int = 1  # micro-batches per step on each process
-    mixed_precision: str = "no"  # no | bf16 (autocast; GPU or CPU) | fp16 (GPU; loss scaling) -- accelerate's flag
+    # auto: the launcher's (accelerate launch --mixed_precision, accelerate config), else no; any other value
+    # overrides the launcher. bf16: autocast (GPU or CPU); fp16: GPU, with loss scaling.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | webdataset (data.shards) | gaussian (seed 001's N(0, I)) | ring8 | grid25
+    # webdataset: data.shards; gaussian: seed 001's N(0, I); ring8 / grid25: 2-D mixtures
+    dataset: Literal["mnist", "webdataset", "gaussian", "ring8", "grid25"] = "mnist"
     shards: str = ""  # webdataset URLs: paths, folders, brace patterns, pipe: commands, http(s); '::' or a list joins
     manifest: str = ""  # the shards' manifest.json ('::' joins several); default: those beside local shards
-    mode: str = "epoch"  # epoch (exact epochs) | resampled (endless random shard draws)
+    mode: Literal["epoch", "resampled"] = "epoch"  # exact epochs, or endless random shard draws
     resolution: int = 28  # images are resized (shorter side) and centre-cropped to this square size
-    channels: int = 1  # 1 (grayscale) | 3 (RGB)
+    channels: Literal[1, 3] = 1  # grayscale or RGB
     hflip: bool = False  # random horizontal flips
     classes: int = 0  # labels 0..classes-1 (`cls` of shards); 0 = the dataset's own (MNIST 10, ring8 8, grid25 25)
-    on_error: str = "warn"  # a bad sample, or a shard truncated or unlike its manifest: warn (skip, count) | raise
+    on_error: Literal["warn", "raise"] = "warn"  # a bad sample or shard: skip and count it, or stop
     timeout_s: float = 60.0  # remote shards (http(s), pipe:) fail when they connect or send nothing for this long
     min_rate_kbs: float = 1.0  # ... or deliver less than this many kB/s over any timeout_s window
     mnist_dir: str = "data/mnist"  # the four MNIST IDX files (downloaded here when missing and online)
     cache_dir: str = "data/mnist-shards"  # prepared webdataset shards + manifest.json
     download: bool = True
     num_workers: int = 2  # loader processes per rank (none with the device cache)
-    device_cache: str = "auto"  # auto | true | false: decode the whole dataset once into a uint8 tensor on the device
+    device_cache: Literal["auto", True, False] = "auto"  # decode the whole dataset once into a tensor on the device
     shuffle_buffer: int = 2000  # samples held by each loader worker's shuffle buffer
     std: float = 0.05  # per-mode standard deviation for ring8 / grid25
     radius: float = 2.0  # ring8 radius
@@ -116,7 +123,7 @@ class EvalConfig:
     every: int = 2000  # steps between evaluations (and one at the end); 0 turns evaluation off
     num_samples: int = 10000  # generated samples per evaluation (2-D data: 2500 is the published protocol)
     best_metric: str = "auto"  # the metric that picks best/: fcd (MNIST), hq (2-D), fid (RGB), or any eval/ name
-    model: str = "ema"  # ema (G_ema) | G
+    model: Literal["ema", "G"] = "ema"  # G_ema or G
     classifier: str = "data/classifier/mnist_cnn.safetensors"  # MNIST feature network; trained on first use
     inception: str = ""  # StyleGAN's TorchScript inception-2015-12-05.pt for FID on RGB data; empty = skip FID
     batch: int = 500  # samples per forward pass
@@ -142,7 +149,7 @@ class CkptConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "online"  # online | offline | disabled; online falls back to offline without a key or network
+    mode: Literal["online", "offline", "disabled"] = "online"  # online falls back to offline without a key or network
     project: str = "gan-dist"
     entity: str | None = None
     name: str | None = None
@@ -161,8 +168,10 @@ class LogConfig:
 @dataclass
 class PerfConfig:
     channels_last: bool = False  # NHWC memory format for G, D and real batches (tensor cores prefer it)
-    compile: bool = False  # torch.compile G and D (through accelerate); not with R1 or WGAN-GP (double backward)
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    # torch.compile G and D (through accelerate); not with R1, R2 or WGAN-GP (double backward). auto: the launcher's
+    # choice (accelerate launch --dynamo_backend, accelerate config), else off; true / false override it.
+    compile: Literal["auto", True, False] = "auto"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     prefetch: bool = True  # the next batch is copied to the device (pinned memory, a side CUDA stream) during a step
     ema_every: int = 1  # update G_ema every k steps, with the decay of k steps
     step_sync: bool = False  # read each step's losses to the host for the progress bar (a device sync per step)
@@ -188,25 +197,23 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
 
 
-CHOICES = {
-    "model.arch": ("dcgan", "radford", "mlp"),
-    "model.out_act": ("tanh", "none"),
-    "model.d_norm": ("batch", "none"),
-    "loss.kind": ("ns", "minimax", "hinge", "ls", "wgan_gp", "rpgan"),
-    "optim.schedule": ("constant", "linear", "cosine"),
-    "optim.impl": ("auto", "foreach", "fused", "single"),
-    "perf.compile_mode": ("default", "reduce-overhead", "max-autotune"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "data.dataset": ("mnist", "webdataset", "gaussian", "ring8", "grid25"),
-    "data.mode": ("epoch", "resampled"),
-    "data.channels": (1, 3),
-    "data.on_error": ("warn", "raise"),
-    "data.device_cache": ("auto", "true", "false"),
-    "eval.model": ("ema", "G"),
-    "wandb.mode": ("online", "offline", "disabled"),
-}
-# Allowed ranges of every number not fixed by CHOICES (or following data.*), both ends inclusive; ABOVE_LOW keys must
-# be strictly above their low end, BELOW_HIGH keys strictly below their high end. Upper bounds catch typos (a
+def choices(key: str) -> tuple | None:
+    """The allowed values of config key `key` ('loss.kind'): its `Literal` type is the one list; None for a free key."""
+    node: type = Config
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        node = hints.get(part)
+    return typing.get_args(node) if typing.get_origin(node) is Literal else None
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# Allowed ranges of every number not fixed by a Literal type (or following data.*), both ends inclusive; ABOVE_LOW
+# keys must be strictly above their low end, BELOW_HIGH keys strictly below their high end. Upper bounds catch typos (a
 # missing decimal point, an extra 0).
 RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
@@ -237,6 +244,39 @@ DATASET_CLASSES = {"mnist": 10, "gaussian": 1, "ring8": 8, "grid25": 25}
 BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 
 
+@dataclass(frozen=True)
+class Launch:
+    """The settings that both `accelerate launch` (its flags, or `accelerate config`) and this config can carry: the
+    value that applies and where it came from. The launcher hands its choices to the script as environment variables;
+    'auto' here takes them, any other value overrides them. (Its --gradient_accumulation_steps reaches DeepSpeed
+    only, and its --cpu is what this trainer does without CUDA anyway: train.grad_accum is the one accumulation.)"""
+    precision: str
+    precision_from: str
+    compile: bool
+    compile_backend: str  # accelerate's DynamoBackend name: INDUCTOR, ...
+    compile_mode: str
+    compile_from: str
+
+
+def resolve_launch(train: TrainConfig, perf: PerfConfig, env: typing.Mapping[str, str] = os.environ) -> Launch:
+    launched = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if train.mixed_precision != "auto":
+        precision, precision_from = train.mixed_precision, "train.mixed_precision"
+    elif launched in ("no", "bf16", "fp16"):
+        precision = launched
+        precision_from = "accelerate launch --mixed_precision or accelerate config" \
+            if "ACCELERATE_MIXED_PRECISION" in env else "default"
+    else:
+        raise UserError(f"the launcher asks for mixed precision '{launched}', which gan-dist does not train with; "
+                        "launch with --mixed_precision no, bf16 or fp16, or set train.mixed_precision", code=2)
+    backend = env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
+    if perf.compile == "auto" and backend != "NO":
+        return Launch(precision, precision_from, True, backend, env.get("ACCELERATE_DYNAMO_MODE", "default"),
+                      "accelerate launch --dynamo_backend or accelerate config")
+    return Launch(precision, precision_from, perf.compile is True, "INDUCTOR", perf.compile_mode,
+                  "perf.compile" if perf.compile != "auto" else "default")
+
+
 def _all_keys(node, prefix: str = "") -> list[str]:
     keys = []
     for k, v in node.items():
@@ -252,6 +292,10 @@ def _explain(err: OmegaConfBaseException, schema) -> UserError:
         close = difflib.get_close_matches(str(key), _all_keys(schema), n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return UserError(f"unknown config key '{key}'{hint} (keys are listed in the README)", code=2)
+    allowed = choices(str(key)) if isinstance(err, ValidationError) else None
+    if allowed:
+        return UserError(f"config key '{key}' is '{getattr(err, 'value', None)}'; choose one of "
+                         f"{', '.join(map(_show, allowed))}", code=2)
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
         return UserError(f"config key '{key}': {msg}", code=2)
@@ -259,10 +303,6 @@ def _explain(err: OmegaConfBaseException, schema) -> UserError:
 
 
 def _check(cfg) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(map(str, allowed))}", code=2)
     for key in _all_keys(cfg):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, float) and not math.isfinite(value):
@@ -278,9 +318,12 @@ def _check(cfg) -> None:
     if cfg.loss.label_noise and cfg.loss.kind in ("hinge", "wgan_gp", "rpgan"):
         raise UserError(f"loss.label_noise={cfg.loss.label_noise} applies to the ns, minimax and ls losses only; "
                         f"add loss.label_noise=0 for loss.kind={cfg.loss.kind}", code=2)
-    if cfg.perf.compile and (cfg.loss.r1_gamma > 0 or cfg.loss.r2_gamma > 0 or cfg.loss.kind == "wgan_gp"):
-        raise UserError("perf.compile=true cannot train with a gradient penalty (loss.r1_gamma or loss.r2_gamma > 0, "
-                        "or loss.kind=wgan_gp): torch.compile has no double backward; turn one of them off", code=2)
+    launch = resolve_launch(cfg.train, cfg.perf)
+    if launch.compile and (cfg.loss.r1_gamma > 0 or cfg.loss.r2_gamma > 0 or cfg.loss.kind == "wgan_gp"):
+        what = "perf.compile=true" if launch.compile_from == "perf.compile" else f"compiling ({launch.compile_from})"
+        raise UserError(f"{what} cannot train with a gradient penalty (loss.r1_gamma or loss.r2_gamma > 0, or "
+                        "loss.kind=wgan_gp): torch.compile has no double backward; turn one of them off "
+                        "(perf.compile=false overrides the launcher)", code=2)
     if cfg.model.classes != cfg.data.classes:
         raise UserError(f"model.classes={cfg.model.classes} differs from data.classes={cfg.data.classes}; set "
                         "data.classes alone (model.classes follows it)", code=2)
@@ -298,7 +341,7 @@ def _check_images(cfg) -> None:
     if data.dataset != "webdataset" and data.shards:
         raise UserError(f"data.shards is set but data.dataset is '{data.dataset}'; set data.dataset=webdataset to "
                         "train on the shards", code=2)
-    if data.device_cache == "true" and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
+    if data.device_cache is True and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
         raise UserError(f"data.device_cache=true holds an image dataset read in epochs, but data.dataset is "
                         f"'{data.dataset}' and data.mode '{data.mode}'; use data.device_cache=auto", code=2)
     if data.dataset not in ("mnist", "webdataset"):
@@ -325,8 +368,16 @@ def _shards_as_string(node) -> None:
         data.shards = "::".join(str(u) for u in data.shards)
 
 
+def _no_as_word(node) -> None:
+    """YAML reads a bare `no` as false; the one key with 'no' among its choices gets the word back."""
+    for key in ("train.mixed_precision",):
+        if OmegaConf.select(node, key, throw_on_missing=False) is False:
+            OmegaConf.update(node, key, "no")
+
+
 def _merge(cfg, part, what: str):
     _shards_as_string(part)
+    _no_as_word(part)
     try:
         return OmegaConf.merge(cfg, part)
     except TypeError:  # OmegaConf's own error for a mapping given where a list belongs, or the other way round
@@ -371,8 +422,6 @@ def load_config(argv: list[str]) -> Config:
                 raise UserError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]}); "
                                 "quote it, e.g. key='value'", code=2) from None
             cfg = _merge(cfg, override, f"override '{item}'")
-        # YAML reads true/false as booleans, which this str key then holds as 'True'/'False'.
-        cfg.data.device_cache = str(cfg.data.device_cache).lower()
         if cfg.data.classes == 0:
             cfg.data.classes = DATASET_CLASSES.get(cfg.data.dataset, 0)
         _check(cfg)

@@ -315,9 +315,9 @@ DEVICE_CACHE_AUTO_BYTES = 1 << 30  # data.device_cache=auto holds a dataset on t
 
 def wants_device_cache(cfg: DataConfig, source: Source) -> bool:
     """Whether this run's images are decoded once and held on the device (`data.device_cache`)."""
-    if cfg.device_cache == "false" or cfg.mode != "epoch" or not source.counts:
+    if cfg.device_cache is False or cfg.mode != "epoch" or not source.counts:
         return False
-    return cfg.device_cache == "true" or \
+    return cfg.device_cache is True or \
         sum(source.counts) * cfg.channels * cfg.resolution ** 2 <= DEVICE_CACHE_AUTO_BYTES
 
 

@@ -82,6 +82,24 @@ def test_every_shipped_config_loads(path):
     assert cfg.run.dir == f"runs/{path.stem}", "each config writes to its own run directory"
 
 
+PATH_KEYS = ("run.dir", "data.mnist_dir", "data.cache_dir", "data.shards", "data.manifest", "eval.classifier",
+             "eval.inception")
+
+
+@pytest.mark.parametrize("path", CONFIGS + sorted((REPO / "launch").glob("*.yaml")), ids=lambda p: p.name)
+def test_user_facing_configs_name_no_path_outside_the_repository(path):
+    """A clone anywhere runs them: relative paths inside the repository, never `..` or an absolute path (the tests
+    pass their data location themselves)."""
+    text = path.read_text()
+    assert "../" not in text and "/work/" not in text and "shared/" not in text, path.name
+    if path.parent.name == "configs":
+        node = OmegaConf.load(path)
+        for key in PATH_KEYS:
+            value = OmegaConf.select(node, key, throw_on_missing=False)
+            if isinstance(value, str) and value not in ("", "???"):
+                assert not Path(value).is_absolute() and ".." not in Path(value).parts, f"{path.name}: {key}"
+
+
 def test_shipped_configs_exist():
     assert {p.stem for p in CONFIGS} >= {"debug", "mnist_dcgan", "toy2d", "ring8", "grid25"}
 
@@ -330,8 +348,9 @@ def test_bad_data_settings_are_refused_naming_the_key(overrides, message):
 def test_device_cache_takes_yaml_booleans(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("data: {device_cache: false}\n")
-    assert load_config(["--config", str(yaml_file)]).data.device_cache == "false"
-    assert load_config(["data.device_cache=True"]).data.device_cache == "true"
+    assert load_config(["--config", str(yaml_file)]).data.device_cache is False
+    assert load_config(["data.device_cache=True"]).data.device_cache is True
+    assert load_config(["data.device_cache=auto"]).data.device_cache == "auto"
 
 
 def test_image_size_follows_data_and_shards_take_lists(tmp_path):

@@ -640,8 +640,8 @@ def test_device_cache_mnist_idx_files_equal_their_shards(shards):
 
 
 @pytest.mark.parametrize("setting, mode, counts, wanted", [
-    ("auto", "epoch", [60000], True), ("auto", "epoch", [10**7], False), ("true", "epoch", [10**7], True),
-    ("false", "epoch", [10], False), ("auto", "resampled", [10], False), ("auto", "epoch", None, False)])
+    ("auto", "epoch", [60000], True), ("auto", "epoch", [10**7], False), (True, "epoch", [10**7], True),
+    (False, "epoch", [10], False), ("auto", "resampled", [10], False), ("auto", "epoch", None, False)])
 def test_device_cache_auto_holds_what_fits(setting, mode, counts, wanted):
     c = cfg(device_cache=setting, mode=mode, resolution=28)
     assert data.wants_device_cache(c, Source(["a.tar"], counts)) is wanted
