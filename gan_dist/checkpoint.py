@@ -32,11 +32,13 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from accelerate.utils import load as safe_torch_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gan_dist.config import ModelConfig
+from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic
 
@@ -343,6 +345,55 @@ def _write_error(root: Path, err: OSError | None) -> UserError:
     why = f" ({err.strerror or err})" if isinstance(err, OSError) and err.strerror else f" ({err})" if err else ""
     return UserError(f"cannot write a checkpoint in {root}{why}; the checkpoints before it are intact. Free space "
                      "or fix the folder, then rerun the same command to resume")
+
+
+def sync_buffers(*modules: torch.nn.Module) -> None:
+    """Make every rank's buffers of `modules` rank 0's. BatchNorm statistics are each rank's own
+    (dist.broadcast_buffers=false), or drift between DDP's broadcasts; rank 0's copy is the one grids, evaluations,
+    exports and the checkpoint's model files hold."""
+    for b in (b for m in modules for b in m.buffers()):
+        b.copy_(broadcast(b, from_process=0))
+
+
+@torch.no_grad()
+def restore_buffers(saved: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], rank: int,
+                    world: int) -> None:
+    """This rank's own buffers from a checkpoint of the same world size (else rank 0's, from the model files)."""
+    for name, module in modules.items():
+        for key, b in module.named_buffers():
+            rows = saved.get(f"{name}.{key}")
+            if rows is not None and len(rows) == world and rows.shape[1:] == b.shape:
+                b.copy_(rows[rank])
+
+
+def save_training(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: EMA, keep: int,
+                  data_pos: torch.Tensor, log: tuple[dict[str, torch.Tensor], int],
+                  nets: dict[str, torch.nn.Module]) -> Path:
+    """Checkpoint a training run (all ranks call this): gather into `state` what each rank alone holds (its data
+    position `data_pos`, its sums of the log interval so far `log`, the buffers of `nets`), then save it."""
+    sync_buffers(ema.G_ema)
+    state.data_pos = accelerator.gather(data_pos.to(accelerator.device)).cpu()
+    state.log_sums, state.log_steps = log
+    state.rank_buffers = {f"{name}.{key}": accelerator.gather(b[None]).cpu()
+                          for name, module in nets.items() for key, b in module.named_buffers()}
+    return save_checkpoint(accelerator, run_dir, state, ema, keep)
+
+
+def resume_training(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module,
+                    nets: dict[str, torch.nn.Module]) -> None:
+    """Load the checkpoint main chose and verified into every rank, each rank's own buffers of `nets` included,
+    and say so; a checkpoint that does not fit is a UserError."""
+    try:
+        meta = load_checkpoint(accelerator, path, state, ema)
+    except CheckpointError as err:
+        raise UserError(f"checkpoint {err}") from None
+    world = accelerator.num_processes
+    restore_buffers(state.rank_buffers, nets, accelerator.process_index, world)
+    accelerator.print(f"resumed from {path} (step {state.step}, {state.nimg} images, saved with world size "
+                      f"{meta['world_size']})")
+    if meta["world_size"] != world:
+        accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from the "
+                          "checkpoint, but not bit-exactly (per-rank noise and data order differ)")
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module) -> dict:

@@ -6,9 +6,9 @@ the main process. The GAN math lives in `losses.py`, the EMA in `ema.py`, checkp
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, \
-    TorchDynamoPlugin, broadcast, broadcast_object_list, set_seed
+    TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm import tqdm
 
-from gan_dist.checkpoint import CheckpointError, Resume, TrainState, choose_resume, export_final, load_checkpoint, \
-    save_checkpoint
-from gan_dist.config import Config, TrainConfig, to_dict, to_yaml
+from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final, resume_training, save_training, \
+    sync_buffers
+from gan_dist.config import Config, Launch, TrainConfig, resolve_launch, to_dict, to_yaml
 from gan_dist.data import CachedBatches, DeviceBatches, decode_dataset, open_source, shard_batches, start_positions, \
     wants_device_cache
 from gan_dist.ema import EMA
@@ -31,12 +31,11 @@ from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
 from gan_dist.lease import RunLease
 from gan_dist.losses import Select, d_step, g_step, topk_count, topk_weights
-from gan_dist.models import build_models, conditioned, eval_mode
+from gan_dist.models import build_models
 from gan_dist.optim import cosine, lr_factor, make_optimizers, schedule_progress, set_lr
 from gan_dist.points import PointBatches, mixture_centers
-from gan_dist.signals import StopFlag, requeue, slurm_job_id
-from gan_dist.tracking import Tracker, run_info
-from gan_dist.viz import image_grid, scatter_plot
+from gan_dist.signals import StopFlag, requeue_or_rerun
+from gan_dist.tracking import Meter, Tracker, run_info
 
 T = TypeVar("T")
 
@@ -140,51 +139,6 @@ def topk_select(cfg: Config, accelerator: Accelerator, batch: int, epochs: float
     return lambda scores: topk_weights(scores, k, accelerator.gather, rank, world)
 
 
-@torch.no_grad()
-def sample_picture(G: torch.nn.Module, z: torch.Tensor, cfg: Config, c: torch.Tensor | None = None):
-    """A grid (or 2-D scatter plot) of G's samples, with BatchNorm on its running statistics; one column per class
-    for a conditional run."""
-    with eval_mode(G):
-        out = conditioned(G, z, c)
-    if out.ndim == 2:
-        return scatter_plot(out, mixture_centers(cfg.data))
-    return image_grid(out, cols=min(cfg.model.classes, len(out)) if c is not None else None)
-
-
-@torch.no_grad()
-def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: torch.Tensor,
-                 c_real: torch.Tensor | None = None, c_fake: torch.Tensor | None = None) -> dict:
-    """D's probabilities for a real batch and for G's samples, judged in eval mode as in the G step."""
-    with eval_mode(G, D):
-        out = {"train/d_hist_real": torch.sigmoid(conditioned(D, real, c_real)),
-               "train/d_hist_fake": torch.sigmoid(conditioned(D, conditioned(G, z, c_fake), c_fake))}
-    return {k: v.float().cpu().numpy() for k, v in out.items()}
-
-
-def sync_buffers(*modules: torch.nn.Module) -> None:
-    # BatchNorm statistics are each rank's own (dist.broadcast_buffers=false), or drift between DDP's broadcasts;
-    # rank 0's copy is the one that counts.
-    for b in (b for m in modules for b in m.buffers()):
-        b.copy_(broadcast(b, from_process=0))
-
-
-def gather_buffers(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Every rank's buffers of `modules`, '<module>.<buffer>' -> (world, ...), for the checkpoint."""
-    return {f"{name}.{key}": accelerator.gather(b[None]).cpu()
-            for name, module in modules.items() for key, b in module.named_buffers()}
-
-
-@torch.no_grad()
-def restore_buffers(saved: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], rank: int,
-                    world: int) -> None:
-    """This rank's own buffers from a checkpoint of the same world size (else rank 0's, from the model files)."""
-    for name, module in modules.items():
-        for key, b in module.named_buffers():
-            rows = saved.get(f"{name}.{key}")
-            if rows is not None and len(rows) == world and rows.shape[1:] == b.shape:
-                b.copy_(rows[rank])
-
-
 class StopVote:
     """Whether any rank was asked to stop (or to requeue) or lost the run.dir lease, agreed by every rank.
 
@@ -197,6 +151,15 @@ class StopVote:
         self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) \
             if world > 1 else None
         self.pending: list[tuple[torch.Tensor, torch.distributed.Work]] = []
+
+    def poll(self, flag: StopFlag, lease: RunLease | None, run_dir: str, now: bool) -> tuple[bool, bool]:
+        """(stop, requeue) as every rank agrees; a lease another run took over (seen by main) stops every rank."""
+        stop, requeue_asked, lost = self((flag.requested > 0, flag.requested == 2, lease is not None and lease.lost),
+                                         now)
+        if lost:
+            raise UserError(f"another run took over run.dir '{run_dir}' (its lease went stale); this one stops "
+                            "without writing anything more", quiet=lease is None)
+        return stop, requeue_asked
 
     def __call__(self, local: tuple[bool, bool, bool], now: bool) -> tuple[bool, bool, bool]:
         if self.group is None:
@@ -217,19 +180,98 @@ class StopVote:
         self.pending = []
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def build_networks(cfg: Config, accelerator: Accelerator) -> tuple:
+    """G, D, their optimizers (prepared: DDP, compile), the EMA, and G and D unwrapped (no DDP or compile prefix: what
+    final/ and best/ export and checkpoints hold the buffers of). Built from one seed on every rank, so G_ema starts
+    identical everywhere."""
+    set_seed(cfg.seed)
+    G, D = build_models(cfg.model)
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
+    G, D = G.to(accelerator.device, memory_format=memory_format), D.to(accelerator.device, memory_format=memory_format)
+    ema = EMA(G, cfg.ema)
+    opt_G, opt_D = make_optimizers(G, D, cfg.optim)
+    with warnings.catch_warnings():
+        # torch 2.13 renames DDP's broadcast_buffers; accelerate's DDP handler passes only the old name, whose
+        # False (no sync at init either) is right here: every rank builds the same networks from one seed.
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
+    G_raw, D_raw = (accelerator.unwrap_model(net, keep_torch_compile=False) for net in (G, D))
+    return G, D, opt_G, opt_D, ema, G_raw, D_raw
+
+
+def start_tracking(cfg: Config, accelerator: Accelerator, state: TrainState, batch: int) -> Tracker:
+    """The run's config.yaml, its tracker (W&B, metrics.jsonl, grids) and the startup line."""
+    world, device = accelerator.num_processes, accelerator.device
+    if accelerator.is_main_process:
+        (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
+    tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, to_dict(cfg) | run_info(
+        world) | {"micro_batch": batch, "mixed_precision": accelerator.mixed_precision}, state.step,
+                      mixture_centers(cfg.data), cfg.model.classes if cfg.model.cond else 0)
+    accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type}), "
+                      f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "
+                      f"step {state.step} -> {cfg.train.steps}")
+    return tracker
+
+
+def step_marker(accelerator: Accelerator) -> Callable[[], None]:
+    """CUDA graphs (compile mode reduce-overhead) replay into the same output memory: each step must tell them that
+    the last one's outputs are done."""
+    dynamo = accelerator.state.dynamo_plugin
+    return torch.compiler.cudagraph_mark_step_begin if dynamo.backend != "NO" and dynamo.mode == "reduce-overhead" \
+        else lambda: None
+
+
+def evaluate(cfg: Config, accelerator: Accelerator, evaluator: Evaluator, exported: dict[str, torch.nn.Module],
+             state: TrainState, tracker: Tracker) -> None:
+    """Score G_ema (or G) on every rank's share of the samples, log the scores, and export `best/` when they improve
+    on the best so far (all ranks call this)."""
+    G_ema, G = exported["generator_ema"], exported["generator"]
+    sync_buffers(G_ema, G)  # G's running statistics feed nothing in training but its eval mode
+    scores = evaluator(G_ema if cfg.eval.model == "ema" else G, accelerator.process_index, accelerator.num_processes,
+                       accelerator.gather, accelerator.device) | {"step": state.step, "kimg": state.nimg / 1000}
+    tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
+                {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
+    name = best_metric(cfg.eval, cfg.data)
+    improved = accelerator.is_main_process and better(name, scores[name], state.best)
+    if accelerator.is_main_process:  # TrainState is saved by main only
+        state.scores, state.best = scores, scores[name] if improved else state.best
+    on_main(accelerator, lambda: improved and export_final(cfg.run.dir, exported, "best", scores, model=cfg.model,
+                                                           step=state.step, nimg=state.nimg))
+
+
+def make_accelerator(cfg: Config, launch: Launch) -> Accelerator:
     """Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch --multi_gpu` starts ranks that
     each believe they are alone. A collective waiting on a dead rank fails after dist.timeout_s, so the whole job
-    ends instead of hanging. With perf.compile, accelerate compiles G and D after wrapping them in DDP."""
+    ends instead of hanging. When compiling, accelerate compiles G and D after wrapping them in DDP."""
     ddp = DistributedDataParallelKwargs(bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
                                         gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
                                         broadcast_buffers=cfg.dist.broadcast_buffers)
+    # An explicit plugin even when off: accelerate would otherwise compile whatever the launcher asked for.
+    dynamo = TorchDynamoPlugin(backend=launch.compile_backend if launch.compile else "no", mode=launch.compile_mode)
     return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+        cpu=not torch.cuda.is_available(), mixed_precision=launch.precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=cfg.perf.compile_mode) if cfg.perf.compile else None,
+        dynamo_plugin=dynamo,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s)), ddp])
+
+
+def describe_launch(launch: Launch, accelerator: Accelerator) -> str:
+    """What the startup line says of precision, compilation and CPU threads, and where each setting came from."""
+    compiled = f"{launch.compile_backend.lower()} {launch.compile_mode}" if launch.compile else "off"
+    return (f"precision {accelerator.mixed_precision} (from {launch.precision_from}), compile {compiled} (from "
+            f"{launch.compile_from}), {torch.get_num_threads()} CPU thread(s) per process")
+
+
+def thread_warning(device: torch.device, world: int) -> str | None:
+    """`accelerate launch` without --num_cpu_threads_per_process sets OMP_NUM_THREADS=1 on a machine without GPUs,
+    which leaves a CPU run on one core of many (on 2 cores: 185 img/s against 325 for `python train.py`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device.type != "cpu" or torch.get_num_threads() > 1 or share < 2:
+        return None
+    return (f"warning: this process trains on 1 CPU thread while this node has {cores} cores; launch with "
+            f"`accelerate launch --num_cpu_threads_per_process {share} ...` (or set OMP_NUM_THREADS={share})")
 
 
 def train(cfg: Config) -> bool:
@@ -237,7 +279,12 @@ def train(cfg: Config) -> bool:
     process should then exit without waiting for W&B's exit hooks (os._exit)."""
     # Stop signals only set a flag while training runs; after it (or a crash) they act as usual again.
     with StopFlag() as flag:
-        accelerator = make_accelerator(cfg)
+        launch = resolve_launch(cfg.train, cfg.perf)
+        accelerator = make_accelerator(cfg, launch)
+        accelerator.print(describe_launch(launch, accelerator))
+        warning = thread_warning(accelerator.device, accelerator.num_processes)
+        if warning and accelerator.is_local_main_process:
+            print(warning, file=sys.stderr, flush=True)
         # One writer per run.dir: the main process holds its lease from before it reads anything there to the end.
         lease = RunLease(cfg.run.dir, cfg.run.lease_timeout_s, accelerator.print) if accelerator.is_main_process \
             else None
@@ -252,42 +299,17 @@ def train(cfg: Config) -> bool:
 def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, lease: RunLease | None) -> bool:
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     batch = micro_batch(cfg.train, world)
-    run_dir = Path(cfg.run.dir)
 
-    # Build networks, EMA and optimizers from one seed on every rank, so G_ema starts identical everywhere.
-    set_seed(cfg.seed)
-    G, D = build_models(cfg.model)
-    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
-    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
-    ema = EMA(G, cfg.ema)
-    opt_G, opt_D = make_optimizers(G, D, cfg.optim)
-    with warnings.catch_warnings():
-        # torch 2.13 renames DDP's broadcast_buffers; accelerate's DDP handler passes only the old name, whose
-        # False (no sync at init either) is right here: every rank builds the same networks from one seed.
-        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-        G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-    G_raw = accelerator.unwrap_model(G, keep_torch_compile=False)
-    # What final/ and best/ hold: the unwrapped modules, so the state_dicts carry no DDP or compile prefix.
-    D_raw = accelerator.unwrap_model(D, keep_torch_compile=False)
-    exported = {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": D_raw}
+    G, D, opt_G, opt_D, ema, G_raw, D_raw = build_networks(cfg, accelerator)
+    nets, exported = {"G": G_raw, "D": D_raw}, {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": D_raw}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4), origin=resume.origin)
 
-    # Resume (the checkpoint main chose and verified), or seed each rank's noise differently; load_checkpoint
-    # restores every rank's RNG exactly.
+    # Resume (the checkpoint main chose and verified; every rank's RNG exactly), or seed each rank's noise apart.
     set_seed(cfg.seed, device_specific=True)
     if resume.path is not None:
-        try:
-            meta = load_checkpoint(accelerator, resume.path, state, ema)
-        except CheckpointError as err:
-            raise UserError(f"checkpoint {err}") from None
+        resume_training(accelerator, resume.path, state, ema, nets)
         state.origin = resume.origin
-        restore_buffers(state.rank_buffers, {"G": G_raw, "D": D_raw}, accelerator.process_index, world)
-        accelerator.print(f"resumed from {resume.path} (step {state.step}, {state.nimg} images, "
-                          f"saved with world size {meta['world_size']})")
-        if meta["world_size"] != world:
-            accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from "
-                              f"the checkpoint, but not bit-exactly (per-rank noise and data order differ)")
     z_fixed, c_fixed = state.z_fixed.to(device), fixed_labels(cfg, len(state.z_fixed), device)
 
     # Data: each rank draws from the dataset held on its device, or reads its own slice of the shards, continuing
@@ -296,51 +318,35 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     batches = make_batches(cfg, accelerator, batch, state)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed,
                                                                 cfg.model.classes if cfg.model.cond else 0))
-    best_name = best_metric(cfg.eval, cfg.data)
-    if is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    tracker = Tracker(is_main, cfg.wandb, run_dir, state.wandb_id,
-                      to_dict(cfg) | run_info(world) | {"micro_batch": batch}, resumed_step=state.step)
-    accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type}), "
-                      f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "
-                      f"step {state.step} -> {cfg.train.steps}")
-
+    tracker = start_tracking(cfg, accelerator, state, batch)
+    meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
     # Redrawn often on a terminal, every 30 s into a log file (SLURM output, CI).
     progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main, unit="step", dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30)
-    # Metric sums of the log interval the checkpoint cut, restored per rank so the interval logs as if never cut.
-    sums = {k: v[accelerator.process_index].to(device) for k, v in state.log_sums.items() if len(v) == world}
-    tick_time, tick_nimg, tick_steps, data_wait = time.perf_counter(), state.nimg, state.log_steps if sums else 0, 0.0
     vote, stop, requeue_asked = StopVote(world, cfg.dist.timeout_s), False, False
-    # CUDA graphs replay into the same output memory: each step must tell them that the last one's outputs are done.
-    mark_step = torch.compiler.cudagraph_mark_step_begin if cfg.perf.compile and \
-        cfg.perf.compile_mode == "reduce-overhead" else lambda: None
+    mark_step = step_marker(accelerator)
     while state.step < cfg.train.steps:
         # One step: n_critic D steps, each on its own real batches, then one G step. Each optimizer steps once
         # per grad_accum micro-batches; accelerate counts micro-batches across both blocks, so each block is
-        # exactly grad_accum long. D metrics are weighted 1 / n_critic so that every key averages per step.
+        # exactly grad_accum long. Metrics stay on the device until the next log: no host sync per step.
         set_lr(opt_G, opt_D, lr_factor(state.step, cfg.train.steps, cfg.optim, state.nimg), cfg.optim)
         gamma_scale = cosine(schedule_progress(state.step, cfg.train.steps, cfg.optim, state.nimg), cfg.loss.gamma_end)
         for i in range(cfg.loss.n_critic):
             r1_due = (state.step * cfg.loss.n_critic + i) % cfg.loss.r1_every == 0
             pairs = []  # the last D step's real batches and labels: G's micro-steps pair with them
             for _ in range(cfg.train.grad_accum):
-                wait_start = time.perf_counter()
-                real, c = next(batches)
-                data_wait += time.perf_counter() - wait_start
+                real, c = meter.fetch(batches)
                 c = c if cfg.model.cond else None
                 mark_step()
                 with accelerator.accumulate(D):
                     z = torch.randn(len(real), cfg.model.z_dim, device=device)
                     metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due,
                                      cfg.optim.set_to_none, c, gamma_scale)
+                meter.add(metrics, cfg.loss.n_critic)
                 if c is not None:
                     G_raw.count(c)
                 pairs.append((real, c))
                 state.batches += 1
-                # Metrics stay on the device until the next log: no host sync per step.
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.float() / cfg.loss.n_critic
         select = topk_select(cfg, accelerator, batch, state.nimg / (batches.epoch_size or ENDLESS_EPOCH))
         for real, c in pairs:
             mark_step()
@@ -348,76 +354,36 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                 z = torch.randn(batch, cfg.model.z_dim, device=device)
                 loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none,
                                 real if cfg.loss.kind == "rpgan" else None, c, select)["loss_g"]
-            sums["loss_g"] = sums.get("loss_g", 0) + loss_g.float()
-            tick_steps += 1
+            meter.add({"loss_g": loss_g})
+            meter.tick()
         step_nimg = cfg.train.batch_size * cfg.loss.n_critic  # real images shown to D
         if (state.step + 1) % cfg.perf.ema_every == 0 and not opt_G.step_was_skipped:
             ema.update(G_raw, state.nimg, step_nimg * cfg.perf.ema_every)
-        state.step += 1
-        state.nimg += step_nimg
+        state.step, state.nimg = state.step + 1, state.nimg + step_nimg
         progress.update(1)
         if cfg.perf.step_sync:
             progress.set_postfix(loss_d=f"{metrics['loss_d'].item():.3f}", loss_g=f"{loss_g.item():.3f}", refresh=False)
         is_last = state.step == cfg.train.steps
 
-        # Log means over micro-steps and ranks (all ranks take part in the reduce).
+        # Log the interval's means over micro-steps and ranks; grids and histograms on the fixed noise.
         if state.step % cfg.log.every == 0 or is_last:
-            keys = sorted(sums)
-            local = torch.stack([sums[k] / tick_steps for k in keys] + [
-                torch.tensor(data_wait, device=device), torch.tensor(float(batches.skipped), device=device)])
-            *means, wait, skipped = accelerator.reduce(local, "mean").tolist()
-            elapsed = time.perf_counter() - tick_time  # after the reduce waited for the device's queued work
-            row = {"train/step": state.step, "train/kimg": state.nimg / 1000}
-            row |= {f"train/{k}": v for k, v in zip(keys, means)}
-            row["perf/img_per_sec"] = (state.nimg - tick_nimg) / max(elapsed, 1e-9)
-            row["perf/data_wait_frac"] = wait / max(elapsed, 1e-9)  # share of time in next(batches), mean of ranks
-            row["data/skipped"] = round(skipped * world)  # bad samples and lost shard tails so far, all ranks
-            if batches.epoch_size:
-                row["data/epoch"] = state.nimg / batches.epoch_size
+            row = meter.row(state.step, state.nimg, batches.skipped, batches.epoch_size)
             tracker.log(row)
             progress.set_postfix(loss_d=f"{row['train/loss_d']:.3f}", loss_g=f"{row['train/loss_g']:.3f}",
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
-            sums, tick_time, tick_nimg, tick_steps, data_wait = {}, time.perf_counter(), state.nimg, 0, 0.0
-
-        # Sample grids from G_ema and G on the fixed noise, and D's outputs: main alone calls the unwrapped modules,
-        # which never runs a DDP hook or collective.
         if state.step % cfg.log.sample_every == 0 or is_last:
-            sync_buffers(ema.G_ema)
-            if is_main:
-                tracker.log_image("samples/ema", sample_picture(ema.G_ema, z_fixed, cfg, c_fixed), state.step)
-                tracker.log_image("samples/G", sample_picture(G_raw, z_fixed, cfg, c_fixed), state.step)
-                tracker.log_histograms(d_histograms(G_raw, D_raw, real, z_fixed, c, c_fixed), state.step)
+            tracker.log_samples(state.step, ema.G_ema, G_raw, D_raw, z_fixed, c_fixed, real, c)
 
         # Evaluate (every rank generates its share, the main process scores them) and export the best weights.
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:
-            sync_buffers(ema.G_ema, G_raw)  # G's running statistics feed nothing in training but its eval mode
-            scores = evaluator(ema.G_ema if cfg.eval.model == "ema" else G_raw, accelerator.process_index, world,
-                               accelerator.gather, device) | {"step": state.step, "kimg": state.nimg / 1000}
-            tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
-                        {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
-            improved = is_main and better(best_name, scores[best_name], state.best)
-            if is_main:  # TrainState is saved by main only
-                state.scores, state.best = scores, scores[best_name] if improved else state.best
-            on_main(accelerator, lambda: improved and export_final(run_dir, exported, "best", scores))
+            evaluate(cfg, accelerator, evaluator, exported, state, tracker)
 
         # Stop signals and a lost lease: all ranks agree in one vote, so all of them stop at the same step.
         ckpt_due = state.step % cfg.ckpt.every == 0 or is_last
         if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
-            stop, requeue_asked, lost = vote((flag.requested > 0, flag.requested == 2,
-                                              lease is not None and lease.lost), now=ckpt_due)
-            if lost:
-                raise UserError(f"another run took over run.dir '{run_dir}' (its lease went stale); this one stops "
-                                "without writing anything more", quiet=not is_main)
-
-        # Checkpoint (all ranks), with every rank's data position gathered into the saved state.
+            stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, now=ckpt_due)
         if ckpt_due or stop:
-            sync_buffers(ema.G_ema)
-            state.data_pos = accelerator.gather(batches.state().to(device)).cpu()
-            keys = sorted(sums)
-            rows = accelerator.gather(torch.stack([sums[k] for k in keys])[None]).cpu() if keys else None
-            state.log_sums, state.log_steps = {k: rows[:, i] for i, k in enumerate(keys)}, tick_steps
-            state.rank_buffers = gather_buffers(accelerator, {"G": G_raw, "D": D_raw})
-            save_checkpoint(accelerator, run_dir, state, ema, cfg.ckpt.keep)
+            save_training(accelerator, cfg.run.dir, state, ema, cfg.ckpt.keep, batches.state(), meter.state(), nets)
         if stop:
             break
     vote.close()
@@ -425,10 +391,10 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
 
     # Export the final weights of the unwrapped modules, unless a signal stopped the run early.
     if stop:
-        accelerator.print(f"stopped at step {state.step} by {flag.name or 'a signal to another rank'}; "
-                          "checkpoint saved")
+        accelerator.print(f"stopped at step {state.step} by {flag.name or 'a signal to a peer rank'}; checkpoint saved")
     else:
-        final = on_main(accelerator, lambda: export_final(run_dir, exported, scores=state.scores))
+        final = on_main(accelerator, lambda: export_final(cfg.run.dir, exported, scores=state.scores,
+                                                          model=cfg.model, step=state.step, nimg=state.nimg))
         accelerator.print(f"done: step {state.step}, {state.nimg / 1000:.1f} kimg; final weights in {final}")
     tracker.finish()
     accelerator.wait_for_everyone()
@@ -438,6 +404,5 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     if lease is not None:
         lease.release()
     if stop and is_main:
-        job = slurm_job_id() if requeue_asked and cfg.dist.requeue else None
-        print(requeue(job) if job else "rerun the same command to continue from it", flush=True)
+        print(requeue_or_rerun(requeue_asked and cfg.dist.requeue), flush=True)
     return tracker.stalled

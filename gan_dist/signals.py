@@ -67,3 +67,10 @@ def requeue(job_id: str) -> str:
         return (f"`scontrol requeue {job_id}` failed ({done.stderr.strip() or done.returncode}); does the job have "
                 f"--requeue? Resubmit it to continue")
     return f"requeued SLURM job {job_id}; it continues from this checkpoint when it restarts"
+
+
+def requeue_or_rerun(requeue_asked: bool) -> str:
+    """What a stopped run does last: requeue its SLURM job when asked (SIGUSR1/SIGUSR2 and dist.requeue), or say how
+    to continue; a line for the log."""
+    job = slurm_job_id() if requeue_asked else None
+    return requeue(job) if job else "rerun the same command to continue from it"

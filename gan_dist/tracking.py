@@ -1,4 +1,5 @@
-"""Run tracking on the main process: W&B (online, offline or disabled), `metrics.jsonl` and sample PNGs.
+"""Run tracking on the main process: W&B (online, offline or disabled), `metrics.jsonl`, sample grids and D's
+histograms; and the `Meter` that sums each log interval's metrics on every rank.
 
 Other ranks get a tracker whose calls do nothing, so the loop calls it unconditionally. W&B never crashes a run:
 without an API key or a network it falls back to offline and says how to sync later. A resumed run reuses the
@@ -13,14 +14,23 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Iterator, TypeVar
 
 import numpy as np
+import torch
+from accelerate import Accelerator
 from PIL import Image
 
+from gan_dist.checkpoint import sync_buffers
 from gan_dist.config import WandbConfig
 from gan_dist.files import write_atomic
 from gan_dist.metric_names import METRICS
+from gan_dist.models import conditioned, eval_mode
+from gan_dist.viz import image_grid, scatter_plot
+
+T = TypeVar("T")
 
 
 def _say(msg: str) -> None:
@@ -95,10 +105,22 @@ def run_info(world_size: int) -> dict:
                          "webdataset": getattr(webdataset, "__version__", "?"), "wandb": wandb.__version__}}
 
 
+@torch.no_grad()
+def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: torch.Tensor,
+                 c_real: torch.Tensor | None = None, c_fake: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """D's probabilities for a real batch and for G's samples, judged in eval mode as in the G step."""
+    with eval_mode(G, D):
+        out = {"train/d_hist_real": torch.sigmoid(conditioned(D, real, c_real)),
+               "train/d_hist_fake": torch.sigmoid(conditioned(D, conditioned(G, z, c_fake), c_fake))}
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
 class Tracker:
     def __init__(self, is_main: bool, cfg: WandbConfig, run_dir: str | Path, run_id: str, config: dict,
-                 resumed_step: int) -> None:
+                 resumed_step: int, centers: np.ndarray | None = None, classes: int = 0) -> None:
         self.is_main = is_main
+        self.centers = centers  # 2-D data: the mixture's modes, drawn under the scatter plots
+        self.classes = classes  # a conditional run: grids have one column per class
         self.run_dir = Path(run_dir)
         self.run = None
         self.finish_timeout_s = cfg.finish_timeout_s
@@ -137,6 +159,26 @@ class Tracker:
 
             self.run.log({k: wandb.Histogram(v) for k, v in values.items()} | {"train/step": step})
 
+    def log_samples(self, step: int, G_ema: torch.nn.Module, G: torch.nn.Module, D: torch.nn.Module,
+                    z: torch.Tensor, c: torch.Tensor | None, real: torch.Tensor, c_real: torch.Tensor | None) -> None:
+        """Grids (or 2-D scatter plots) from G_ema and G on the fixed noise `z` (labels `c`), and D's outputs on a
+        real batch and on G's samples. All ranks call this: G_ema's BatchNorm statistics are first made rank 0's.
+        Main alone then calls the unwrapped modules, which never runs a DDP hook or collective."""
+        sync_buffers(G_ema)
+        if not self.is_main:
+            return
+        self.log_image("samples/ema", self._picture(G_ema, z, c), step)
+        self.log_image("samples/G", self._picture(G, z, c), step)
+        self.log_histograms(d_histograms(G, D, real, z, c_real, c), step)
+
+    @torch.no_grad()
+    def _picture(self, G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None) -> np.ndarray:
+        with eval_mode(G):
+            out = conditioned(G, z, c)
+        if out.ndim == 2:
+            return scatter_plot(out, self.centers)
+        return image_grid(out, cols=min(self.classes, len(out)) if c is not None else None)
+
     def finish(self) -> None:
         """Close the W&B run within wandb.finish_timeout_s (a preempted job must requeue within its grace period).
         W&B gives up its uploads after that long itself; a finish that hangs anyway is left behind in its thread
@@ -150,3 +192,57 @@ class Tracker:
             self.stalled = True
             _say(f"W&B did not finish within wandb.finish_timeout_s={self.finish_timeout_s:g} s; the run's data is "
                  f"in {self.run_dir / 'wandb'}: upload the rest with `wandb sync` on that folder")
+
+
+class Meter:
+    """The training metrics of one log interval, summed on the device (no host sync per step) and reduced over every
+    rank at each log, with the interval's throughput and data wait. Checkpointable, as StyleGAN2-ADA's
+    `training_stats.Collector` is: an interval a checkpoint cut logs after a resume as if it had never been cut."""
+
+    def __init__(self, accelerator: Accelerator, nimg: int, saved: dict[str, torch.Tensor], saved_steps: int) -> None:
+        self.accelerator = accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.sums = {k: v[rank].to(accelerator.device) for k, v in saved.items() if len(v) == world}
+        self.steps = saved_steps if self.sums else 0  # G micro-steps in the sums
+        self.wait, self.start, self.nimg = 0.0, time.perf_counter(), nimg
+
+    def fetch(self, batches: Iterator[T]) -> T:
+        """The next batch, its wait counted as data time."""
+        start = time.perf_counter()
+        item = next(batches)
+        self.wait += time.perf_counter() - start
+        return item
+
+    def add(self, metrics: dict[str, torch.Tensor], per_step: int = 1) -> None:
+        """Add one micro-step's metrics; D's are added with `per_step`=n_critic so that every key averages per step."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float() / per_step
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def row(self, step: int, nimg: int, skipped: int, epoch_size: int | None) -> dict[str, float]:
+        """The log row of the interval ending now (all ranks call this: one reduce); starts the next interval."""
+        keys = sorted(self.sums)
+        device, world = self.accelerator.device, self.accelerator.num_processes
+        local = torch.stack([self.sums[k] / self.steps for k in keys] + [
+            torch.tensor(self.wait, device=device), torch.tensor(float(skipped), device=device)])
+        *means, wait, skipped_mean = self.accelerator.reduce(local, "mean").tolist()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)  # after the reduce waited for the queued work
+        row = {"train/step": step, "train/kimg": nimg / 1000} | {f"train/{k}": v for k, v in zip(keys, means)}
+        row["perf/img_per_sec"] = (nimg - self.nimg) / elapsed
+        row["perf/data_wait_frac"] = wait / elapsed  # share of time in next(batches), mean of ranks
+        row["data/skipped"] = round(skipped_mean * world)  # bad samples and lost shard tails so far, all ranks
+        if epoch_size:
+            row["data/epoch"] = nimg / epoch_size
+        self.sums, self.steps, self.wait, self.start, self.nimg = {}, 0, 0.0, time.perf_counter(), nimg
+        return row
+
+    def state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Every rank's sums of the interval so far, metric -> (world,), and its micro-steps, for a checkpoint
+        (all ranks call this: one gather)."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}, self.steps
+        rows = self.accelerator.gather(torch.stack([self.sums[k] for k in keys])[None]).cpu()
+        return {k: rows[:, i] for i, k in enumerate(keys)}, self.steps

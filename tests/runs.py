@@ -20,7 +20,18 @@ from safetensors.torch import load_file
 from gan_dist.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def _mnist() -> Path:
+    """Where the tests read MNIST, the one place that says: $GAN_DIST_MNIST_DIR, else the project's shared copy
+    beside the checkout where there is one (CI), else the trainer's default folder (conftest downloads it there)."""
+    if os.environ.get("GAN_DIST_MNIST_DIR"):
+        return Path(os.environ["GAN_DIST_MNIST_DIR"])
+    shared = REPO.parent / "shared" / "data" / "mnist"
+    return shared if shared.is_dir() else REPO / "data" / "mnist"
+
+
+MNIST = _mnist()
 WEIGHTS = ("generator", "generator_ema", "discriminator")
 
 
@@ -32,14 +43,14 @@ def _free_port() -> int:
 
 def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
            config: str = "configs/debug.yaml", check: bool = True, env: dict | None = None,
-           script: tuple[str, ...] = ("train.py",)):
+           script: tuple[str, ...] = ("train.py",), precision: str = "no"):
     """`accelerate launch train.py` (or another `script` taking train.py's arguments after its own) of `config` in
-    `run_dir` on MNIST `shards`. Returns the Popen with `background`
+    `run_dir` on MNIST `shards`, with the launcher's --mixed_precision `precision`. Returns the Popen with `background`
     (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
     False (then the CompletedProcess)."""
     # --quiet: a failing single-process run ends with its own error line, not also the launcher's traceback.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "--num_processes", str(nproc)]
     if nproc > 1:
         cmd.append("--multi_gpu")
