@@ -24,9 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import WEIGHTS, jsonl, launch, weights, without_timing  # noqa: E402
-from wandb_records import config, history, run_id  # noqa: E402
+from runs import WEIGHTS, jsonl, launch, weights, without_timing
+from wandb_records import config, history, run_id
 
 def wandb_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -197,3 +196,27 @@ def test_resampled_run_over_a_truncated_shard_finishes_and_reports_the_skip(tmp_
 @pytest.fixture(autouse=True, scope="module")
 def _runs_find_the_classifier(classifier):
     """The debug config evaluates with the MNIST classifier; it is trained once per session, not by each run."""
+
+
+def test_wandb_history_of_a_run_resumed_past_its_last_checkpoint_repeats_the_lost_rows(tmp_path, shards):
+    """What the README's W&B section says: a run that died after logging past its last checkpoint logs those steps
+    again when it resumes. metrics.jsonl is cut back and holds each step once; W&B, which appends to the same run
+    id (its rewind is a private preview, online only), holds the redone steps twice, the resumed run's last."""
+    run_dir = tmp_path / "run"
+    short = ("train.steps=30", "log.every=10", "ckpt.every=20", "eval.every=0", "log.sample_every=30")
+    launch(run_dir, shards, 1, *short)
+    # As if it had died just after logging step 30, before its checkpoint and final weights were written.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000030")
+    (run_dir / "final").unlink()
+    launch(run_dir, shards, 1, *short)
+
+    files = wandb_files(run_dir)
+    assert len(files) == 2 and run_id(files[0]) == run_id(files[1]), "both segments log to one W&B run"
+    first, resumed = ([r for r in history(f) if "train/loss_d" in r] for f in files)
+    assert [r["train/step"] for r in first + resumed] == [10, 20, 30, 30], "W&B: step 30 once per segment"
+    rows = [r for r in jsonl(run_dir) if "train/loss_d" in r]
+    assert [r["train/step"] for r in rows] == [10, 20, 30], "metrics.jsonl: each step once"
+    assert rows[-1] == {k: resumed[-1][k] for k in rows[-1]}, "metrics.jsonl keeps the resumed run's row"
+    # Resume is exact, so the repeated row carries the same values: W&B plots one point twice, not a jump.
+    assert [{k: v for k, v in r.items() if not k.startswith(("_", "perf/"))} for r in (first[-1], resumed[-1])] == \
+        [{k: v for k, v in rows[-1].items() if not k.startswith("perf/")}] * 2
