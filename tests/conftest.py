@@ -1,6 +1,7 @@
 """Shared pytest setup: one intra-op thread, so test results and timings do not depend on OMP_NUM_THREADS or on
-the number of cores of the machine running them; MNIST shards written once for every end-to-end test; and the
-evaluation classifier (with its cached real-data statistics) trained once where the runs look for it."""
+the number of cores of the machine running them; MNIST where `runs.MNIST` says (downloaded if missing), its shards
+written once for every end-to-end test; and the evaluation classifier (with its cached real-data statistics)
+trained once where the runs look for it."""
 
 import os
 from pathlib import Path
@@ -8,11 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from gan_dist import mnist_shards
+from runs import MNIST
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+from gan_dist import mnist, mnist_shards
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mnist_files() -> Path:
+    """MNIST where the tests read it (`runs.MNIST`), downloaded there first when it is missing."""
+    if not mnist.files_present(MNIST):
+        mnist.download_mnist(MNIST)
+    return MNIST
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +53,6 @@ def classifier() -> Path:
 def conditional_run(tmp_path_factory, shards, classifier) -> Path:
     """One short class-conditional MNIST run with R3GAN's loss, R1 + R2, a BatchNorm-free D and top-k G updates,
     evaluated at its end (shared by the tests of the conditional path and of rejection sampling)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from runs import launch
 
     run = tmp_path_factory.mktemp("conditional")

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import digest  # noqa: E402
+from runs import MNIST, digest
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def train(*overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
@@ -29,15 +27,15 @@ def train(*overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "29655", "train.py"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    return subprocess.run([*cmd, "--config", "configs/debug.yaml", "wandb.mode=disabled", *overrides], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run([*cmd, "--config", "configs/debug.yaml", "wandb.mode=disabled", f"data.mnist_dir={MNIST}",
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, shards) -> tuple[Path, Path]:
     """A completed short run whose files the failing commands below must leave alone."""
     run_dir = tmp_path_factory.mktemp("run")
-    proc = train(f"run.dir={run_dir}", f"data.mnist_dir={MNIST}", f"data.cache_dir={shards}", "train.steps=10")
+    proc = train(f"run.dir={run_dir}", f"data.cache_dir={shards}", "train.steps=10")
     assert proc.returncode == 0, proc.stderr
     return run_dir, shards
 
@@ -110,6 +108,7 @@ def test_wandb_online_without_api_key_falls_back_to_offline(tmp_path, shards):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env |= {"OMP_NUM_THREADS": "1", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "NETRC": str(tmp_path / "n")}
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.yaml", "wandb.mode=online",
+                           f"data.mnist_dir={MNIST}",
                            f"run.dir={tmp_path / 'run'}", f"data.cache_dir={shards}", "train.steps=10"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr

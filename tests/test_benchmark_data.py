@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
+from runs import MNIST, REPO
 
 
 def test_benchmark_reports_loader_trainer_and_data_wait(tmp_path, shards):

@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from runs import MNIST
+
 from gan_dist import classifier
 from gan_dist.classifier import (
     ARCH,
@@ -39,7 +41,6 @@ from gan_dist.errors import UserError
 from gan_dist.mnist import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
 @pytest.fixture(scope="module")
@@ -327,9 +328,6 @@ def test_loading_does_not_draw_from_the_global_rng(tmp_path):
 def test_reference_statistics_are_keyed_by_the_classifier_and_the_data(trained, tmp_path, capsys):
     """The cached training-set statistics and floors belong to one classifier file and one MNIST copy: another
     dataset or a retrained classifier gets its own, and a damaged cache is rebuilt with a warning."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_mnist import make_mnist
 
     from gan_dist.evaluation import _reference

@@ -5,7 +5,7 @@ Run from the repo root:
 
     . .venv/bin/activate && python -m pytest tests/test_mnist.py -q
 
-The real-data tests read the MNIST files in ../shared/data/mnist (next to the repo, as in CI). Converting
+The real-data tests read the MNIST files where tests/runs.py's MNIST says ($GAN_DIST_MNIST_DIR, ...). Converting
 all 70,000 images takes several seconds, so it happens once per module, with the CLI run (which doubles as
 the second conversion for the determinism check) going on alongside it.
 """
@@ -26,6 +26,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from runs import MNIST
+
 from gan_dist import mnist
 from gan_dist.errors import UserError
 from gan_dist.images import decode_image
@@ -34,7 +36,6 @@ from gan_dist.mnist_shards import SHARD_SIZE, ensure_shards, write_shards
 from gan_dist.shardformat import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 # Published per-class counts of the MNIST test split (also in shared/data/mnist/README.md).
 TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -82,7 +83,7 @@ def assert_user_error(excinfo: pytest.ExceptionInfo, *names: object) -> str:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    assert MNIST.is_dir(), f"real MNIST expected at {MNIST} (the shared/ folder next to the repo)"
+    assert MNIST.is_dir(), f"real MNIST expected at {MNIST} (set GAN_DIST_MNIST_DIR)"
     root = tmp_path_factory.mktemp("real")
     cli = subprocess.Popen(
         [sys.executable, "scripts/prepare_mnist.py", "--src", str(MNIST), "--out", str(root / "cli")],

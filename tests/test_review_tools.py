@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
+from runs import MNIST, REPO
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
 
 

@@ -26,12 +26,10 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import launch  # noqa: E402
-from wandb_records import run_id  # noqa: E402
+from runs import MNIST, launch
+from wandb_records import run_id
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 STEPS = 150
 JOB = (f"train.steps={STEPS}", "ckpt.every=25", "ckpt.keep=10", "data.num_workers=2", "eval.every=0")
