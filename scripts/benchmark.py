@@ -35,22 +35,17 @@ import time
 import warnings
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from accelerate import PartialState
+from torch.nn.parallel import DistributedDataParallel
 
-from accelerate import PartialState  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-from gan_dist.config import Config, load_config  # noqa: E402
-from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.losses import d_loss, frozen, g_loss  # noqa: E402
-from gan_dist.models import build_models  # noqa: E402
-from gan_dist.optim import make_optimizers  # noqa: E402
-from quality import hardware  # noqa: E402 - scripts/ is on the path of a script run from it
+from gan_dist.config import Config, load_config
+from gan_dist.errors import UserError
+from gan_dist.losses import d_loss, frozen, g_loss
+from gan_dist.models import build_models
+from gan_dist.optim import make_optimizers
+from quality import hardware  # scripts/ is on the path of a script run from it
 
 REPO = Path(__file__).resolve().parents[1]
 # Each speed switch as overrides of the baseline, and the process count it is measured at (0: the largest given).

@@ -29,21 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from gan_dist.config import Config, load_config  # noqa: E402
-from gan_dist.data import Source, decode_dataset, open_source, shard_batches  # noqa: E402
-from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.images import decode_image  # noqa: E402
-from gan_dist.shardformat import write_shard  # noqa: E402
-from gan_dist.shards import open_shard, tar_samples  # noqa: E402
-from gan_dist.writer import as_npy, index_shards  # noqa: E402
-from benchmark import bare_loop  # noqa: E402 - scripts/ is on the path of a script run from it
+from gan_dist.config import Config, load_config
+from gan_dist.data import Source, decode_dataset, open_source, shard_batches
+from gan_dist.errors import UserError
+from gan_dist.images import decode_image
+from gan_dist.shardformat import write_shard
+from gan_dist.shards import open_shard, tar_samples
+from gan_dist.writer import as_npy, index_shards
+from benchmark import bare_loop  # scripts/ is on the path of a script run from it
 
 
 def loader_rate(cfg: Config, workers: int, batches: int) -> dict:

@@ -24,10 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gan_dist.config import load_config  # noqa: E402
-from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.config import load_config
+from gan_dist.errors import UserError
 
 TORCH_DIR = str(Path(torch.__file__).parent)
 READS = ("item", "tolist", "__bool__", "__int__", "__float__")

@@ -25,20 +25,15 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from accelerate import Accelerator
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-
-from gan_dist.checkpoint import load_run_generator  # noqa: E402
-from gan_dist.drs import add_sampler_args, make_sampler  # noqa: E402
-from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.evaluation import Evaluator  # noqa: E402
-from gan_dist.loop import local_main_first  # noqa: E402
-from gan_dist.shards import expand_urls  # noqa: E402
+from gan_dist.checkpoint import load_run_generator
+from gan_dist.drs import add_sampler_args, make_sampler
+from gan_dist.errors import UserError
+from gan_dist.evaluation import Evaluator
+from gan_dist.loop import local_main_first
+from gan_dist.shards import expand_urls
 
 
 def main() -> int:

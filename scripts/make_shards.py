@@ -28,14 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    # Run from a checkout without `pip install -e .`.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.writer import DEFAULT_MAX_COUNT, index_shards, make_shards  # noqa: E402
+from gan_dist.errors import UserError
+from gan_dist.writer import DEFAULT_MAX_COUNT, index_shards, make_shards
 
 
 def main(argv: list[str] | None = None) -> int:

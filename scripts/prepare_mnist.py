@@ -18,15 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    # Run from a checkout without `pip install -e .`.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.mnist import download_mnist  # noqa: E402
-from gan_dist.mnist_shards import SHARD_SIZE, write_shards  # noqa: E402
+from gan_dist.errors import UserError
+from gan_dist.mnist import download_mnist
+from gan_dist.mnist_shards import SHARD_SIZE, write_shards
 
 
 def main(argv: list[str] | None = None) -> int:

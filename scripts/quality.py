@@ -32,15 +32,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("2d", "mnist")

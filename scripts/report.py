@@ -29,13 +29,7 @@ from pathlib import Path
 
 import yaml
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    # Run from a checkout without `pip install -e .`: only the metric list is needed, not torch or the trainer.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gan_dist.metric_names import BY_KEY, METRICS  # noqa: E402
+from gan_dist.metric_names import BY_KEY, METRICS
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 MAX_GRIDS = 12  # sample grids shown per run, evenly spaced over the run

@@ -20,20 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from gan_dist.checkpoint import load_run_generator  # noqa: E402
-from gan_dist.drs import add_sampler_args, make_sampler  # noqa: E402
-from gan_dist.errors import UserError  # noqa: E402
-from gan_dist.points import mixture_centers  # noqa: E402
-from gan_dist.viz import as_uint8, image_grid, scatter_plot  # noqa: E402
+from gan_dist.checkpoint import load_run_generator
+from gan_dist.drs import add_sampler_args, make_sampler
+from gan_dist.errors import UserError
+from gan_dist.points import mixture_centers
+from gan_dist.viz import as_uint8, image_grid, scatter_plot
 
 STRIP = 10  # images per interpolation row
 

@@ -17,14 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    # Run from a checkout without `pip install -e .`.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gan_dist.classifier import DEFAULT_PATH, EPOCHS, MIN_ACCURACY, save_classifier, train_classifier  # noqa: E402
-from gan_dist.errors import UserError  # noqa: E402
+from gan_dist.classifier import DEFAULT_PATH, EPOCHS, MIN_ACCURACY, save_classifier, train_classifier
+from gan_dist.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

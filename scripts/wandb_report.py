@@ -16,17 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import wandb
 
-try:
-    import gan_dist  # noqa: F401
-except ImportError:
-    # Run from a checkout without `pip install -e .`: only the metric list is needed, not torch or the trainer.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gan_dist.metric_names import KINDS, METRICS, Metric  # noqa: E402
+from gan_dist.metric_names import KINDS, METRICS, Metric
 
 try:
     import wandb_workspaces.reports.v2 as wr

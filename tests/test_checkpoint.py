@@ -25,7 +25,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,8 +41,7 @@ from gan_dist.errors import UserError
 from gan_dist.losses import d_step, g_step
 from gan_dist.models import build_models
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import RunsCommand, reseal  # noqa: E402
+from runs import RunsCommand, reseal
 
 
 def make_ckpt(run_dir: Path, name: str, meta: bool = True) -> Path:

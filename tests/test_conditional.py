@@ -12,16 +12,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CONDITIONAL  # noqa: E402
-from runs import assert_same_weights, jsonl, launch, weights, without_timing  # noqa: E402
+from conftest import CONDITIONAL
+from runs import assert_same_weights, jsonl, launch, weights, without_timing
 
 
 def test_a_conditional_run_is_scored_per_class(conditional_run):

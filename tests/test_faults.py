@@ -38,9 +38,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
 from runs import REPO, RunsCommand, assert_same_weights, digest, jsonl, kill_tree, launch, reseal, weights, \
-    without_timing  # noqa: E402
+    without_timing
 
 RUN = ("train.steps=300", "ckpt.every=50", "ckpt.keep=10", "eval.every=100", "wandb.mode=disabled")
 

@@ -21,9 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_losses import CASES  # noqa: E402
-from runs import REPO, _free_port  # noqa: E402
+from ddp_losses import CASES
+from runs import REPO, _free_port
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,7 @@ from gan_dist.models import build_models
 from gan_dist.optim import make_optimizers
 from gan_dist.points import PointBatches
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import launch  # noqa: E402
+from runs import launch
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(arch="dcgan", z_dim=8, width=4, channels=1, resolution=8)
