@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from PIL import Image
 
 from gan_dist.checkpoint import sync_buffers
 from gan_dist.config import WandbConfig
+from gan_dist.export import git_commit
 from gan_dist.files import write_atomic
 from gan_dist.metric_names import METRICS
 from gan_dist.models import conditioned, eval_mode
@@ -91,16 +91,10 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
 def run_info(world_size: int) -> dict:
     """What a reviewer needs beside the config: the code's commit and the versions it ran with."""
     import accelerate
-    import torch
     import wandb
     import webdataset
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
-    return {"git_commit": commit, "world_size": world_size, "python": platform.python_version(),
+    return {"git_commit": git_commit(), "world_size": world_size, "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__,
                          "webdataset": getattr(webdataset, "__version__", "?"), "wandb": wandb.__version__}}
 
