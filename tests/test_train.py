@@ -203,19 +203,19 @@ def test_wandb_history_of_a_run_resumed_past_its_last_checkpoint_repeats_the_los
     again when it resumes. metrics.jsonl is cut back and holds each step once; W&B, which appends to the same run
     id (its rewind is a private preview, online only), holds the redone steps twice, the resumed run's last."""
     run_dir = tmp_path / "run"
-    short = ("train.steps=30", "log.every=10", "ckpt.every=20", "eval.every=0", "log.sample_every=30")
+    short = ("train.steps=20", "log.every=10", "ckpt.every=10", "eval.every=0", "log.sample_every=20")
     launch(run_dir, shards, 1, *short)
-    # As if it had died just after logging step 30, before its checkpoint and final weights were written.
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000030")
+    # As if it had died just after logging step 20, before its checkpoint and final weights were written.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000020")
     (run_dir / "final").unlink()
     launch(run_dir, shards, 1, *short)
 
     files = wandb_files(run_dir)
     assert len(files) == 2 and run_id(files[0]) == run_id(files[1]), "both segments log to one W&B run"
     first, resumed = ([r for r in history(f) if "train/loss_d" in r] for f in files)
-    assert [r["train/step"] for r in first + resumed] == [10, 20, 30, 30], "W&B: step 30 once per segment"
+    assert [r["train/step"] for r in first + resumed] == [10, 20, 20], "W&B: step 20 once per segment"
     rows = [r for r in jsonl(run_dir) if "train/loss_d" in r]
-    assert [r["train/step"] for r in rows] == [10, 20, 30], "metrics.jsonl: each step once"
+    assert [r["train/step"] for r in rows] == [10, 20], "metrics.jsonl: each step once"
     assert rows[-1] == {k: resumed[-1][k] for k in rows[-1]}, "metrics.jsonl keeps the resumed run's row"
     # Resume is exact, so the repeated row carries the same values: W&B plots one point twice, not a jump.
     assert [{k: v for k, v in r.items() if not k.startswith(("_", "perf/"))} for r in (first[-1], resumed[-1])] == \
