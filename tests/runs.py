@@ -1,6 +1,6 @@
 """Launching real training runs from tests, and reading what they leave: `accelerate launch train.py` on CPU (gloo
-for more than one process), the final weights, `metrics.jsonl`, a digest of a run.dir, and killing a launch's whole
-process tree. Also what a hostile checkpoint is made of: a pickle that runs a command, with meta.json's digests made
+for more than one process; one process runs as `python train.py`), the final weights, `metrics.jsonl`, a digest of
+a run.dir, and killing a launch's whole process tree. Also what a hostile checkpoint is made of: a pickle that runs a command, with meta.json's digests made
 to match, as someone handing it over would."""
 
 from __future__ import annotations
@@ -43,17 +43,19 @@ def _free_port() -> int:
 
 def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
            config: str = "configs/debug.yaml", check: bool = True, env: dict | None = None,
-           script: tuple[str, ...] = ("train.py",), precision: str = "no"):
+           script: tuple[str, ...] = ("train.py",), precision: str | None = None):
     """`accelerate launch train.py` (or another `script` taking train.py's arguments after its own) of `config` in
-    `run_dir` on MNIST `shards`, with the launcher's --mixed_precision `precision`. Returns the Popen with `background`
+    `run_dir` on MNIST `shards`. One process without a launcher `precision` (its --mixed_precision) is started as
+    `python train.py`: accelerate's launcher would only run that, 2 s later. Returns the Popen with `background`
     (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
     False (then the CompletedProcess)."""
-    # --quiet: a failing single-process run ends with its own error line, not also the launcher's traceback.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
-           "--mixed_precision", precision, "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "--num_processes", str(nproc)]
-    if nproc > 1:
-        cmd.append("--multi_gpu")
+    if nproc == 1 and precision is None:
+        cmd = [sys.executable]
+    else:
+        # --quiet: a failing run ends with its own error lines, not also the launcher's traceback.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
+               "--mixed_precision", precision or "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), "--num_processes", str(nproc)] + (["--multi_gpu"] if nproc > 1 else [])
     cmd += [*script, "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
             f"data.mnist_dir={MNIST}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true") | (env or {})
