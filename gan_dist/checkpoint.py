@@ -37,10 +37,12 @@ from accelerate.utils import load as safe_torch_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gan_dist.config import ModelConfig
+from gan_dist.config import ModelConfig, load_config
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
+from gan_dist.export import export_metadata
 from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic
+from gan_dist.models import build_models, config_json
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
 META = "meta.json"
@@ -420,9 +422,6 @@ def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name:
     kimg), so that `gan_dist.load_generator` needs nothing beside the folder. `final/` is the end of training,
     `best/` the best evaluation so far. The old export stays in place until the new one is complete and replaces
     it in one step."""
-    from gan_dist.export import export_metadata  # noqa: PLC0415 - keeps this module's import light for the loop
-    from gan_dist.models import config_json  # noqa: PLC0415
-
     link = Path(run_dir) / name
     folder = versioned_dir(link)
     metadata = export_metadata(model, step, nimg)
@@ -476,9 +475,6 @@ def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool 
 
 def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool = True):
     """(G in eval mode with the run's weights, the run's Config) for the review scripts."""
-    from gan_dist.config import load_config  # noqa: PLC0415 - keeps this module's import light for the loop
-    from gan_dist.models import build_models  # noqa: PLC0415
-
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the run.dir of a training run")
@@ -490,8 +486,6 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool
 
 def load_run_discriminator(run_dir: str | Path, cfg, checkpoint: str = "final") -> torch.nn.Module:
     """The run's D in eval mode (for rejection sampling); `cfg` from `load_run_generator`."""
-    from gan_dist.models import build_models  # noqa: PLC0415
-
     D = build_models(cfg.model)[1]
     _load(D, network_weights(run_dir, checkpoint, "discriminator"), run_dir, checkpoint)
     return D.eval()

@@ -17,9 +17,9 @@ def schema_defaults() -> dict[str, object]:
     """Every leaf key of the config tree -> its default (keys that follow another key show that key)."""
     def walk(node, prefix: str) -> dict[str, object]:
         out = {}
-        for key, value in node.items_ex(resolve=False) if hasattr(node, "items_ex") else node.items():
+        for key in node.keys():
             name = prefix + key
-            child = node._get_node(key)
+            child = node._get_node(key)  # the node itself: a key that follows another shows its interpolation
             if OmegaConf.is_dict(child):
                 out |= walk(child, name + ".")
             else:
