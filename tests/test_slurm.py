@@ -166,9 +166,9 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(referen
 
 
 def test_one_process_job_requeues_within_its_grace_period_past_a_stalled_wandb_finish(cluster, shards, tmp_path):
-    """slurm/train.sbatch on a node without GPUs runs one process (accelerate's simple launcher): USR2 checkpoints it,
-    W&B's hung finish is left after wandb.finish_timeout_s, the job requeues, resumes and ends bit-identical to an
-    uninterrupted one-process run."""
+    """slurm/train.sbatch on a node without GPUs runs one process, which gets SLURM's USR2 whatever accelerate's
+    launcher does with it (1.16's simple launcher dies of it): USR2 checkpoints it, W&B's hung finish is left after
+    wandb.finish_timeout_s, the job requeues, resumes and ends bit-identical to an uninterrupted one-process run."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(STALLED_WANDB)
