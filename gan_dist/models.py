@@ -102,9 +102,11 @@ class Generator(nn.Module, PyTorchModelHubMixin, library_name="gan-dist", tags=[
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
                          force_download: bool, local_files_only: bool, token: str | bool | None,
-                         config: dict | None = None, map_location: str | torch.device = "cpu") -> Generator:
+                         config: dict | None = None, map_location: str | torch.device = "cpu",
+                         **_deprecated: object) -> Generator:
         """The mixin's `from_pretrained`: the class and shapes from config.json (which the mixin passes as
-        `config`), the weights loaded strictly, in eval mode on `map_location`."""
+        `config`), the weights loaded strictly, in eval mode on `map_location`. huggingface_hub before 1.0 also
+        passes `proxies` and `resume_download`, which its own download ignores or takes from the environment."""
         if os.path.isdir(model_id):
             file = Path(model_id) / WEIGHTS
             if config is None or not file.is_file():

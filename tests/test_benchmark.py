@@ -21,6 +21,7 @@ def benchmark(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, capture_output=True, text=True, timeout=400)
 
 
+@pytest.mark.slow
 def test_ratio_scaling_and_switch_follow_from_the_timings(tmp_path, shards):
     out = tmp_path / "bench.json"
     proc = benchmark("--batch", "16", "--steps", "3", "--warmup", "1", "--processes", "1,2", "--switches",

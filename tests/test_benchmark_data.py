@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+import pytest
+
 from runs import MNIST, REPO
 
 
+@pytest.mark.slow
 def test_benchmark_reports_loader_trainer_and_data_wait(tmp_path, shards):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

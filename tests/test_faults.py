@@ -243,6 +243,7 @@ def wait(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, trials", [(1, 14), (2, 6)])
 def test_chaos_kills_at_random_moments_and_every_rerun_resumes_bit_identical(tmp_path, shards, nproc, trials):
     """Each trial kills the whole process tree at one of three kinds of moment, then the next trial reruns the same

@@ -68,6 +68,7 @@ def test_one_cpu_thread_on_a_bigger_machine_is_warned_about(monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_mixed_precision_bf16_trains_bf16(tmp_path, shards):
     short = ("train.steps=4", "eval.every=0", "wandb.mode=disabled", "log.every=2", "log.sample_every=4")
     out = launch(tmp_path / "launcher", shards, 1, *short, precision="bf16")

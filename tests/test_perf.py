@@ -180,6 +180,7 @@ def run_train(run_dir: Path, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     """With CUDA graphs asked for (on a CPU inductor compiles without them), two optimizers, the frozen D of the G
     step, EMA, and a resume half-way: the same training as eager, within float tolerance."""

@@ -42,6 +42,7 @@ def ring_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(mnist_run, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     printed = run("scripts/evaluate.py", "--run", str(mnist_run), "--checkpoint", "best", "--num", "600",

@@ -30,6 +30,7 @@ from runs import MNIST, launch
 from wandb_records import run_id
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a real cluster, minutes per test
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 STEPS = 150
 JOB = (f"train.steps={STEPS}", "ckpt.every=25", "ckpt.keep=10", "data.num_workers=2", "eval.every=0")

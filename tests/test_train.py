@@ -92,6 +92,7 @@ SAME_RESULT_SWITCHES = ("dist.gradient_as_bucket_view=true", "dist.static_graph=
                         "perf.prefetch=false", "perf.step_sync=true", "optim.set_to_none=false")
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_is_bit_identical(tmp_path, shards):
     """SIGTERM to the launcher alone (which then checkpoints at once), 2 processes with 2 loader workers each."""
     # 60 steps of 32 images stop mid-epoch (MNIST has 60,000), so resume continues inside an epoch.
@@ -198,6 +199,7 @@ def _runs_find_the_classifier(classifier):
     """The debug config evaluates with the MNIST classifier; it is trained once per session, not by each run."""
 
 
+@pytest.mark.slow
 def test_wandb_history_of_a_run_resumed_past_its_last_checkpoint_repeats_the_lost_rows(tmp_path, shards):
     """What the README's W&B section says: a run that died after logging past its last checkpoint logs those steps
     again when it resumes. metrics.jsonl is cut back and holds each step once; W&B, which appends to the same run
