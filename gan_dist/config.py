@@ -44,6 +44,7 @@ class ModelConfig:
     spectral_norm: bool = False  # spectral normalization (Miyato et al. 2018) of every D weight
     d_norm: Literal["batch", "none"] = "batch"  # D's normalization: the seeds' BatchNorm, or none (R3GAN's)
     cond: bool = False  # class-conditional G (label embedding) and projection D (Miyato & Koyama 2018)
+    cond_norm: bool = False  # with cond: G's BatchNorms take their scale and shift from the label, z alone as input
     classes: int = 0  # number of classes; in the config tree it follows data.classes
 
 
@@ -75,6 +76,7 @@ class LossConfig:
     gamma_end: float = 1.0  # R1 / R2 gammas decay by cosine to this fraction of theirs over the schedule (R3GAN)
     topk_gamma: float = 1.0  # top-k G updates (Sinha et al. 2020): k shrinks by this factor per epoch; 1 = off
     topk_min: float = 0.5  # ... down to this fraction of the batch
+    ms_weight: float = 0.0  # mode-seeking term (Mao et al. 2019): G pays for pairs of z that give similar images
 
 
 @dataclass
@@ -224,7 +226,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
     "loss.r2_gamma": (0, 1e6), "loss.r1_every": (1, 10**6), "loss.gamma_end": (0, 1), "loss.topk_gamma": (0, 1),
-    "loss.topk_min": (0, 1), "data.classes": (0, 10**6),
+    "loss.topk_min": (0, 1), "loss.ms_weight": (0, 1e6), "data.classes": (0, 10**6),
     "ema.halflife_kimg": (0, 1e9), "ema.rampup": (0, 1e3),
     "train.steps": (1, 10**12), "train.batch_size": (1, 2**20), "train.grad_accum": (1, 2**16),
     "data.resolution": (4, 4096), "data.num_workers": (0, 256), "data.shuffle_buffer": (1, 10**7),
@@ -327,6 +329,10 @@ def _check(cfg) -> None:
     if cfg.model.classes != cfg.data.classes:
         raise UserError(f"model.classes={cfg.model.classes} differs from data.classes={cfg.data.classes}; set "
                         "data.classes alone (model.classes follows it)", code=2)
+    if cfg.model.cond_norm and (not cfg.model.cond or cfg.model.arch == "mlp"):
+        raise UserError("model.cond_norm=true makes the BatchNorms of a class-conditional G take the label: it needs "
+                        f"model.cond=true and a G with BatchNorm (model.arch=dcgan or radford), got model.cond="
+                        f"{str(cfg.model.cond).lower()}, model.arch={cfg.model.arch}", code=2)
     if cfg.model.cond and cfg.data.classes < 2:
         raise UserError(f"model.cond=true needs at least 2 classes, but data.classes is {cfg.data.classes} for "
                         f"data.dataset={cfg.data.dataset}; set data.classes to the number of `cls` labels", code=2)

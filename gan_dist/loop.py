@@ -352,9 +352,11 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
             mark_step()
             with accelerator.accumulate(G):
                 z = torch.randn(batch, cfg.model.z_dim, device=device)
-                loss_g = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none,
-                                real if cfg.loss.kind == "rpgan" else None, c, select)["loss_g"]
-            meter.add({"loss_g": loss_g})
+                z_pair = torch.randn_like(z) if cfg.loss.ms_weight > 0 else None
+                g_metrics = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none,
+                                   real if cfg.loss.kind == "rpgan" else None, c, select, cfg.loss.ms_weight, z_pair)
+            loss_g = g_metrics["loss_g"]
+            meter.add(g_metrics)
             meter.tick()
         step_nimg = cfg.train.batch_size * cfg.loss.n_critic  # real images shown to D
         if (state.step + 1) % cfg.perf.ema_every == 0 and not opt_G.step_was_skipped:

@@ -9,7 +9,8 @@ the other class (real 1 - U(0, n), fake U(0, n)), so targets stay probabilities.
 
 Beyond the seeds (`loss.kind`): minimax, least squares, hinge and WGAN-GP losses, and R3GAN's relativistic pairing
 loss (rpgan: D and G judge each fake against the real sample paired with it); the lazy R1 (real) and R2 (fake)
-penalties; top-k G updates (Sinha et al. 2020), chosen over every process's samples. Penalties join D's loss in the
+penalties; top-k G updates (Sinha et al. 2020), chosen over every process's samples; the mode-seeking term (Mao
+et al. 2019), which keeps G from mapping different z (of one class) to one image. Penalties join D's loss in the
 same backward as the loss itself, so DDP reduces D's gradients once per micro-step. A conditional run passes labels
 `c` to G and D; D's BatchNorm-free paths keep every sample's logit its own, which R1 / R2 per sample rely on.
 """
@@ -97,6 +98,15 @@ def topk_weights(scores: torch.Tensor, k: int, gather: Callable[[torch.Tensor], 
     return chosen[rank * len(scores):(rank + 1) * len(scores)]
 
 
+def mode_seeking(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """Mao et al. 2019's mode-seeking term, 1 / (mean |G(z_a) - G(z_b)| / mean |z_a - z_b| + eps): large when two
+    noises give one image. Taken per pair (i, i) and averaged over pairs, not over the batch's means as in MSGAN's
+    code, so that it is a mean over samples: the same gradient on any number of processes."""
+    ratio = (fake_a - fake_b).abs().flatten(1).mean(1) / (z_a - z_b).abs().flatten(1).mean(1)
+    return (1 / (ratio + eps)).mean()
+
+
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """d(sum of logits)/d(inputs), kept in the graph so that a penalty on it trains D (double backward)."""
     (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
@@ -172,17 +182,30 @@ def frozen(D: nn.Module) -> Iterator[None]:
 
 def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor, kind: str,
            backward: Backward, set_to_none: bool = True, real: torch.Tensor | None = None,
-           c: torch.Tensor | None = None, select: Select | None = None) -> dict[str, torch.Tensor]:
+           c: torch.Tensor | None = None, select: Select | None = None, ms_weight: float = 0.0,
+           z_pair: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One G step (or micro-step). rpgan needs `real`, the real batch G's samples are paired with; `c` labels both
-    (a conditional run); `select` turns D's scores of the samples into loss weights (top-k)."""
+    (a conditional run); `select` turns D's scores of the samples into loss weights (top-k). With `ms_weight`, G
+    also draws each label from `z_pair` (in the same forward, so BatchNorm sees one batch) and pays the
+    mode-seeking term for pairs that look alike; only the first half meets D."""
+    out = {}
     with frozen(D):
-        fake = conditioned(G, z, c)
+        if ms_weight > 0:
+            fakes = conditioned(G, torch.cat([z, z_pair]), None if c is None else torch.cat([c, c]))
+            fake, fake_pair = fakes.split([len(z), len(z_pair)])
+        else:
+            fake = conditioned(G, z, c)
         x = fake if real is None else torch.cat([fake, real.detach()])
         logits = conditioned(D, x, c if c is None or real is None else torch.cat([c, c]))
         logits_fake, logits_real = (logits, None) if real is None else logits.split([len(fake), len(real)])
         weights = None if select is None else select(logits_fake)
         loss = g_loss(logits_fake, kind, logits_real, weights)
+        out["loss_g"] = loss.detach()
+        if ms_weight > 0:
+            ms = mode_seeking(fake, fake_pair, z, z_pair)
+            loss = loss + ms_weight * ms
+            out["ms"] = ms.detach()
         backward(loss)
     opt_G.step()
     opt_G.zero_grad(set_to_none=set_to_none)
-    return {"loss_g": loss.detach()}
+    return out

@@ -15,7 +15,9 @@
   BatchNorm (R3GAN: its losses and penalties need none, and R1 / R2 per sample want no batch coupling).
 - `model.cond`: a class-conditional pair for any arch. G concatenates a learned label embedding to z (and counts the
   labels of the data it is trained on, so samplers can draw labels at the data's class frequencies); D adds the
-  projection of its last features onto a learned class embedding (Miyato & Koyama 2018) to its logit.
+  projection of its last features onto a learned class embedding (Miyato & Koyama 2018) to its logit. With
+  `model.cond_norm`, G takes z alone and the label sets the scale and shift of every BatchNorm in G instead
+  (class-conditional BatchNorm: de Vries et al. 2017, Miyato & Koyama 2018's G, BigGAN).
 - Every generator is a `Generator`, which keeps its ModelConfig and carries huggingface_hub's PyTorchModelHubMixin:
   `G.save_pretrained(folder)` writes `model.safetensors` (with metadata naming the architecture) and `config.json`
   (the ModelConfig), and `Generator.from_pretrained(folder or Hub repo)` rebuilds the class the config names. Its
@@ -44,10 +46,39 @@ WEIGHTS = "model.safetensors"  # the mixin's weights file of a save_pretrained f
 PROVENANCE = ("step", "kimg", "commit")  # what an exported file's metadata says of the training behind its weights
 
 
-def _keras_bn(num_features: int, dims: int) -> nn.Module:
+def _keras_bn(num_features: int, dims: int, affine: bool = True) -> nn.Module:
     # Keras momentum 0.99 keeps 99% of the old running value; torch's momentum is the weight of the new one.
     bn = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    return bn(num_features, eps=1e-3, momentum=0.01)
+    return bn(num_features, eps=1e-3, momentum=0.01, affine=affine)
+
+
+class ClassBatchNorm(nn.Module):
+    """BatchNorm whose scale and shift are the label's: `bn` (without its own affine) normalizes with the batch's
+    statistics, shared by every class, then each sample is scaled by 1 + gain[c] and shifted by bias[c]. Both
+    tables start at zero, so an untrained layer is the plain BatchNorm."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, classes: int) -> None:
+        super().__init__()
+        self.bn = bn
+        self.gain, self.bias = nn.Embedding(classes, bn.num_features), nn.Embedding(classes, bn.num_features)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shape = (len(x), -1) + (1,) * (x.ndim - 2)
+        return self.bn(x) * (1 + self.gain(c)).view(shape) + self.bias(c).view(shape)
+
+
+def _g_norm(cfg: ModelConfig, bn) -> nn.Module:
+    """G's BatchNorm `bn(affine)`, class-conditional with `model.cond_norm`."""
+    return ClassBatchNorm(bn(False), cfg.classes) if cfg.cond_norm else bn(True)
+
+
+def _through(layers: nn.Sequential, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """`layers(x)`, handing the labels to the class-conditional BatchNorms among them."""
+    for layer in layers:
+        x = layer(x, c) if isinstance(layer, ClassBatchNorm) else layer(x)
+    return x
 
 
 def _glorot_init(module: nn.Module) -> None:
@@ -144,19 +175,21 @@ class DCGANGenerator(Generator):
         super().__init__(cfg)
         c, s = 4 * cfg.width, cfg.resolution // 4
         self.c, self.s = c, s
-        self.fc = nn.Sequential(nn.Linear(cfg.z_dim, s * s * c, bias=False), _keras_bn(s * s * c, 1), nn.LeakyReLU(0.2))
+        self.fc = nn.Sequential(nn.Linear(cfg.z_dim, s * s * c, bias=False),
+                                _g_norm(cfg, lambda affine: _keras_bn(s * s * c, 1, affine)), nn.LeakyReLU(0.2))
         self.conv = nn.Sequential(
             nn.ConvTranspose2d(c, c // 2, 5, stride=1, padding=2, bias=False),  # 7x7 for MNIST
-            _keras_bn(c // 2, 2), nn.LeakyReLU(0.2),
+            _g_norm(cfg, lambda affine: _keras_bn(c // 2, 2, affine)), nn.LeakyReLU(0.2),
             nn.ConvTranspose2d(c // 2, c // 4, 5, stride=2, padding=2, output_padding=1, bias=False),  # 14x14
-            _keras_bn(c // 4, 2), nn.LeakyReLU(0.2),
+            _g_norm(cfg, lambda affine: _keras_bn(c // 4, 2, affine)), nn.LeakyReLU(0.2),
             nn.ConvTranspose2d(c // 4, cfg.channels, 5, stride=2, padding=2, output_padding=1, bias=False),  # 28x28
             nn.Tanh(),
         )
         _glorot_init(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.fc(z).view(-1, self.c, self.s, self.s))  # (B, C, side, side) in [-1, 1]
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = _through(self.fc, z, c).view(-1, self.c, self.s, self.s)
+        return _through(self.conv, h, c)  # (B, C, side, side) in [-1, 1]
 
 
 class Discriminator(nn.Module):
@@ -203,7 +236,7 @@ def _radford_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:  # a class-conditional one starts at 1 and 0 instead
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
@@ -212,17 +245,18 @@ class RadfordGenerator(Generator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         c = cfg.width * cfg.resolution // 8  # 512 at 64x64, 256 at 32x32 (width 64)
-        layers: list[nn.Module] = [nn.Unflatten(1, (cfg.z_dim, 1, 1)),
-                                   nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Unflatten(1, (cfg.z_dim, 1, 1)), nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False),
+                                   _g_norm(cfg, lambda affine, n=c: nn.BatchNorm2d(n, affine=affine)), nn.ReLU()]
         while c > cfg.width:  # 4x4 -> side / 2
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False),
+                       _g_norm(cfg, lambda affine, n=c // 2: nn.BatchNorm2d(n, affine=affine)), nn.ReLU()]
             c //= 2
         layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         _radford_init(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)  # (B, C, side, side) in [-1, 1]
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return _through(self.net, z, c)  # (B, C, side, side) in [-1, 1]
 
 
 class RadfordDiscriminator(Discriminator):
@@ -289,15 +323,19 @@ class MLPDiscriminator(Discriminator):
 
 class ConditionalGenerator(Generator):
     """G(z, c) = net(z concatenated with a learned embedding of c), `net` the unconditional G of `cfg.arch` with a
-    longer z. `class_counts` holds the labels of the real batches it was trained with (`count`)."""
+    longer z; with `cfg.cond_norm`, net(z, c) with class-conditional BatchNorms. `class_counts` holds the labels of
+    the real batches it was trained with (`count`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.net = ARCHS[cfg.arch][0](dataclasses.replace(cfg, z_dim=2 * cfg.z_dim, cond=False))
-        self.embed = nn.Embedding(cfg.classes, cfg.z_dim)
+        z_dim = cfg.z_dim if cfg.cond_norm else 2 * cfg.z_dim
+        self.net = ARCHS[cfg.arch][0](dataclasses.replace(cfg, z_dim=z_dim, cond=False))
+        self.embed = None if cfg.cond_norm else nn.Embedding(cfg.classes, cfg.z_dim)
         self.register_buffer("class_counts", torch.zeros(cfg.classes, dtype=torch.float64))
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            return self.net(z, c)
         return self.net(torch.cat([z, self.embed(c).to(z.dtype)], 1))
 
     @torch.no_grad()

@@ -10,8 +10,11 @@ each training, `scripts/evaluate.py --sampler drs` scores its final G_ema throug
 those numbers are a row (2-D: columns) of their own, apart from the training-time ones (`--no-drs` skips them).
 Each training is `python train.py --config FILE seed=S run.dir=RUNS/<stem>/seed<S> wandb.mode=disabled [--set
 overrides]`, started afresh, its output kept in `train.log` there; `--jobs` of them run at once (default: 2-D 2
-on a CPU with 2+ cores, else 1), each with OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs (the tests train short runs with it). The
-suite's section of `--out` is replaced, the rest of the file kept, and the same text printed.
+on a CPU with 2+ cores, else 1), each with OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs
+(the tests train short runs with it). The suite's section of `--out` is replaced, the rest of the file kept, and the
+same text printed. Beside it, `images/<config stem>.png` shows what the final G_ema of each config's first seed
+draws: 100 samples in a grid (a conditional run's column k is class k), or 2,500 points of a 2-D run over the
+mixture's modes (`scripts/sample.py --seed 0`); the section shows them.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ PUBLISHED_NOTE = ("Published, modes / high quality % (2,500 samples; high qualit
                   "PacGAN (Lin et al. 2018, Table 1), VEEGAN (Srivastava et al. 2017, Table 1) and GDPP "
                   "(Elfeki et al. 2019, Table 1).")
 MNIST_IMAGES = 60000
+PICTURE = {"2d": 2500, "mnist": 100}  # samples in each config's picture: the 2-D protocol's count; a 10 x 10 grid
 POLL_S = 2.0  # how often a running training's metrics.jsonl is checked, to time each evaluation
 TAIL = 20  # lines of a failed training's log shown
 INTRO = """# Results
@@ -163,6 +167,22 @@ def run_all(jobs: list[Job], sets: list[str], parallel: int, drs: bool = True) -
                         f"full output is in {log}")
 
 
+def draw(job: Job, suite: str, images: Path) -> Path:
+    """The final G_ema's samples of `job` as `images/<config stem>.png` (scripts/sample.py, seed 0)."""
+    images.mkdir(parents=True, exist_ok=True)
+    out = images / f"{job.config.stem}.png"
+    cmd = [sys.executable, "scripts/sample.py", "--run", str(job.dir), "--num", str(PICTURE[suite]), "--out",
+           str(out), "--seed", "0"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise UserError(f"drawing the samples of {_show(job.dir)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+def picture(path: Path, out: Path, what: str) -> str:
+    return f"![{what}]({os.path.relpath(path, out.parent)})"
+
+
 def hardware(cuda: bool) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
@@ -254,12 +274,13 @@ def table_2d(config: Path, jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
-def section_2d(by_config: dict[Path, list[Job]]) -> str:
+def section_2d(by_config: dict[Path, list[Job]], shown: dict[Path, str]) -> str:
     last = {_dataset(jobs[0]): [_last(j, "eval/hq") for j in jobs] for jobs in by_config.values()}
     ours = [f"{statistics.mean(r['eval/modes'] for r in last[d]):.1f} / "
             f"{statistics.mean(r['eval/hq'] for r in last[d]):.1f}" if d in last else "not run"
             for d in ("ring8", "grid25")]
-    lines = [table_2d(config, jobs) for config, jobs in by_config.items()]
+    lines = [table_2d(config, jobs) + f"\n{shown[config]} (seed {jobs[0].seed}: 2,500 samples in blue, the modes "
+             "in red)\n" for config, jobs in by_config.items()]
     lines += [PUBLISHED_NOTE, "", "| method | ring8 | grid25 |", "| --- | --- | --- |",
               *(f"| {name} | {ring} | {grid} |" for name, ring, grid in PUBLISHED),
               f"| this repo (mean over seeds) | {ours[0]} | {ours[1]} |", ""]
@@ -340,12 +361,15 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     start = time.monotonic()
     run_all(jobs, args.set, parallel, not args.no_drs)
     wall = time.monotonic() - start
+    firsts = {c: next(j for j in jobs if j.config == c) for c in configs}
+    shown = {c: picture(draw(job, suite, args.out.parent / "images"), args.out,
+                        f"{c.stem}: samples of the final G_ema") for c, job in firsts.items()}
     if suite == "2d":
-        title, body = "2-D mixtures", section_2d({c: [j for j in jobs if j.config == c] for c in configs})
+        title, body = "2-D mixtures", section_2d({c: [j for j in jobs if j.config == c] for c in configs}, shown)
     else:
         note = (f"`minute`: wall time since the training started when the row appeared in `metrics.jsonl` (checked "
                 f"every {POLL_S:g} s); `epochs`: images seen / {MNIST_IMAGES:,}.\n")
-        title, body = "MNIST", "\n".join([note] + [table_mnist(job) for job in jobs] + [
+        title, body = "MNIST", "\n".join([note] + [table_mnist(job) + f"\n{shown[job.config]}\n" for job in jobs] + [
             f"### `{_show(path)}`: not measured (no GPU in this session)\n" for path in unmeasured])
     return header(title, jobs, configs + unmeasured, parallel, wall, args) + "\n" + body
 

@@ -2,8 +2,10 @@
 
 For every loss kind, with R1 / R2, spectral normalization and gradient accumulation over 2 micro-batches, one D step
 and one G step on DDP-wrapped MLPs must equal the same step taken by one process on the whole batch; also with
-class-conditional networks, and with top-k G updates, whose k best samples of each micro-step are chosen over both
-processes (the reference chooses them among the same micro-step's rows of the whole batch). Each rank writes its
+class-conditional networks (also with the mode-seeking term, and a small image G with class-conditional BatchNorm,
+whose batch statistics are each micro-batch's in both), and with top-k G updates, whose k best samples of each
+micro-step are chosen over both processes (the reference chooses them among the same micro-step's rows of the whole
+batch). Each rank writes its
 updated weights to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
 """
 
@@ -29,6 +31,9 @@ CASES = {
     "rpgan_r1_r2": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, r1_every=4),
     "cond_rpgan_r1_r2": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, r1_every=4),
     "cond_ns": LossConfig(kind="ns", label_noise=0.0),
+    "cond_ms_ns": LossConfig(kind="ns", label_noise=0.0, ms_weight=1.0),
+    "cond_norm_ns": LossConfig(kind="ns", label_noise=0.0),
+    "cond_norm_ms_rpgan": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, ms_weight=0.5),
     "topk_ns": LossConfig(kind="ns", label_noise=0.0),
     "topk_rpgan": LossConfig(kind="rpgan", label_noise=0.0),
 }
@@ -45,10 +50,19 @@ class Summing:
         pass
 
 
-def nets(spectral_norm: bool, cond: bool = False):
+def nets(spectral_norm: bool, case: str = ""):
+    """The case's G and D: MLPs (conditional for cond_*), or 8x8 DCGANs with class-conditional BatchNorm in G and
+    none in D (cond_norm_*: D's running statistics would be rank 0's under DDP)."""
     torch.manual_seed(0)
+    if case.startswith("cond_norm"):
+        return build_models(ModelConfig(z_dim=4, width=2, resolution=8, dropout=0.0, d_norm="none", cond=True,
+                                        cond_norm=True, classes=CLASSES, spectral_norm=spectral_norm))
     return build_models(ModelConfig(arch="mlp", z_dim=4, hidden=16, depth=2, out_act="none",
-                                    spectral_norm=spectral_norm, cond=cond, classes=CLASSES))
+                                    spectral_norm=spectral_norm, cond=case.startswith("cond"), classes=CLASSES))
+
+
+def data(name: str, real: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return images if name.startswith("cond_norm") else real
 
 
 def alone(x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +79,8 @@ def seeded(rank: int, micro: int) -> None:
     torch.manual_seed(1000 + 10 * rank + micro)  # WGAN-GP's interpolation weights, the same in the reference
 
 
-def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, world: int) -> dict:
-    G, D = nets(sn, name.startswith("cond"))
+def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, z_pair, world: int) -> dict:
+    G, D = nets(sn, name)
     c = c if name.startswith("cond") else None
     cut = chunks(list(range(world)), world)
     parts = world * ACCUM
@@ -86,7 +100,8 @@ def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, world: in
                    select=lambda s: topk_weights(s, TOPK, alone, 0, 1))
     for (r, m), rows in cut.items() if not name.startswith("topk") else ():
         g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / parts).backward(),
-               real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows])
+               real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
+               ms_weight=cfg.ms_weight, z_pair=z_pair[rows])
     with torch.no_grad():
         for p in G.parameters():
             p -= LR * p.grad
@@ -98,32 +113,33 @@ def main(out: Path) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(7)
     real, z_d, z_g = torch.randn(GLOBAL, 2), torch.randn(GLOBAL, 4), torch.randn(GLOBAL, 4)
-    labels = torch.randint(0, CLASSES, (GLOBAL,))
+    labels, images, z_pair = torch.randint(0, CLASSES, (GLOBAL,)), torch.randn(GLOBAL, 1, 8, 8), torch.randn(GLOBAL, 4)
     results, refs = {}, {}
     for name, cfg in CASES.items():
         c = labels if name.startswith("cond") else None
+        x = data(name, real, images)
         select = (lambda s: topk_weights(s, TOPK, accelerator.gather, rank, world)) if name.startswith("topk") \
             else None
         for sn in (False, True):
-            G, D = nets(sn, c is not None)
+            G, D = nets(sn, name)
             opt_G, opt_D = torch.optim.SGD(G.parameters(), lr=LR), torch.optim.SGD(D.parameters(), lr=LR)
             G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
             cut = chunks([rank], world)
             for (r, m), rows in cut.items():
                 seeded(r, m)
                 with accelerator.accumulate(D):
-                    d_step(G, D, opt_D, real[rows], z_d[rows], cfg, accelerator.backward, r1_due=True,
+                    d_step(G, D, opt_D, x[rows], z_d[rows], cfg, accelerator.backward, r1_due=True,
                            c=None if c is None else c[rows])
             for (r, m), rows in cut.items():
                 with accelerator.accumulate(G):
                     g_step(G, D, opt_G, z_g[rows], cfg.kind, accelerator.backward,
-                           real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
-                           select=select)
+                           real=x[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
+                           select=select, ms_weight=cfg.ms_weight, z_pair=z_pair[rows])
             key = f"{name}{'_sn' if sn else ''}"
             results[key] = {"G": accelerator.unwrap_model(G).state_dict(),
                             "D": accelerator.unwrap_model(D).state_dict()}
             if rank == 0:
-                refs[key] = reference(name, cfg, sn, real, labels, z_d, z_g, world)
+                refs[key] = reference(name, cfg, sn, x, labels, z_d, z_g, z_pair, world)
     torch.save(results, out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(refs, out / "reference.pt")

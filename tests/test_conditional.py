@@ -2,6 +2,8 @@
 processes: labels from the data reach G and D, G counts them (the class frequencies samplers draw from), each grid
 column is one class, the evaluation scores every class (the classifier's accuracy on the labels and per-class FCD
 beside their real-data floors), and scripts/sample.py draws one class (`--class`) with the labels in its .npz.
+A conditional G whose label enters only by concatenation to z learns to ignore z (one image per class, measured in
+docs/results.md); class-conditional BatchNorm or the mode-seeking term keeps each class's images varied.
 The DDP step math of conditional networks (and of top-k) is checked against one process in test_losses_ddp.py.
 
     . .venv/bin/activate && python -m pytest tests/test_conditional.py -q
@@ -15,11 +17,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import CONDITIONAL
-from runs import assert_same_weights, jsonl, launch, weights, without_timing
+from gan_dist import load_generator
+from gan_dist.mnist import load_mnist
+from runs import MNIST, assert_same_weights, jsonl, launch, weights, without_timing
 
 
 def test_a_conditional_run_is_scored_per_class(conditional_run):
@@ -85,3 +90,28 @@ def test_two_process_conditional_run_with_r3gan_and_top_k(tmp_path):
     # G_ema's counts are rank 0's (its buffers are the ones exported): half of each step's global batch.
     counts = load_file(tmp_path / "final" / "generator_ema.safetensors")["class_counts"]
     assert counts.sum().item() == steps * batch // 2 and len(counts) == 8
+
+
+def within_class_std(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes of the per-pixel standard deviation among a class's images: 0 for one image per class."""
+    flat = images.reshape(len(images), -1).float()
+    return float(np.mean([flat[labels == k].std(0).mean().item() for k in labels.unique()]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fix, varied", [((), False), (("model.cond_norm=true",), True),
+                                         (("loss.ms_weight=1",), True)])
+def test_conditional_g_draws_varied_images_of_each_class_only_with_a_fix(shards, tmp_path, fix, varied):
+    # 600 steps of the debug config: G_ema's images of one class differ from each other about as much as real
+    # digits of one class do with either fix, while the label concatenated to z alone collapses each class to one
+    # image (measured: 0.08 of real data's spread; 0.87 with class-conditional BatchNorm, 1.0 with mode seeking).
+    launch(tmp_path, shards, 1, "model.cond=true", "train.steps=600", "ckpt.every=600", "eval.every=0",
+           "log.sample_every=600", "wandb.mode=disabled", *fix)
+    G = load_generator(tmp_path)
+    labels = torch.arange(10).repeat_interleave(50)
+    with torch.no_grad():
+        fake = G(torch.randn(len(labels), G.cfg.z_dim, generator=torch.Generator().manual_seed(0)), labels)
+    images, digits = load_mnist(MNIST)["test"]
+    real = within_class_std(torch.from_numpy(images).float() / 127.5 - 1, torch.from_numpy(digits).long())
+    spread = within_class_std(fake, labels) / real
+    assert (spread > 0.5) == varied, f"G_ema's within-class spread is {spread:.2f} of real data's"

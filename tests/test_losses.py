@@ -5,7 +5,8 @@ definition), their signs and gradient directions; the label noise U(0, label_noi
 (recovered exactly from the gradient, since BCE is linear in the target); g_loss staying finite for extreme
 logits; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
 changing only G (D's parameters unchanged, D's grads None), lowering G's loss, and restoring D.requires_grad even
-when backward raises; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its k.
+when backward raises; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its k; the mode-seeking
+term's value and what it does to G.
 
 Run from the repo root:
 
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from gan_dist.config import LossConfig, ModelConfig
-from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, r1_penalty, topk_count, topk_weights
+from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, mode_seeking, r1_penalty, topk_count, \
+    topk_weights
 from gan_dist.models import MLPDiscriminator, MLPGenerator
 
 
@@ -490,3 +492,35 @@ def test_topk_g_step_moves_g_only_through_the_chosen_samples():
     opt_G = torch.optim.SGD(G.parameters(), lr=0.0)
     out = g_step(G, D, opt_G, z, "ns", backward, select=lambda s: topk_weights(s, 1, lambda t: t, 0, 1))
     assert out["loss_g"].item() == pytest.approx(g_loss(scores[best:best + 1], "ns").item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mode seeking (loss.ms_weight)
+
+
+def test_mode_seeking_is_the_inverse_ratio_of_image_to_noise_distance_per_pair():
+    a, b = torch.zeros(2, 1, 2, 2), torch.tensor([0.5, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    za, zb = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    # pair 0: images 0.5 apart per pixel for noises 1 apart -> 1 / 0.5; pair 1: 2.0 for 0.5 -> 1 / 4
+    assert mode_seeking(a, b, za, zb, eps=0.0).item() == pytest.approx((2 + 0.25) / 2)
+    # a mean over pairs: any split of the batch averages to the whole batch's value
+    halves = (mode_seeking(a[:1], b[:1], za[:1], zb[:1]) + mode_seeking(a[1:], b[1:], za[1:], zb[1:])) / 2
+    assert halves.item() == pytest.approx(mode_seeking(a, b, za, zb).item())
+
+
+def test_g_step_with_mode_seeking_pushes_images_of_different_noise_apart():
+    G, D = nets()
+    z, z_pair = torch.randn(16, 8), torch.randn(16, 8)
+    with torch.no_grad():  # D blind: the loss' gradient is the mode-seeking term's alone
+        for p in D.parameters():
+            p.zero_()
+    with torch.no_grad():
+        before = mode_seeking(G(z), G(z_pair), z, z_pair)
+    opt_G = torch.optim.SGD(G.parameters(), lr=1e-2)
+    out = g_step(G, D, opt_G, z, "ns", backward, ms_weight=1.0, z_pair=z_pair)
+    assert out["ms"].item() == pytest.approx(before.item(), rel=1e-5)
+    assert out["loss_g"].item() == pytest.approx(math.log(2), rel=1e-5)  # D's 0 logit: the ns loss alone is logged
+    with torch.no_grad():
+        assert mode_seeking(G(z), G(z_pair), z, z_pair) < before
+    G2, D2 = nets()
+    assert set(g_step(G2, D2, torch.optim.SGD(G2.parameters(), lr=1e-2), z, "ns", backward)) == {"loss_g"}

@@ -1,5 +1,6 @@
-"""Every loss kind (R3GAN's rpgan too), R1, R2 and spectral normalization are correct under DDP and gradient
-accumulation, for unconditional and class-conditional networks and with top-k G updates chosen over both processes:
+"""Every loss kind (R3GAN's rpgan too), R1, R2, spectral normalization and the mode-seeking term are correct under
+DDP and gradient accumulation, for unconditional and class-conditional networks (class-conditional BatchNorm in G
+too) and with top-k G updates chosen over both processes:
 two processes, each accumulating two micro-batches, take the same D and G step as one process on the whole batch
 (tests/ddp_losses.py, run under the real `accelerate launch` on CPU gloo).
 
@@ -46,12 +47,14 @@ def test_two_processes_with_accumulation_take_the_single_process_step(outputs, c
     atol = 5e-4 if case.endswith("_sn") else 1e-6
     for net in ("G", "D"):
         for k, v in ref[net].items():
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue  # BatchNorm's running statistics: under DDP, rank 0's are broadcast at each forward
             assert torch.equal(ranks[0][net][k], ranks[1][net][k]), f"{net}.{k} differs between ranks"
             if not k.endswith(("._u", "._v")):
                 assert torch.allclose(ranks[0][net][k], v, atol=atol), f"{net}.{k} differs from the one-process step"
     # the step did something: D moved away from its initial weights
     from ddp_losses import nets  # noqa: PLC0415
-    init = nets("_sn" in case, case.startswith("cond"))[1].state_dict()
+    init = nets("_sn" in case, case)[1].state_dict()
     assert any(not torch.allclose(ranks[0]["D"][k], init[k]) for k in init if "weight" in k or "original" in k)
 
 

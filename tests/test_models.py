@@ -23,6 +23,7 @@ from torch import nn
 
 from gan_dist.config import ModelConfig
 from gan_dist.models import (
+    ClassBatchNorm,
     DCGANDiscriminator,
     DCGANGenerator,
     MLPDiscriminator,
@@ -350,6 +351,32 @@ def test_conditional_g_follows_its_label_and_d_adds_the_class_projection(arch, s
     h = D.net[:-D.head](x).flatten(1)
     assert torch.allclose(D(x, c) - D(x), 0.1 * h.sum(1) * (c == 3), atol=1e-5)
 
+
+
+@pytest.mark.parametrize("arch, side", [("dcgan", 28), ("radford", 32)])
+def test_class_batchnorm_starts_as_batchnorm_and_then_scales_and_shifts_each_class_its_own_way(arch, side):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, z_dim=8, width=8, resolution=side, cond=True, cond_norm=True, classes=4)
+    G, _ = build_models(cfg)
+    norms = [m for m in G.modules() if isinstance(m, ClassBatchNorm)]
+    assert norms and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine for m in G.modules())
+    assert "embed.weight" not in G.state_dict()  # z alone is G's input: the label acts through the norms
+    norm = norms[0]
+    dims = 2 if isinstance(norm.bn, nn.BatchNorm1d) else 4
+    x = torch.randn(6, norm.bn.num_features, *[3] * (dims - 2))
+    c = torch.tensor([0, 1, 2, 3, 3, 3])
+    plain = norm.bn(x)
+    assert torch.allclose(norm(x, c), plain)  # untrained: the plain BatchNorm
+    with torch.no_grad():
+        norm.gain.weight[3].fill_(1.0)
+        norm.bias.weight[1].fill_(0.5)
+    out, shape = norm(x, c), (-1,) + (1,) * (dims - 1)
+    want = plain * (1 + (c == 3).float().view(shape)) + 0.5 * (c == 1).float().view(shape)
+    assert torch.allclose(out, want, atol=1e-6)
+    G.eval()
+    z = torch.randn(3, 8).repeat(2, 1)
+    x = G(z, torch.tensor([1, 1, 1, 3, 3, 3]))
+    assert not torch.allclose(x[:3], x[3:])  # through the first norm, the label now changes G's images
 
 def test_conditional_g_counts_labels_into_class_frequencies():
     G, _ = build_models(ModelConfig(arch="mlp", z_dim=4, cond=True, classes=3))

@@ -110,3 +110,18 @@ def test_one_suite_replaces_only_its_own_section():
     added = quality.replace_section(only_mnist, "2d", "2d text")
     assert added.index("quality:2d:end") < added.index("quality:mnist:begin")
     assert added.split("<!-- quality:mnist:begin -->")[1] == only_mnist.split("<!-- quality:mnist:begin -->")[1]
+
+
+def test_each_config_shows_the_final_g_emas_samples_beside_its_table(two_seeds, tmp_path):
+    tmp, _ = two_seeds
+    markdown, picture = (tmp / "results.md").read_text(), tmp / "images" / "ring8.png"
+    assert "![ring8: samples of the final G_ema](images/ring8.png)" in markdown
+    # The picture is the first seed's final G_ema, drawn as scripts/sample.py draws it: 2,500 points over the modes.
+    again = tmp_path / "again.png"
+    subprocess.run([sys.executable, "scripts/sample.py", "--run", str(tmp / "runs" / "ring8" / "seed0"), "--num",
+                    "2500", "--out", str(again), "--seed", "0"], cwd=REPO, check=True, capture_output=True)
+    assert picture.read_bytes() == again.read_bytes()
+    other = tmp_path / "seed1.png"
+    subprocess.run([sys.executable, "scripts/sample.py", "--run", str(tmp / "runs" / "ring8" / "seed1"), "--num",
+                    "2500", "--out", str(other), "--seed", "0"], cwd=REPO, check=True, capture_output=True)
+    assert picture.read_bytes() != other.read_bytes()
