@@ -207,7 +207,7 @@ def start_tracking(cfg: Config, accelerator: Accelerator, state: TrainState, bat
     tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, to_dict(cfg) | run_info(
         world) | {"micro_batch": batch, "mixed_precision": accelerator.mixed_precision}, state.step,
                       mixture_centers(cfg.data), cfg.model.classes if cfg.model.cond else 0)
-    accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type}), "
+    accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type.value}), "
                       f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "
                       f"step {state.step} -> {cfg.train.steps}")
     return tracker

@@ -137,7 +137,7 @@ def test_two_node_job_completes_with_world_size_two(reference):
     assert "node 0 of 2 (n1): accelerate launch, machine rank 0" in log
     assert "node 1 of 2 (n2): accelerate launch, machine rank 1" in log
     # accelerate prints on each node's main process: both node ranks report the world of 2.
-    assert log.count("training: world size 2 on cpu (DistributedType.MULTI_CPU)") == 2
+    assert log.count("training: world size 2 on cpu (MULTI_CPU)") == 2
     assert f"done: step {STEPS}" in log and (reference / "final" / "generator_ema.safetensors").is_file()
 
 
