@@ -245,7 +245,8 @@ class RadfordGenerator(Generator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         c = cfg.width * cfg.resolution // 8  # 512 at 64x64, 256 at 32x32 (width 64)
-        layers: list[nn.Module] = [nn.Unflatten(1, (cfg.z_dim, 1, 1)), nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False),
+        layers: list[nn.Module] = [nn.Unflatten(1, (cfg.z_dim, 1, 1)),
+                                   nn.ConvTranspose2d(cfg.z_dim, c, 4, 1, 0, bias=False),
                                    _g_norm(cfg, lambda affine, n=c: nn.BatchNorm2d(n, affine=affine)), nn.ReLU()]
         while c > cfg.width:  # 4x4 -> side / 2
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False),

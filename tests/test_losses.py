@@ -5,8 +5,8 @@ definition), their signs and gradient directions; the label noise U(0, label_noi
 (recovered exactly from the gradient, since BCE is linear in the target); g_loss staying finite for extreme
 logits; d_step changing only D (G's parameters unchanged, no .grad anywhere on G) and lowering D's loss; g_step
 changing only G (D's parameters unchanged, D's grads None), lowering G's loss, and restoring D.requires_grad even
-when backward raises; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its k; the mode-seeking
-term's value and what it does to G.
+when backward raises; R3GAN's relativistic pairing loss, R2 and the lazy R1 / R2 scaling; top-k's choice and its
+k; the mode-seeking term's value and what it does to G.
 
 Run from the repo root:
 
