@@ -3,6 +3,7 @@
     python scripts/versions.py lowest > lowest.txt   # pip constraints: every dependency at its lower bound
     python scripts/versions.py show                  # the installed version of every dependency
     python scripts/versions.py test [PYTEST ARGS]    # run the README's test command; when it passes, record
+    python scripts/versions.py readme                # write the README's table again from docs/versions.json
 
 Every dependency in pyproject.toml has a lower bound (`>=`), and that bound is the oldest version the suite passed
 with. `test` runs `python -m pytest -q` in the current environment and, only when it passes, writes what was
@@ -38,7 +39,7 @@ else:
 REPO = Path(__file__).resolve().parents[1]
 RECORD = REPO / "docs" / "versions.json"
 BEGIN, END = "<!-- versions:begin -->", "<!-- versions:end -->"
-BOUND = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*>=\s*([^\s,;]+)\s*(?:;\s*(.*))?$")
+BOUND = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*>=\s*([^\s,;]+)")
 # A package the oldest record runs without, and why (its bound cannot be installed beside the core's bounds).
 WITHOUT_IN_OLDEST = {"wandb-workspaces": "needs wandb>=0.28.2; tested in the latest record"}
 
@@ -51,10 +52,10 @@ def requirements(pyproject: Path = REPO / "pyproject.toml") -> dict[str, tuple[s
     groups = [("core", project["dependencies"])] + list(project.get("optional-dependencies", {}).items())
     for group, specs in groups:
         for spec in specs:
-            match = BOUND.match(spec)
-            name = match.group(1) if match else re.split(r"[\s<>=!~;\[]", spec.strip(), maxsplit=1)[0]
-            if match and match.group(3):  # an environment marker: required only where it holds
+            if ";" in spec:  # an environment marker: required only where it holds
                 continue
+            match = BOUND.match(spec)
+            name = match.group(1) if match else re.split(r"[\s<>=!~\[]", spec.strip(), maxsplit=1)[0]
             found.setdefault(canonical(name), (match.group(2) if match else None, group))
     return found
 
@@ -98,7 +99,8 @@ def table(record: dict, reqs: dict[str, tuple[str | None, str]]) -> str:
     lines = [BEGIN, "", "| package | bound in pyproject.toml | " + " | ".join(heads[k] for k in kinds) + " |",
              "| --- | --- | " + " | ".join("---" for _ in kinds) + " |"]
     for name, (bound, group) in reqs.items():
-        cells = [record[k]["versions"].get(name) or "(not installed)" for k in kinds]
+        cells = [record[k]["versions"].get(name) or (f"(without: {WITHOUT_IN_OLDEST[name]})" if k == "oldest" and
+                                                     name in WITHOUT_IN_OLDEST else "(not installed)") for k in kinds]
         where = "" if group == "core" else f" (`{group}` extra)"
         lines.append(f"| {name}{where} | {'>=' + bound if bound else 'none'} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -143,13 +145,15 @@ def run_suite(pytest_args: list[str]) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["lowest", "show", "test"])
+    parser.add_argument("command", choices=["lowest", "show", "test", "readme"])
     args, pytest_args = parser.parse_known_args()
     if args.command == "lowest":
         print("\n".join(lowest(requirements())))
     elif args.command == "show":
         for name, (bound, _) in requirements().items():
             print(f"{name} {installed(name) or '(not installed)'} (bound: {'>=' + bound if bound else 'none'})")
+    elif args.command == "readme":
+        write_readme(REPO / "README.md", table(json.loads(RECORD.read_text()), requirements()))
     else:
         return run_suite(pytest_args)
     return 0
