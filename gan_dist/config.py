@@ -43,6 +43,7 @@ class ModelConfig:
     out_act: Literal["tanh", "none"] = "tanh"  # mlp G output: seed 001's tanh; none for mixtures outside [-1, 1]
     spectral_norm: bool = False  # spectral normalization (Miyato et al. 2018) of every D weight
     d_norm: Literal["batch", "none"] = "batch"  # D's normalization: the seeds' BatchNorm, or none (R3GAN's)
+    mbstd_group: int = 0  # image D: minibatch standard deviation over groups of this many samples (ProGAN); 0 = off
     cond: bool = False  # class-conditional G (label embedding) and projection D (Miyato & Koyama 2018)
     cond_norm: bool = False  # with cond: G's BatchNorms take their scale and shift from the label, z alone as input
     classes: int = 0  # number of classes; in the config tree it follows data.classes
@@ -221,7 +222,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
     "run.lease_timeout_s": (5, 86400),
     "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
-    "model.dropout": (0, 1), "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6),
+    "model.dropout": (0, 1), "model.mbstd_group": (0, 4096), "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
     "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
@@ -333,6 +334,9 @@ def _check(cfg) -> None:
         raise UserError("model.cond_norm=true makes the BatchNorms of a class-conditional G take the label: it needs "
                         f"model.cond=true and a G with BatchNorm (model.arch=dcgan or radford), got model.cond="
                         f"{str(cfg.model.cond).lower()}, model.arch={cfg.model.arch}", code=2)
+    if cfg.model.mbstd_group == 1 or (cfg.model.mbstd_group and cfg.model.arch == "mlp"):
+        raise UserError(f"model.mbstd_group={cfg.model.mbstd_group}: the minibatch standard deviation needs groups of "
+                        "at least 2 samples and an image D (model.arch=dcgan or radford); 0 turns it off", code=2)
     if cfg.model.cond and cfg.data.classes < 2:
         raise UserError(f"model.cond=true needs at least 2 classes, but data.classes is {cfg.data.classes} for "
                         f"data.dataset={cfg.data.dataset}; set data.classes to the number of `cls` labels", code=2)

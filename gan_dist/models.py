@@ -13,6 +13,10 @@
   74%), so it can neither push G off the gaps nor, calibrated, reject G's samples there.
 - `model.spectral_norm` puts spectral normalization on every D weight, for any arch; `model.d_norm=none` drops D's
   BatchNorm (R3GAN: its losses and penalties need none, and R1 / R2 per sample want no batch coupling).
+- `model.mbstd_group` gives an image D, before its last layer, one more feature map: the standard deviation of
+  each feature over a group of that many samples, averaged (ProGAN, Karras et al. 2018). D then sees how varied a
+  batch is, so a G that draws few kinds of images loses; groups are consecutive samples, so they do not depend on
+  how a global batch is split over processes.
 - `model.cond`: a class-conditional pair for any arch. G concatenates a learned label embedding to z (and counts the
   labels of the data it is trained on, so samplers can draw labels at the data's class frequencies); D adds the
   projection of its last features onto a learned class embedding (Miyato & Koyama 2018) to its logit. With
@@ -219,17 +223,38 @@ def _d_norm(cfg: ModelConfig, bn: nn.Module) -> list[nn.Module]:
     return [bn] if cfg.d_norm == "batch" else []
 
 
+class MinibatchStd(nn.Module):
+    """Appends one channel: the standard deviation of every feature over each group of `group` consecutive samples,
+    averaged over features and pixels, given to each sample of the group. A batch not divisible by `group` uses its
+    largest divisor below it (a lone sample sees 0)."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        g = next(d for d in range(min(self.group, B), 0, -1) if B % d == 0)
+        std = (x.view(B // g, g, C, H, W).var(1, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # (B / g,)
+        return torch.cat([x, std.repeat_interleave(g).view(B, 1, 1, 1).expand(B, 1, H, W).to(x.dtype)], 1)
+
+
+def _mbstd(cfg: ModelConfig) -> list[nn.Module]:
+    return [MinibatchStd(cfg.mbstd_group)] if cfg.mbstd_group else []
+
+
 class DCGANDiscriminator(Discriminator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         w, s = cfg.width, cfg.resolution // 4
+        features = (2 * w + bool(cfg.mbstd_group)) * s * s
         self.net = nn.Sequential(
             nn.Conv2d(cfg.channels, w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), *_d_norm(cfg, _keras_bn(w, 2)),
             nn.Conv2d(w, 2 * w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), *_d_norm(cfg, _keras_bn(2 * w, 2)),
-            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * w * s * s, 1),  # 14x14, 7x7, logit
+            *_mbstd(cfg), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(features, 1),  # 14x14, 7x7, logit
         )
         _glorot_init(self)
-        self.project(2 * w * s * s, cfg)
+        self.project(features, cfg)
 
 
 def _radford_init(module: nn.Module) -> None:
@@ -271,10 +296,11 @@ class RadfordDiscriminator(Discriminator):
             layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), *_d_norm(cfg, nn.BatchNorm2d(2 * c)),
                        nn.LeakyReLU(0.2)]
             c *= 2
-        layers += [nn.Conv2d(c, 1, 4, 1, 0, bias=False), nn.Flatten()]
+        c_out = c + bool(cfg.mbstd_group)
+        layers += [*_mbstd(cfg), nn.Conv2d(c_out, 1, 4, 1, 0, bias=False), nn.Flatten()]
         self.net = nn.Sequential(*layers)
         _radford_init(self)
-        self.project(16 * c, cfg)
+        self.project(16 * c_out, cfg)
 
 
 def _mlp(sizes: list[int], out_act: nn.Module | None) -> nn.Sequential:

@@ -3,7 +3,7 @@
 For every loss kind, with R1 / R2, spectral normalization and gradient accumulation over 2 micro-batches, one D step
 and one G step on DDP-wrapped MLPs must equal the same step taken by one process on the whole batch; also with
 class-conditional networks (also with the mode-seeking term, and a small image G with class-conditional BatchNorm,
-whose batch statistics are each micro-batch's in both), and with top-k G updates, whose k best samples of each
+whose batch statistics are each micro-batch's in both), with D's minibatch standard deviation, and with top-k G updates, whose k best samples of each
 micro-step are chosen over both processes (the reference chooses them among the same micro-step's rows of the whole
 batch). Each rank writes its
 updated weights to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
@@ -34,6 +34,7 @@ CASES = {
     "cond_ms_ns": LossConfig(kind="ns", label_noise=0.0, ms_weight=1.0),
     "cond_norm_ns": LossConfig(kind="ns", label_noise=0.0),
     "cond_norm_ms_rpgan": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, ms_weight=0.5),
+    "mbstd_rpgan": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0),
     "topk_ns": LossConfig(kind="ns", label_noise=0.0),
     "topk_rpgan": LossConfig(kind="rpgan", label_noise=0.0),
 }
@@ -51,18 +52,21 @@ class Summing:
 
 
 def nets(spectral_norm: bool, case: str = ""):
-    """The case's G and D: MLPs (conditional for cond_*), or 8x8 DCGANs with class-conditional BatchNorm in G and
-    none in D (cond_norm_*: D's running statistics would be rank 0's under DDP)."""
+    """The case's G and D: MLPs (conditional for cond_*), or 8x8 DCGANs with no BatchNorm in D (D's running
+    statistics would be rank 0's under DDP), with class-conditional BatchNorm in G (cond_norm_*) or D's minibatch
+    standard deviation over pairs (mbstd_*)."""
     torch.manual_seed(0)
-    if case.startswith("cond_norm"):
-        return build_models(ModelConfig(z_dim=4, width=2, resolution=8, dropout=0.0, d_norm="none", cond=True,
-                                        cond_norm=True, classes=CLASSES, spectral_norm=spectral_norm))
+    if case.startswith(("cond_norm", "mbstd")):
+        cond = case.startswith("cond")
+        return build_models(ModelConfig(z_dim=4, width=2, resolution=8, dropout=0.0, d_norm="none", cond=cond,
+                                        cond_norm=cond, classes=CLASSES, spectral_norm=spectral_norm,
+                                        mbstd_group=0 if cond else 2))
     return build_models(ModelConfig(arch="mlp", z_dim=4, hidden=16, depth=2, out_act="none",
                                     spectral_norm=spectral_norm, cond=case.startswith("cond"), classes=CLASSES))
 
 
 def data(name: str, real: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return images if name.startswith("cond_norm") else real
+    return images if name.startswith(("cond_norm", "mbstd")) else real
 
 
 def alone(x: torch.Tensor) -> torch.Tensor:

@@ -338,6 +338,8 @@ def test_train_py_config_error_does_not_import_torch():
     (["data.device_cache=yes", "data.mode=resampled"], "data.device_cache=true holds an image dataset read in epochs"),
     (["data.device_cache=true", "data.dataset=ring8", "model.arch=mlp"], "but data.dataset is 'ring8'"),
     (["data.device_cache=sometimes"], "choose one of auto, true, false"),
+    (["model.mbstd_group=1"], "model.mbstd_group=1: the minibatch standard deviation needs groups of at least 2"),
+    (["model.arch=mlp", "data.dataset=ring8", "model.mbstd_group=4"], "and an image D"),
 ])
 def test_bad_data_settings_are_refused_naming_the_key(overrides, message):
     with pytest.raises(UserError, match=message) as err:

@@ -1,6 +1,6 @@
 """Every loss kind (R3GAN's rpgan too), R1, R2, spectral normalization and the mode-seeking term are correct under
 DDP and gradient accumulation, for unconditional and class-conditional networks (class-conditional BatchNorm in G
-too) and with top-k G updates chosen over both processes:
+too), with D's minibatch standard deviation and with top-k G updates chosen over both processes:
 two processes, each accumulating two micro-batches, take the same D and G step as one process on the whole batch
 (tests/ddp_losses.py, run under the real `accelerate launch` on CPU gloo).
 

@@ -28,6 +28,7 @@ from gan_dist.models import (
     DCGANGenerator,
     MLPDiscriminator,
     MLPGenerator,
+    MinibatchStd,
     build_models,
 )
 
@@ -392,6 +393,26 @@ def test_d_norm_none_leaves_no_batchnorm_and_keeps_each_logit_its_own(arch, side
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
     x = torch.randn(4, 1, side, side)
     assert torch.allclose(D(x)[:1], D(x[:1]), atol=1e-6)  # no batch statistics couple the samples
+
+
+@pytest.mark.parametrize("arch, side", [("dcgan", 28), ("radford", 32)])
+def test_minibatch_std_lets_d_tell_a_varied_group_from_copies_of_one_image(arch, side):
+    torch.manual_seed(0)
+    _, D = build_models(ModelConfig(arch=arch, width=8, resolution=side, d_norm="none", dropout=0.0, mbstd_group=4))
+    layer = next(m for m in D.modules() if isinstance(m, MinibatchStd))
+    feats = []
+    layer.register_forward_hook(lambda m, inp, out: feats.append(out[:, -1]))
+    varied, copies = torch.randn(8, 1, side, side), torch.randn(1, 1, side, side).expand(8, -1, -1, -1)
+    D(torch.cat([varied, copies]))
+    std = feats[-1].flatten(1)
+    assert (std[8:] < 1.01e-4).all()  # copies of one image: sqrt of the guard 1e-8 alone
+    assert std[:8].min() > 5 * std[8:].max()  # a varied group stands out
+    assert torch.equal(std, std[:, :1].expand_as(std))  # one value per sample, the same at every pixel
+    assert torch.equal(std[:4, 0], std[:1, 0].expand(4)) and not torch.equal(std[0], std[4])  # one per group of 4
+    # groups are consecutive samples: D's logits for a batch are those of its halves, however it is split
+    x = torch.randn(8, 1, side, side)
+    assert torch.allclose(D(x), torch.cat([D(x[:4]), D(x[4:])]), atol=1e-6)
+    assert D(x[:3]).shape == (3,) and D(x[:1]).shape == (1,)  # a batch the group does not divide still works
 
 
 def test_unconditional_weights_keep_their_names():
