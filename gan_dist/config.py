@@ -33,6 +33,7 @@ class ModelConfig:
     arch: Literal["dcgan", "radford", "mlp"] = "dcgan"  # seed 000's; Radford et al.'s DCGAN; seed 001's (2-D points)
     z_dim: int = 100
     width: int = 64  # D's first conv has `width` channels; dcgan G's first feature map 4 * width
+    d_width: int = 0  # image D's width alone (its first conv's channels); 0 = model.width
     channels: int = 1  # image channels; in the config tree it follows data.channels
     resolution: int = 28  # image side; in the config tree it follows data.resolution
     dropout: float = 0.2  # dcgan D dropout before the last layer, as in seed 000
@@ -221,7 +222,7 @@ def _show(value) -> str:
 RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
     "run.lease_timeout_s": (5, 86400),
-    "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
+    "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.d_width": (0, 65536), "model.hidden": (1, 2**20), "model.depth": (1, 1000),
     "model.dropout": (0, 1), "model.mbstd_group": (0, 4096), "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
     "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),
@@ -334,6 +335,9 @@ def _check(cfg) -> None:
         raise UserError("model.cond_norm=true makes the BatchNorms of a class-conditional G take the label: it needs "
                         f"model.cond=true and a G with BatchNorm (model.arch=dcgan or radford), got model.cond="
                         f"{str(cfg.model.cond).lower()}, model.arch={cfg.model.arch}", code=2)
+    if cfg.model.d_width and cfg.model.arch == "mlp":
+        raise UserError(f"model.d_width={cfg.model.d_width} sets an image D's width; the mlp D has model.hidden "
+                        "units: set that, or model.d_width=0", code=2)
     if cfg.model.mbstd_group == 1 or (cfg.model.mbstd_group and cfg.model.arch == "mlp"):
         raise UserError(f"model.mbstd_group={cfg.model.mbstd_group}: the minibatch standard deviation needs groups of "
                         "at least 2 samples and an image D (model.arch=dcgan or radford); 0 turns it off", code=2)

@@ -11,6 +11,7 @@
   on raw coordinates cannot resolve modes far narrower than their spacing (measured: a fresh D tells the grid's data
   from a G with 30% of its samples between modes no better than 54% of the time; with 128 features of scale 10,
   74%), so it can neither push G off the gaps nor, calibrated, reject G's samples there.
+- `model.d_width` sets an image D's width apart from G's (`model.width`): D is the cheaper network of the pair.
 - `model.spectral_norm` puts spectral normalization on every D weight, for any arch; `model.d_norm=none` drops D's
   BatchNorm (R3GAN: its losses and penalties need none, and R1 / R2 per sample want no batch coupling).
 - `model.mbstd_group` gives an image D, before its last layer, one more feature map: the standard deviation of
@@ -246,7 +247,7 @@ def _mbstd(cfg: ModelConfig) -> list[nn.Module]:
 class DCGANDiscriminator(Discriminator):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        w, s = cfg.width, cfg.resolution // 4
+        w, s = cfg.d_width or cfg.width, cfg.resolution // 4
         features = (2 * w + bool(cfg.mbstd_group)) * s * s
         self.net = nn.Sequential(
             nn.Conv2d(cfg.channels, w, 5, stride=2, padding=2), nn.LeakyReLU(0.2), *_d_norm(cfg, _keras_bn(w, 2)),
@@ -290,7 +291,7 @@ class RadfordDiscriminator(Discriminator):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        c = cfg.width
+        c = cfg.d_width or cfg.width
         layers: list[nn.Module] = [nn.Conv2d(cfg.channels, c, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
         for _ in range(cfg.resolution.bit_length() - 4):  # side / 2 -> 4x4
             layers += [nn.Conv2d(c, 2 * c, 4, 2, 1, bias=False), *_d_norm(cfg, nn.BatchNorm2d(2 * c)),

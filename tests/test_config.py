@@ -338,6 +338,7 @@ def test_train_py_config_error_does_not_import_torch():
     (["data.device_cache=yes", "data.mode=resampled"], "data.device_cache=true holds an image dataset read in epochs"),
     (["data.device_cache=true", "data.dataset=ring8", "model.arch=mlp"], "but data.dataset is 'ring8'"),
     (["data.device_cache=sometimes"], "choose one of auto, true, false"),
+    (["model.arch=mlp", "data.dataset=ring8", "model.d_width=64"], "the mlp D has model.hidden units"),
     (["model.mbstd_group=1"], "model.mbstd_group=1: the minibatch standard deviation needs groups of at least 2"),
     (["model.arch=mlp", "data.dataset=ring8", "model.mbstd_group=4"], "and an image D"),
 ])

@@ -123,6 +123,16 @@ def test_width_z_and_channels_scale_the_dcgan(width, z_dim, channels):
     assert D(x).shape == (3,)
 
 
+@pytest.mark.parametrize("arch, side", [("dcgan", 28), ("radford", 32)])
+def test_d_width_widens_d_alone(arch, side):
+    G0, D0 = build_models(ModelConfig(arch=arch, width=8, resolution=side))
+    G, D = build_models(ModelConfig(arch=arch, width=8, d_width=16, resolution=side))
+    assert [p.shape for p in G.parameters()] == [p.shape for p in G0.parameters()]
+    convs = [m.out_channels for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[:2] == [16, 32] and trainable(D) > trainable(D0)
+    assert D(G(torch.randn(3, 100))).shape == (3,)
+
+
 def test_generator_maps_noise_to_images_in_range():
     G, _ = dcgan()
     for mode in (G.train, G.eval):
