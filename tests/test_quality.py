@@ -125,3 +125,26 @@ def test_each_config_shows_the_final_g_emas_samples_beside_its_table(two_seeds, 
     subprocess.run([sys.executable, "scripts/sample.py", "--run", str(tmp / "runs" / "ring8" / "seed1"), "--num",
                     "2500", "--out", str(other), "--seed", "0"], cwd=REPO, check=True, capture_output=True)
     assert picture.read_bytes() != other.read_bytes()
+
+
+def _mnist_row(step: int, **metrics: float) -> dict:
+    real = {"fcd": 0.14, "kid": 0.001, "is": 9.7, "class_min": 0.09, "class_max": 0.11, "precision": 0.89,
+            "recall": 0.86, "class_acc": 0.993, "fcd_class_mean": 0.42}
+    row = {"train/step": step, "train/kimg": step * 0.064, "wall_s": step / 5}
+    for key, value in real.items():
+        row[f"eval/{key}_real"] = value
+        row[f"eval/{key}"] = metrics.get(key, 2 * value)
+    return row
+
+
+@pytest.mark.parametrize("wall, recall, met", [(1700, 0.70, True), (1700, 0.68, False), (1900, 0.70, False)])
+def test_conditional_cpu_row_holds_recall_and_time_goals(tmp_path, wall, recall, met):
+    job = quality.Job(config=REPO / "configs" / "mnist_cond_cpu.yaml", seed=0, dir=tmp_path, wall=wall,
+                      rows=[_mnist_row(1500), _mnist_row(3000, fcd=0.2, recall=recall, class_acc=0.99)])
+    text = quality.table_mnist(job)
+    goals = text.split("Goals at the last evaluation")[1]
+    assert "FCD ≤ 2 × floor (0.28) **met**" in goals and "classified as their label **met**" in goals
+    assert f"recall ≥ 0.8 × real data's (0.688) **{'met' if recall >= 0.688 else 'not met'}**" in goals
+    assert f"training ≤ 30 minutes **{'met' if wall <= 1800 else 'not met'}**" in goals
+    assert ("not met" not in goals) == met
+    assert "| 3000 | 192.0 | 3.20 | 10.0 | 0.2 |" in text  # step, kimg, epochs, minute, FCD
