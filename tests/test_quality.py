@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -148,3 +149,11 @@ def test_conditional_cpu_row_holds_recall_and_time_goals(tmp_path, wall, recall,
     assert f"training ≤ 30 minutes **{'met' if wall <= 1800 else 'not met'}**" in goals
     assert ("not met" not in goals) == met
     assert "| 3000 | 192.0 | 3.20 | 10.0 | 0.2 |" in text  # step, kimg, epochs, minute, FCD
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_every_picture_a_page_shows_is_in_the_repository(page):
+    path = REPO / page
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", path.read_text())
+    missing = [link for link in links if not (path.parent / link).is_file()]
+    assert not missing, f"{page} shows pictures that are not in the repository: {missing}"
