@@ -194,7 +194,7 @@ def hardware(cuda: bool) -> str:
 
 
 def commit(out: Path) -> str:
-    """HEAD's short hash, `dirty` if anything but the results file differs from it."""
+    """HEAD's short hash, `dirty` if anything but the results file and its pictures differs from it."""
     git = ["git", "-C", str(REPO)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -202,7 +202,9 @@ def commit(out: Path) -> str:
                                 text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    changed = [line[3:] for line in status.stdout.splitlines() if line[3:] != os.path.relpath(out.resolve(), REPO)]
+    ours = os.path.relpath(out.resolve(), REPO), os.path.relpath(out.resolve().parent / "images", REPO) + os.sep
+    changed = [line[3:] for line in status.stdout.splitlines()
+               if line[3:] != ours[0] and not line[3:].startswith(ours[1])]
     return head.stdout.strip() + (" (dirty)" if changed else "")
 
 

@@ -157,3 +157,22 @@ def test_every_picture_a_page_shows_is_in_the_repository(page):
     links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", path.read_text())
     missing = [link for link in links if not (path.parent / link).is_file()]
     assert not missing, f"{page} shows pictures that are not in the repository: {missing}"
+
+
+def test_the_results_file_and_its_pictures_do_not_make_the_checkout_dirty(tmp_path, monkeypatch):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("old\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(quality, "REPO", tmp_path)
+    out = tmp_path / "docs" / "results.md"
+    out.write_text("new\n")
+    (tmp_path / "docs" / "images").mkdir()
+    (tmp_path / "docs" / "images" / "ring8.png").write_bytes(b"png")
+    assert not quality.commit(out).endswith("(dirty)")
+    (tmp_path / "docs" / "notes.md").write_text("an edit")
+    assert quality.commit(out).endswith("(dirty)")
