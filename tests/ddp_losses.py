@@ -3,10 +3,10 @@
 For every loss kind, with R1 / R2, spectral normalization and gradient accumulation over 2 micro-batches, one D step
 and one G step on DDP-wrapped MLPs must equal the same step taken by one process on the whole batch; also with
 class-conditional networks (also with the mode-seeking term, and a small image G with class-conditional BatchNorm,
-whose batch statistics are each micro-batch's in both), with D's minibatch standard deviation, and with top-k G updates, whose k best samples of each
-micro-step are chosen over both processes (the reference chooses them among the same micro-step's rows of the whole
-batch). Each rank writes its
-updated weights to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
+whose batch statistics are each micro-batch's in both), with D's minibatch standard deviation, and with top-k G
+updates, whose k best samples of each micro-step are chosen over both processes (the reference chooses them among
+the same micro-step's rows of the whole batch). Each rank writes its updated weights to OUT/rank{R}.pt; rank 0 also
+writes the single-process reference.
 """
 
 from __future__ import annotations
