@@ -168,6 +168,11 @@ def run_all(jobs: list[Job], sets: list[str], parallel: int, drs: bool = True) -
                         f"full output is in {log}")
 
 
+def images_of(out: Path) -> Path:
+    """The folder of a results file's pictures."""
+    return out.parent / "images"
+
+
 def draw(job: Job, suite: str, images: Path) -> Path:
     """The final G_ema's samples of `job` as `images/<config stem>.png` (scripts/sample.py, seed 0)."""
     images.mkdir(parents=True, exist_ok=True)
@@ -202,7 +207,7 @@ def commit(out: Path) -> str:
                                 text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    ours = os.path.relpath(out.resolve(), REPO), os.path.relpath(out.resolve().parent / "images", REPO) + os.sep
+    ours = os.path.relpath(out.resolve(), REPO), os.path.relpath(images_of(out.resolve()), REPO) + os.sep
     changed = [line[3:] for line in status.stdout.splitlines()
                if line[3:] != ours[0] and not line[3:].startswith(ours[1])]
     return head.stdout.strip() + (" (dirty)" if changed else "")
@@ -369,7 +374,7 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     run_all(jobs, args.set, parallel, not args.no_drs)
     wall = time.monotonic() - start
     firsts = {c: next(j for j in jobs if j.config == c) for c in configs}
-    shown = {c: picture(draw(job, suite, args.out.parent / "images"), args.out,
+    shown = {c: picture(draw(job, suite, images_of(args.out)), args.out,
                         f"{c.stem}: samples of the final G_ema") for c, job in firsts.items()}
     if suite == "2d":
         title, body = "2-D mixtures", section_2d({c: [j for j in jobs if j.config == c] for c in configs}, shown)
