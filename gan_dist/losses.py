@@ -108,6 +108,13 @@ def mode_seeking(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, 
     return (1 / (ratio + eps)).mean()
 
 
+def overfitting(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """ADA's r_t for one batch: E[sign(D(real))], near 0 while D cannot tell and 1 when it knows the training set
+    by heart. rpgan's and WGAN's D may drift by any constant, so for them the sign is of D(real_i) - D(fake_i)."""
+    margin = logits_real - logits_fake if kind in ("rpgan", "wgan_gp") else logits_real
+    return margin.detach().float().sign().mean()
+
+
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """d(sum of logits)/d(inputs), kept in the graph so that a penalty on it trains D (double backward)."""
     (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
@@ -134,7 +141,8 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
     `gamma_scale` is the gamma schedule's factor. `c`: the real samples' labels, given to G's samples too (a
     conditional run). `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros.
     `augment` transforms everything D sees; R1 / R2 are then taken with respect to the images before it, through it
-    (StyleGAN2-ADA). `rt`, the mean sign of D's real logits, is ADA's overfitting heuristic."""
+    (StyleGAN2-ADA). `rt` is ADA's overfitting heuristic: the mean sign of D's real logits, or for the losses blind
+    to a constant added to every logit (rpgan, wgan_gp) of each real logit less its paired fake one."""
     with torch.no_grad():
         fake = conditioned(G, z, c)
     r2_due = r1_due and cfg.r2_gamma > 0
@@ -149,7 +157,7 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
     logits = conditioned(D, x if augment is None else augment(x), labels).split([len(p) for p in parts])
     loss = d_loss(logits[0], logits[1], cfg.kind, cfg.label_noise)
     out = {"loss_d": loss.detach(), "d_real": torch.sigmoid(logits[0].detach()).mean(),
-           "d_fake": torch.sigmoid(logits[1].detach()).mean(), "rt": logits[0].detach().float().sign().mean()}
+           "d_fake": torch.sigmoid(logits[1].detach()).mean(), "rt": overfitting(logits[0], logits[1], cfg.kind)}
     if cfg.kind == "wgan_gp":
         gp = gradient_penalty(logits[2], parts[2])
         loss = loss + cfg.gp_weight * gp
