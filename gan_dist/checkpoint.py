@@ -360,12 +360,13 @@ def sync_buffers(*modules: torch.nn.Module) -> None:
 @torch.no_grad()
 def restore_buffers(saved: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], rank: int,
                     world: int) -> None:
-    """This rank's own buffers from a checkpoint of the same world size (else rank 0's, from the model files)."""
+    """This rank's own buffers from a checkpoint of the same world size, else rank 0's (which G's and D's model
+    files hold too)."""
     for name, module in modules.items():
         for key, b in module.named_buffers():
             rows = saved.get(f"{name}.{key}")
-            if rows is not None and len(rows) == world and rows.shape[1:] == b.shape:
-                b.copy_(rows[rank])
+            if rows is not None and len(rows) and rows.shape[1:] == b.shape:
+                b.copy_(rows[rank] if len(rows) == world else rows[0])
 
 
 def save_training(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: EMA, keep: int,

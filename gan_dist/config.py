@@ -81,6 +81,21 @@ class LossConfig:
     ms_weight: float = 0.0  # mode-seeking term (Mao et al. 2019): G pays for pairs of z that give similar images
 
 
+DIFFAUG_POLICIES = ("color", "translation", "cutout")  # aug.policy's names
+
+
+@dataclass
+class AugConfig:
+    # Augment every image D sees, real and fake, in D and G steps alike: none; DiffAugment (Zhao et al. 2020) on
+    # every sample; ADA (Karras et al. 2020): StyleGAN2-ADA's bgc transforms, each with a probability p tuned to D
+    kind: Literal["none", "diffaug", "ada"] = "none"
+    policy: str = "color,translation,cutout"  # diffaug: its transforms, comma-joined
+    p: float = 0.0  # ada: the probability p at the start
+    target: float = 0.6  # ada: p rises while r_t = E[sign(D(real))] is above this, and falls while below
+    interval: int = 4  # ada: steps between adjustments of p
+    speed_kimg: float = 500.0  # ada: p moves from 0 to 1 in this many thousand real images at the most
+
+
 @dataclass
 class EMAConfig:
     halflife_kimg: float = 10.0  # StyleGAN's ema_kimg: half-life of G_ema's weights, in thousands of images
@@ -115,6 +130,7 @@ class DataConfig:
     cache_dir: str = "data/mnist-shards"  # prepared webdataset shards + manifest.json
     download: bool = True
     num_workers: int = 2  # loader processes per rank (none with the device cache)
+    limit: int = 0  # train on the first N samples of one fixed random order of the dataset (any world size); 0 = all
     device_cache: Literal["auto", True, False] = "auto"  # decode the whole dataset once into a tensor on the device
     shuffle_buffer: int = 2000  # samples held by each loader worker's shuffle buffer
     std: float = 0.05  # per-mode standard deviation for ring8 / grid25
@@ -190,6 +206,7 @@ class Config:
                                                                    classes=II("data.classes")))
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -230,11 +247,12 @@ RANGES: dict[str, tuple[float, float]] = {
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
     "loss.r2_gamma": (0, 1e6), "loss.r1_every": (1, 10**6), "loss.gamma_end": (0, 1), "loss.topk_gamma": (0, 1),
     "loss.topk_min": (0, 1), "loss.ms_weight": (0, 1e6), "data.classes": (0, 10**6),
+    "aug.p": (0, 1), "aug.target": (0, 1), "aug.interval": (1, 10**6), "aug.speed_kimg": (0, 1e9),
     "ema.halflife_kimg": (0, 1e9), "ema.rampup": (0, 1e3),
     "train.steps": (1, 10**12), "train.batch_size": (1, 2**20), "train.grad_accum": (1, 2**16),
     "data.resolution": (4, 4096), "data.num_workers": (0, 256), "data.shuffle_buffer": (1, 10**7),
-    "data.timeout_s": (0, 86400), "data.min_rate_kbs": (0, 1e9), "data.std": (0, 1e3), "data.radius": (0, 1e3),
-    "data.spacing": (0, 1e3),
+    "data.limit": (0, 10**12), "data.timeout_s": (0, 86400), "data.min_rate_kbs": (0, 1e9), "data.std": (0, 1e3),
+    "data.radius": (0, 1e3), "data.spacing": (0, 1e3),
     "eval.every": (0, 10**12), "eval.num_samples": (2, 10**7), "eval.batch": (1, 2**20),
     "dist.timeout_s": (10, 7 * 86400), "dist.stop_check_every": (1, 10**6), "dist.bucket_cap_mb": (1, 65536),
     "ckpt.every": (1, 10**12), "ckpt.keep": (1, 10**6),
@@ -243,7 +261,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "perf.ema_every": (1, 10**6),
 }
 ABOVE_LOW = {"optim.lr_G", "optim.lr_D", "optim.eps", "data.timeout_s", "data.std", "data.radius", "data.spacing",
-             "loss.topk_gamma", "loss.topk_min"}
+             "loss.topk_gamma", "loss.topk_min", "aug.speed_kimg"}
 # data.classes=0 stands for the dataset's own number of classes.
 DATASET_CLASSES = {"mnist": 10, "gaussian": 1, "ring8": 8, "grid25": 25}
 BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
@@ -346,6 +364,19 @@ def _check(cfg) -> None:
         raise UserError(f"model.cond=true needs at least 2 classes, but data.classes is {cfg.data.classes} for "
                         f"data.dataset={cfg.data.dataset}; set data.classes to the number of `cls` labels", code=2)
     _check_images(cfg)
+    _check_aug(cfg)
+
+
+def _check_aug(cfg) -> None:
+    names = [p.strip() for p in cfg.aug.policy.split(",")]
+    unknown = [p for p in names if p not in DIFFAUG_POLICIES]
+    if cfg.aug.kind == "diffaug" and unknown:
+        raise UserError(f"aug.policy='{cfg.aug.policy}' names {', '.join(repr(p) for p in unknown)}; choose from "
+                        f"{', '.join(DIFFAUG_POLICIES)}, comma-joined (e.g. aug.policy=color,translation,cutout)",
+                        code=2)
+    if cfg.aug.kind != "none" and cfg.data.dataset not in ("mnist", "webdataset"):
+        raise UserError(f"aug.kind={cfg.aug.kind} augments images, but data.dataset={cfg.data.dataset} holds 2-D "
+                        "points; use aug.kind=none", code=2)
 
 
 def _check_images(cfg) -> None:
@@ -359,6 +390,9 @@ def _check_images(cfg) -> None:
     if data.device_cache is True and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
         raise UserError(f"data.device_cache=true holds an image dataset read in epochs, but data.dataset is "
                         f"'{data.dataset}' and data.mode '{data.mode}'; use data.device_cache=auto", code=2)
+    if data.limit and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
+        raise UserError(f"data.limit={data.limit} trains on a fixed subset of an image dataset read in epochs, but "
+                        f"data.dataset is '{data.dataset}' and data.mode '{data.mode}'; use data.limit=0", code=2)
     if data.dataset not in ("mnist", "webdataset"):
         return
     for key in ("channels", "resolution"):

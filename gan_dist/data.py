@@ -20,7 +20,8 @@ without decoding any of it. Bad images and truncated shards are skipped with a w
 `data.on_error=raise`); the skip count travels with the position.
 
 With `data.device_cache` (MNIST, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
-decoded once into a uint8 tensor on the device and batches are gathered from it (`CachedBatches`).
+decoded once into a uint8 tensor on the device and batches are gathered from it (`CachedBatches`). `data.limit=N`
+always takes that path (on the host with `data.device_cache=false`): the N samples are decoded once and held.
 
 This module knows the rank and world size only as numbers it is given; it does not touch the Accelerator.
 """
@@ -317,21 +318,42 @@ def wants_device_cache(cfg: DataConfig, source: Source) -> bool:
     """Whether this run's images are decoded once and held on the device (`data.device_cache`)."""
     if cfg.device_cache is False or cfg.mode != "epoch" or not source.counts:
         return False
-    return cfg.device_cache is True or \
-        sum(source.counts) * cfg.channels * cfg.resolution ** 2 <= DEVICE_CACHE_AUTO_BYTES
+    held = min(cfg.limit or sum(source.counts), sum(source.counts))
+    return cfg.device_cache is True or held * cfg.channels * cfg.resolution ** 2 <= DEVICE_CACHE_AUTO_BYTES
+
+
+LIMIT_SEED = 0  # the one order data.limit takes its first N samples from, whatever the run's seed
+
+
+def limited(total: int, limit: int) -> np.ndarray | None:
+    """The dataset indices `data.limit` keeps, sorted: the first `limit` of one fixed permutation of `total`
+    (numpy's legacy RandomState, whose stream never changes between versions), so every run, seed and world size
+    trains on the same subset; None for the whole dataset."""
+    if not limit:
+        return None
+    if limit > total:
+        raise UserError(f"data.limit={limit} is more than the {total} samples the dataset holds; lower it, or set "
+                        "data.limit=0 for all of them")
+    return np.sort(np.random.RandomState(LIMIT_SEED).permutation(total)[:limit])
 
 
 def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every sample of `source` as uint8 images (N, C, H, W) and int64 labels (N,), in shard order, and the count
-    of bad samples skipped. MNIST at its own 28x28 grayscale comes straight from its IDX files."""
+    """Every sample of `source` (or the `data.limit` of them) as uint8 images (N, C, H, W) and int64 labels (N,), in
+    shard order, and the count of bad samples skipped. MNIST at its own 28x28 grayscale comes straight from its IDX
+    files. A sample's index is its shard's start (from the manifest's counts) plus its place in the shard."""
+    keep = limited(sum(source.counts), cfg.limit)
     if cfg.dataset == "mnist" and (cfg.resolution, cfg.channels) == (28, 1) and mnist.files_present(cfg.mnist_dir):
         images, labels = mnist.load_mnist(cfg.mnist_dir)["train"]
+        images, labels = (images, labels) if keep is None else (images[keep], labels[keep])
         return images[:, None], labels.astype(np.int64), 0
+    wanted = None if keep is None else set(keep.tolist())
     reader = ShardStream(source, cfg, 1, 0, 0, 1, 0, [[0, 0, 0]])
-    images, labels = [], []
+    images, labels, start = [], [], 0
     try:
         for url, count in zip(source.urls, source.counts):
-            for sample in reader._read(url, 0, None, count):
+            for index, sample in enumerate(reader._read(url, 0, None, count), start=start):
+                if wanted is not None and index not in wanted:
+                    continue
                 try:
                     image, label = decode_image(sample, cfg.resolution, cfg.channels), class_of(sample, cfg)
                 except BadSample as err:
@@ -339,6 +361,7 @@ def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndar
                     continue
                 images.append(image)
                 labels.append(label)
+            start += count
     except FatalDataError as err:
         raise UserError(str(err)) from None
     if not images:

@@ -21,6 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulation
     TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm import tqdm
 
+from gan_dist.augment import ADA, build_augment
 from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final, resume_training, save_training, \
     sync_buffers
 from gan_dist.config import Config, Launch, TrainConfig, resolve_launch, to_dict, to_yaml
@@ -102,21 +103,25 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
         return DeviceBatches(PointBatches(cfg.data, batch, seed, rank, state.batches), device, cfg.perf.prefetch)
     # Each node's main process writes MNIST's shards on first use while the other ranks wait.
     source = local_main_first(accelerator, lambda: open_source(cfg.data))
-    epoch = state.nimg // sum(source.counts) if source.counts else 0
-    cached = wants_device_cache(cfg.data, source)
+    epoch = state.nimg // (cfg.data.limit or sum(source.counts)) if source.counts else 0
+    # data.limit's few samples are held too: on the host when the device cache is turned off.
+    cached = wants_device_cache(cfg.data, source) or cfg.data.limit > 0
+    held_on = device if cached and cfg.data.device_cache is not False else torch.device("cpu")
     positions = start_positions(state.data_pos, cfg.data.mode, rank, world, 1 if cached else max(
         cfg.data.num_workers, 1), epoch, accelerator.print)
     if cached:
         try:
             images, labels, skipped = decode_dataset(source, cfg.data)
-            held = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+            held = torch.from_numpy(images).to(held_on), torch.from_numpy(labels).to(held_on)
         except (MemoryError, torch.cuda.OutOfMemoryError):
             raise UserError(f"data.device_cache={cfg.data.device_cache}: the decoded dataset does not fit in "
                             f"{device.type} memory; use data.device_cache=false (the loader)") from None
-        accelerator.print(f"data: {len(images)} images ({images.nbytes / 2**20:.0f} MB) decoded once and held on "
-                          f"{device.type} (data.device_cache={cfg.data.device_cache})")
+        subset = f"data.limit={cfg.data.limit} of {sum(source.counts)}: " if cfg.data.limit else ""
+        accelerator.print(f"data: {subset}{len(images)} images ({images.nbytes / 2**20:.0f} MB) decoded once and "
+                          f"held on {held_on.type} (data.device_cache={cfg.data.device_cache})")
         batches = CachedBatches(*held, cfg.data, batch, seed, rank, world, positions[0], skipped)
-        return DeviceBatches(batches, device, prefetch=False, channels_last=cfg.perf.channels_last)
+        return DeviceBatches(batches, device, prefetch=held_on != device and cfg.perf.prefetch,
+                             channels_last=cfg.perf.channels_last)
     batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
                             pin_memory=device.type == "cuda" and cfg.perf.prefetch)
     return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last)
@@ -301,7 +306,10 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     batch = micro_batch(cfg.train, world)
 
     G, D, opt_G, opt_D, ema, G_raw, D_raw = build_networks(cfg, accelerator)
-    nets, exported = {"G": G_raw, "D": D_raw}, {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": D_raw}
+    augment = build_augment(cfg.aug)
+    ada = augment.to(device) if isinstance(augment, ADA) else None  # its p and sums are checkpointed per rank
+    nets = {"G": G_raw, "D": D_raw} | ({"aug": ada} if ada is not None else {})
+    exported = {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": D_raw}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4), origin=resume.origin)
 
@@ -341,8 +349,10 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                 with accelerator.accumulate(D):
                     z = torch.randn(len(real), cfg.model.z_dim, device=device)
                     metrics = d_step(G, D, opt_D, real, z, cfg.loss, accelerator.backward, r1_due,
-                                     cfg.optim.set_to_none, c, gamma_scale)
+                                     cfg.optim.set_to_none, c, gamma_scale, augment)
                 meter.add(metrics, cfg.loss.n_critic)
+                if ada is not None:
+                    ada.observe(metrics["rt"])
                 if c is not None:
                     G_raw.count(c)
                 pairs.append((real, c))
@@ -354,7 +364,8 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                 z = torch.randn(batch, cfg.model.z_dim, device=device)
                 z_pair = torch.randn_like(z) if cfg.loss.ms_weight > 0 else None
                 g_metrics = g_step(G, D, opt_G, z, cfg.loss.kind, accelerator.backward, cfg.optim.set_to_none,
-                                   real if cfg.loss.kind == "rpgan" else None, c, select, cfg.loss.ms_weight, z_pair)
+                                   real if cfg.loss.kind == "rpgan" else None, c, select, cfg.loss.ms_weight, z_pair,
+                                   augment)
             loss_g = g_metrics["loss_g"]
             meter.add(g_metrics)
             meter.tick()
@@ -363,6 +374,9 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
             ema.update(G_raw, state.nimg, step_nimg * cfg.perf.ema_every)
         state.step, state.nimg = state.step + 1, state.nimg + step_nimg
         progress.update(1)
+        # ADA: p moves on every rank alike, from the heuristic's sums over every rank (a reduce; no host sync).
+        if ada is not None and state.step % cfg.aug.interval == 0:
+            ada.adjust(accelerator.reduce(ada.sums, "sum"), step_nimg * cfg.aug.interval)
         if cfg.perf.step_sync:
             progress.set_postfix(loss_d=f"{metrics['loss_d'].item():.3f}", loss_g=f"{loss_g.item():.3f}", refresh=False)
         is_last = state.step == cfg.train.steps
@@ -370,6 +384,8 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         # Log the interval's means over micro-steps and ranks; grids and histograms on the fixed noise.
         if state.step % cfg.log.every == 0 or is_last:
             row = meter.row(state.step, state.nimg, batches.skipped, batches.epoch_size)
+            if ada is not None:
+                row |= {"aug/p": ada.p.item(), "aug/rt": ada.rt.item()}
             tracker.log(row)
             progress.set_postfix(loss_d=f"{row['train/loss_d']:.3f}", loss_g=f"{row['train/loss_g']:.3f}",
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)

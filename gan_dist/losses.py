@@ -30,6 +30,7 @@ from gan_dist.models import conditioned
 
 Backward = Callable[[torch.Tensor], None]
 Select = Callable[[torch.Tensor], torch.Tensor]  # D's scores of G's samples -> each sample's weight in G's loss
+Augment = Callable[[torch.Tensor], torch.Tensor]  # what D sees of a batch (augment.py)
 
 
 def d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "ns",
@@ -107,6 +108,13 @@ def mode_seeking(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor, 
     return (1 / (ratio + eps)).mean()
 
 
+def overfitting(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """ADA's r_t for one batch: E[sign(D(real))], near 0 while D cannot tell and 1 when it knows the training set
+    by heart. rpgan's and WGAN's D may drift by any constant, so for them the sign is of D(real_i) - D(fake_i)."""
+    margin = logits_real - logits_fake if kind in ("rpgan", "wgan_gp") else logits_real
+    return margin.detach().float().sign().mean()
+
+
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """d(sum of logits)/d(inputs), kept in the graph so that a penalty on it trains D (double backward)."""
     (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
@@ -126,11 +134,15 @@ def gradient_penalty(logits_mix: torch.Tensor, mix: torch.Tensor) -> torch.Tenso
 
 def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch.Tensor, z: torch.Tensor,
            cfg: LossConfig, backward: Backward, r1_due: bool = False, set_to_none: bool = True,
-           c: torch.Tensor | None = None, gamma_scale: float = 1.0) -> dict[str, torch.Tensor]:
+           c: torch.Tensor | None = None, gamma_scale: float = 1.0,
+           augment: Augment | None = None) -> dict[str, torch.Tensor]:
     """One D step (or one accumulation micro-step of it). `r1_due` marks the lazy R1 / R2 steps: the penalties are
     then scaled by r1_every, so that on average they weigh gamma / 2 per step (StyleGAN2's lazy regularization);
     `gamma_scale` is the gamma schedule's factor. `c`: the real samples' labels, given to G's samples too (a
-    conditional run). `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros."""
+    conditional run). `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros.
+    `augment` transforms everything D sees; R1 / R2 are then taken with respect to the images before it, through it
+    (StyleGAN2-ADA). `rt` is ADA's overfitting heuristic: the mean sign of D's real logits, or for the losses blind
+    to a constant added to every logit (rpgan, wgan_gp) of each real logit less its paired fake one."""
     with torch.no_grad():
         fake = conditioned(G, z, c)
     r2_due = r1_due and cfg.r2_gamma > 0
@@ -141,10 +153,11 @@ def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch
     # One forward over all parts: BatchNorm sees the mixed batch as in the seed, DDP syncs buffers once, and
     # every D parameter's gradient is reduced in a single backward (penalties included).
     labels = None if c is None else torch.cat([c, c] + ([c] if len(parts) == 3 else []))
-    logits = conditioned(D, torch.cat(parts), labels).split([len(p) for p in parts])
+    x = torch.cat(parts)
+    logits = conditioned(D, x if augment is None else augment(x), labels).split([len(p) for p in parts])
     loss = d_loss(logits[0], logits[1], cfg.kind, cfg.label_noise)
     out = {"loss_d": loss.detach(), "d_real": torch.sigmoid(logits[0].detach()).mean(),
-           "d_fake": torch.sigmoid(logits[1].detach()).mean()}
+           "d_fake": torch.sigmoid(logits[1].detach()).mean(), "rt": overfitting(logits[0], logits[1], cfg.kind)}
     if cfg.kind == "wgan_gp":
         gp = gradient_penalty(logits[2], parts[2])
         loss = loss + cfg.gp_weight * gp
@@ -183,11 +196,11 @@ def frozen(D: nn.Module) -> Iterator[None]:
 def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor, kind: str,
            backward: Backward, set_to_none: bool = True, real: torch.Tensor | None = None,
            c: torch.Tensor | None = None, select: Select | None = None, ms_weight: float = 0.0,
-           z_pair: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+           z_pair: torch.Tensor | None = None, augment: Augment | None = None) -> dict[str, torch.Tensor]:
     """One G step (or micro-step). rpgan needs `real`, the real batch G's samples are paired with; `c` labels both
     (a conditional run); `select` turns D's scores of the samples into loss weights (top-k). With `ms_weight`, G
     also draws each label from `z_pair` (in the same forward, so BatchNorm sees one batch) and pays the
-    mode-seeking term for pairs that look alike; only the first half meets D."""
+    mode-seeking term for pairs that look alike; only the first half meets D. `augment`: as in `d_step`."""
     out = {}
     with frozen(D):
         if ms_weight > 0:
@@ -196,7 +209,8 @@ def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Te
         else:
             fake = conditioned(G, z, c)
         x = fake if real is None else torch.cat([fake, real.detach()])
-        logits = conditioned(D, x, c if c is None or real is None else torch.cat([c, c]))
+        labels = c if c is None or real is None else torch.cat([c, c])
+        logits = conditioned(D, x if augment is None else augment(x), labels)
         logits_fake, logits_real = (logits, None) if real is None else logits.split([len(fake), len(real)])
         weights = None if select is None else select(logits_fake)
         loss = g_loss(logits_fake, kind, logits_real, weights)

@@ -64,6 +64,8 @@ SWITCHES = {
     "ema_every_4": (["perf.ema_every=4"], 1),
     "ddp_bucket_view_static": (["dist.gradient_as_bucket_view=true", "dist.static_graph=true"], 0),
     "ddp_bucket_1mb": (["dist.bucket_cap_mb=1"], 0),
+    "aug_diffaug": (["aug.kind=diffaug"], 1),  # not speed switches: what augmenting everything D sees costs
+    "aug_ada": (["aug.kind=ada", "aug.p=0.5"], 1),
 }
 
 
@@ -311,11 +313,12 @@ def main() -> int:
         cfg = load_config(argv)  # a bad key fails here, once, not in every launch
         if cfg.loss.r1_gamma > 0 or cfg.loss.r2_gamma > 0 or cfg.loss.kind in ("wgan_gp", "rpgan") or \
                 cfg.loss.n_critic > 1 or cfg.loss.topk_gamma < 1 or cfg.model.cond or \
-                cfg.train.mixed_precision == "fp16":
+                cfg.train.mixed_precision == "fp16" or cfg.aug.kind != "none":
             raise UserError("the bare loop has plain unconditional D and G steps: benchmark without gradient "
-                            "penalties, rpgan, top-k, model.cond, n_critic > 1 or fp16 (loss.r1_gamma=0, "
+                            "penalties, rpgan, top-k, model.cond, n_critic > 1, fp16 or augmentation (loss.r1_gamma=0, "
                             "loss.r2_gamma=0, loss.kind other than wgan_gp and rpgan, loss.topk_gamma=1, "
-                            "model.cond=false, loss.n_critic=1, train.mixed_precision no or bf16)", code=2)
+                            "model.cond=false, loss.n_critic=1, train.mixed_precision no or bf16, aug.kind=none; "
+                            "--switches aug_ada,aug_diffaug times augmentation against the trainer without)", code=2)
         start = time.perf_counter()
         runs, done = {}, {}
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,18 +1,22 @@
 """The quality protocol: train each config of a suite from scratch, score it, and write markdown tables.
 
-    python scripts/quality.py --suite 2d|mnist|all [--seeds N] [--jobs J] [--out docs/results.md] [--runs DIR]
-                              [--configs FILE ...] [--set KEY=VALUE ...] [--no-drs]
+    python scripts/quality.py --suite 2d|mnist|limited|all [--seeds N] [--jobs J] [--out docs/results.md]
+                              [--runs DIR] [--configs FILE ...] [--set KEY=VALUE ...] [--no-drs]
 
 `2d` trains ring8 and grid25 for seeds 0..N-1 and reports each seed's last evaluation beside the published numbers;
 `mnist` trains `configs/mnist_cpu.yaml` and `configs/mnist_cond_cpu.yaml` (seed 0), with CUDA also the seed DCGAN
-and `configs/mnist_best.yaml`, and reports every evaluation, the minute it appeared and the real-data floors. After
-each training, `scripts/evaluate.py --sampler drs` scores its final G_ema through discriminator rejection sampling:
+and `configs/mnist_best.yaml`, and reports every evaluation, the minute it appeared and the real-data floors;
+`limited` trains `configs/mnist_cpu.yaml` (seed 0) on 1,000, 5,000 and all 60,000 images (`data.limit`) with each
+augmentation (`aug.kind` none, diffaug, ada; at 60,000 none and ada), 2 at a time like the 2-D suite, and reports
+each one's last evaluation and ADA's p (the small-data goals are ADA's against no augmentation). After each 2-D or
+`mnist` training, `scripts/evaluate.py --sampler drs` scores its final G_ema through discriminator rejection sampling:
 those numbers are a row (2-D: columns) of their own, apart from the training-time ones (`--no-drs` skips them).
-Each training is `python train.py --config FILE seed=S run.dir=RUNS/<stem>/seed<S> wandb.mode=disabled [--set
-overrides]`, started afresh, its output kept in `train.log` there; `--jobs` of them run at once (default: 2-D 2
-on a CPU with 2+ cores, else 1), each with OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs
-(the tests train short runs with it). The suite's section of `--out` is replaced, the rest of the file kept, and the
-same text printed. Beside it, `images/<config stem>.png` shows what the final G_ema of each config's first seed
+Each training is `python train.py --config FILE seed=S run.dir=RUNS/<name>/seed<S> wandb.mode=disabled [the
+variant's keys] [--set overrides]` (name: the config's stem, and `limited`'s variant), started afresh, its output
+kept in `train.log` there; `--jobs` of them run at once (default: 2-D and `limited` 2 on a CPU with 2+ cores, else
+1), each with OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs (the tests train short runs
+with it). The suite's section of `--out` is replaced, the rest of the file kept, and the same text printed. Beside
+it, `images/<name>.png` shows what the final G_ema of each config's first seed (`limited`: of the 1,000-image runs)
 draws: 100 samples in a grid (a conditional run's column k is class k), or 2,500 points of a 2-D run over the
 mixture's modes (`scripts/sample.py --seed 0`); the section shows them.
 """
@@ -41,7 +45,7 @@ import yaml
 from gan_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("2d", "mnist")
+SUITES = ("2d", "mnist", "limited")
 CONFIGS_2D = ("configs/ring8_best.yaml", "configs/grid25_best.yaml")
 MNIST_CPU = ("configs/mnist_cpu.yaml", "configs/mnist_cond_cpu.yaml")
 MNIST_GPU = ("configs/mnist_dcgan.yaml", "configs/mnist_best.yaml")
@@ -54,8 +58,14 @@ PUBLISHED_NOTE = ("Published, modes / high quality % (2,500 samples; high qualit
                   "PacGAN (Lin et al. 2018, Table 1), VEEGAN (Srivastava et al. 2017, Table 1) and GDPP "
                   "(Elfeki et al. 2019, Table 1).")
 MNIST_IMAGES = 60000
+LIMITED_CONFIG = "configs/mnist_cpu.yaml"
+LIMITED = ((1000, "none"), (1000, "diffaug"), (1000, "ada"), (5000, "none"), (5000, "diffaug"), (5000, "ada"),
+           (MNIST_IMAGES, "none"), (MNIST_IMAGES, "ada"))  # (training images, aug.kind)
+LIMITED_DRAWN = 1000  # the images whose runs' grids the section shows
+ADA_GOAL_SMALL = 0.5  # at 1,000 images ADA's FCD at most this x the unaugmented run's (and its recall above it)
+ADA_GOAL_FULL, ADA_P_FULL = 1.1, 0.1  # at 60,000: FCD within 10% of the unaugmented run's, p below this
 CPU_MINUTES = 30  # a CPU MNIST row's budget per training, evaluations included, two trainings side by side
-PICTURE = {"2d": 2500, "mnist": 100}  # samples in each config's picture: the 2-D protocol's count; a 10 x 10 grid
+PICTURE = {"2d": 2500, "mnist": 100, "limited": 100}  # samples in a picture: the 2-D protocol's; a 10 x 10 grid
 POLL_S = 2.0  # how often a running training's metrics.jsonl is checked, to time each evaluation
 TAIL = 20  # lines of a failed training's log shown
 INTRO = """# Results
@@ -63,8 +73,9 @@ INTRO = """# Results
 Sample quality under a fixed protocol: each config is trained from scratch for every seed and scored by the
 trainer's own evaluation (`eval/*` in each run's `metrics.jsonl`, see the README's Evaluation): modes covered and %
 high-quality samples of 2,500 for the 2-D mixtures, the classifier's FCD, KID, IS, class coverage and precision /
-recall beside their real-data floors for MNIST. Each section is written by `python scripts/quality.py --suite 2d`
-or `--suite mnist`, which replaces only its own section and states its command, date, hardware, commit and configs.
+recall beside their real-data floors for MNIST. Each section is written by `python scripts/quality.py --suite 2d`,
+`--suite mnist` or `--suite limited`, which replaces only its own section and states its command, date, hardware,
+commit and configs.
 """
 
 
@@ -73,7 +84,10 @@ class Job:
     config: Path
     seed: int
     dir: Path
+    overrides: tuple[str, ...] = ()  # a variant's keys (the `limited` suite's data.limit and aug.kind)
+    name: str = ""  # the run's name in folders and pictures: the config's stem, and the variant
     rows: list[dict] = field(default_factory=list)  # every eval row, with `wall_s`: when it appeared
+    aug_p: list[float] = field(default_factory=list)  # ADA's p at every log
     wall: float = 0.0
     code: int | None = None
     drs: dict | None = None  # scripts/evaluate.py --sampler drs on final/
@@ -92,15 +106,18 @@ def _duration(seconds: float) -> str:
 
 
 def _read_rows(path: Path, offset: int) -> tuple[list[dict], int]:
-    """The complete eval rows written after `offset`, and the offset after them."""
+    """The complete rows written after `offset`, and the offset after them."""
     if not path.is_file():
         return [], offset
     with path.open("rb") as f:
         f.seek(offset)
         chunk = f.read()
     done = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written is read on the next poll
-    rows = [json.loads(line) for line in done.decode().splitlines()]
-    return [r for r in rows if any(k.startswith("eval/") for k in r)], offset + len(done)
+    return [json.loads(line) for line in done.decode().splitlines()], offset + len(done)
+
+
+def _is_eval(row: dict) -> bool:
+    return any(k.startswith("eval/") for k in row)
 
 
 def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job:
@@ -110,7 +127,7 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job
     shutil.rmtree(job.dir, ignore_errors=True)  # so that resume cannot pick up an older run
     job.dir.mkdir(parents=True)
     cmd = [sys.executable, "train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
-           "wandb.mode=disabled", *sets]
+           "wandb.mode=disabled", *job.overrides, *sets]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start, offset = time.monotonic(), 0
     with (job.dir / "train.log").open("w") as log:
@@ -123,7 +140,8 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job
                     proc.terminate()
             # Read after the wait, so that the rows written before the exit are all read.
             rows, offset = _read_rows(job.dir / "metrics.jsonl", offset)
-            job.rows += [r | {"wall_s": time.monotonic() - start} for r in rows]
+            job.rows += [r | {"wall_s": time.monotonic() - start} for r in rows if _is_eval(r)]
+            job.aug_p += [r["aug/p"] for r in rows if "aug/p" in r]
     job.wall = time.monotonic() - start
     return job
 
@@ -155,7 +173,7 @@ def run_all(jobs: list[Job], sets: list[str], parallel: int, drs: bool = True) -
         for done in as_completed([pool.submit(one, job) for job in jobs]):
             job = done.result()
             if job.code == 0 and not stop.is_set():  # a training stopped by SIGTERM may exit 0 too
-                print(f"{_show(job.config)} seed {job.seed}: {_duration(job.wall)}", flush=True)
+                print(f"{job.name or _show(job.config)} seed {job.seed}: {_duration(job.wall)}", flush=True)
             elif failed is None and job.code is not None:
                 failed = job
                 stop.set()
@@ -174,9 +192,9 @@ def images_of(out: Path) -> Path:
 
 
 def draw(job: Job, suite: str, images: Path) -> Path:
-    """The final G_ema's samples of `job` as `images/<config stem>.png` (scripts/sample.py, seed 0)."""
+    """The final G_ema's samples of `job` as `images/<name>.png` (scripts/sample.py, seed 0)."""
     images.mkdir(parents=True, exist_ok=True)
-    out = images / f"{job.config.stem}.png"
+    out = images / f"{job.name or job.config.stem}.png"
     cmd = [sys.executable, "scripts/sample.py", "--run", str(job.dir), "--num", str(PICTURE[suite]), "--out",
            str(out), "--seed", "0"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -217,8 +235,9 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
            args: argparse.Namespace) -> str:
     cuda = torch.cuda.is_available()
     seeds = sorted({job.seed for job in jobs})
-    template = (f"python train.py --config CONFIG seed=S run.dir={_show(args.runs)}/<config stem>/seedS "
-                f"wandb.mode=disabled {shlex.join(args.set)}").strip()
+    variant = " data.limit=N aug.kind=KIND" if any(job.overrides for job in jobs) else ""
+    template = (f"python train.py --config CONFIG seed=S run.dir={_show(args.runs)}/<name>/seedS "
+                f"wandb.mode=disabled{variant} {shlex.join(args.set)}").strip()
     lines = [f"## {title}", "",
              f"- command: `python scripts/quality.py {shlex.join(sys.argv[1:])}`",
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -341,6 +360,47 @@ def table_mnist(job: Job) -> str:
     return "\n".join(lines)
 
 
+def _variant(job: Job) -> tuple[int, str]:
+    """(training images, aug.kind) of a `limited` job."""
+    keys = dict(o.split("=", 1) for o in job.overrides)
+    return int(keys["data.limit"]) or MNIST_IMAGES, keys["aug.kind"]
+
+
+def table_limited(config: Path, jobs: list[Job]) -> str:
+    """Every variant's last evaluation beside the floors, and ADA's goals against no augmentation."""
+    lines = [f"### `{_show(config)}` on a subset (`data.limit`), by `aug.kind`", "",
+             "| training images | aug.kind | FCD | KID | IS | class min % | class max % | precision | recall | "
+             "ADA's p: final (max) | wall time |", "| --- " * 11 + "|"]
+    last = {_variant(job): _last(job, "eval/fcd") for job in jobs}
+    for job in jobs:
+        (n, kind), p = _variant(job), job.aug_p
+        ada = f"{p[-1]:.3f} ({max(p):.3f})" if p else "–"
+        lines.append(f"| {n:,} | {kind} | {_mnist_cells(last[n, kind], '')} | {ada} | {_duration(job.wall)} |")
+    floor = next(iter(last.values()))
+    lines += [f"| real data (floor) | | {_mnist_cells(floor, '_real')} | | |", ""]
+    verdicts = []
+    for n, goal in ((min(n for n, _ in last), "small"), (MNIST_IMAGES, "full")):
+        if (n, "none") not in last or (n, "ada") not in last:
+            continue
+        base, ada = last[n, "none"], last[n, "ada"]
+        if goal == "small":
+            bound = ADA_GOAL_SMALL * base["eval/fcd"]
+            verdicts += [(f"at {n:,} images ADA's FCD ≤ {ADA_GOAL_SMALL:g} × unaugmented ({bound:.4g})",
+                          ada["eval/fcd"] <= bound),
+                         (f"its recall above unaugmented ({base['eval/recall']:.3f})",
+                          ada["eval/recall"] > base["eval/recall"])]
+        else:
+            p = next(j.aug_p for j in jobs if _variant(j) == (n, "ada"))
+            bound = ADA_GOAL_FULL * base["eval/fcd"]
+            verdicts += [(f"at {n:,} images ADA's FCD ≤ {ADA_GOAL_FULL:g} × unaugmented ({bound:.4g})",
+                          ada["eval/fcd"] <= bound),
+                         (f"its p below {ADA_P_FULL:g} throughout", bool(p) and max(p) < ADA_P_FULL)]
+    if verdicts:
+        lines += ["Goals at the last evaluation: " + "; ".join(
+            f"{goal} **{'met' if ok else 'not met'}**" for goal, ok in verdicts) + ".", ""]
+    return "\n".join(lines)
+
+
 def replace_section(text: str, suite: str, body: str) -> str:
     """`text` with `suite`'s marked section set to `body`; added before the next suite's section if missing."""
     mark = "<!-- quality:{}:{} -->".format
@@ -358,6 +418,8 @@ def replace_section(text: str, suite: str, body: str) -> str:
 def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -> str:
     if args.configs:
         configs, unmeasured = [p.resolve() for p in args.configs], []
+    elif suite == "limited":
+        configs, unmeasured = [REPO / LIMITED_CONFIG], []
     elif suite == "2d":
         configs, unmeasured = [REPO / p for p in CONFIGS_2D], []
     else:
@@ -367,12 +429,24 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
         if not path.is_file():
             raise UserError(f"config file '{_show(path)}' not found; create it or name others with --configs")
     seeds = range(args.seeds) if suite == "2d" else [0]
-    jobs = [Job(c, s, args.runs / c.stem / f"seed{s}") for c in configs for s in seeds]
+    if suite == "limited":
+        jobs = [Job(c, 0, args.runs / name / "seed0", (f"data.limit={n % MNIST_IMAGES}", f"aug.kind={kind}"), name)
+                for c in configs for n, kind in LIMITED for name in [f"{c.stem}-{n}-{kind}"]]
+    else:
+        jobs = [Job(c, s, args.runs / c.stem / f"seed{s}", name=c.stem) for c in configs for s in seeds]
     # An MNIST training gets every core (its wall time is a goal) unless --jobs says otherwise.
-    parallel = min(parallel, len(jobs)) if suite == "2d" or args.jobs else 1
+    parallel = min(parallel, len(jobs)) if suite != "mnist" or args.jobs else 1
     start = time.monotonic()
-    run_all(jobs, args.set, parallel, not args.no_drs)
+    run_all(jobs, args.set, parallel, not args.no_drs and suite != "limited")
     wall = time.monotonic() - start
+    if suite == "limited":
+        drawn = [job for job in jobs if _variant(job)[0] == LIMITED_DRAWN]
+        grids = " ".join(picture(draw(job, suite, images_of(args.out)), args.out, f"{job.name}: samples of the final "
+                                 "G_ema") for job in drawn)
+        body = "\n".join(table_limited(c, [j for j in jobs if j.config == c]) for c in configs) + (
+            f"\nThe final G_ema of each {LIMITED_DRAWN:,}-image run, left to right: aug.kind "
+            f"{', '.join(_variant(j)[1] for j in drawn)}.\n\n{grids}\n" if drawn else "")
+        return header("Small datasets: augmentation", jobs, configs, parallel, wall, args) + "\n" + body
     firsts = {c: next(j for j in jobs if j.config == c) for c in configs}
     shown = {c: picture(draw(job, suite, images_of(args.out)), args.out,
                         f"{c.stem}: samples of the final G_ema") for c, job in firsts.items()}
@@ -390,7 +464,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", required=True, choices=(*SUITES, "all"))
     parser.add_argument("--seeds", type=int, default=5, help="2-D suite: seeds 0..N-1 (MNIST runs seed 0)")
-    parser.add_argument("--jobs", type=int, help="trainings at once (default: 2 on CPU, 1 with CUDA)")
+    parser.add_argument("--jobs", type=int, help="trainings at once (default: 2 on CPU, 1 with CUDA; mnist: 1)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md",
                         help="the markdown file (default: docs/results.md)")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "quality",
@@ -405,7 +479,7 @@ def main() -> int:
         if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
             raise UserError("--seeds and --jobs must be at least 1")
         if args.configs and args.suite == "all":
-            raise UserError("--configs replaces one suite's configs; pick --suite 2d or --suite mnist")
+            raise UserError("--configs replaces one suite's configs; pick --suite 2d, mnist or limited")
         cuda = torch.cuda.is_available()
         parallel = args.jobs or (1 if cuda else min(2, os.cpu_count() or 1))
         for suite in SUITES if args.suite == "all" else (args.suite,):

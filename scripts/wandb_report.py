@@ -31,6 +31,8 @@ ENTITY_PLACEHOLDER = "<your-entity>"
 KIMG = "train/kimg"  # every curve is drawn over images seen, so runs with different batch sizes line up
 LOSSES = ["train/loss_d", "train/loss_g"]
 D_PROBS = ["train/d_real", "train/d_fake"]
+OVERFITTING = ["train/rt", "aug/rt"]  # ADA's heuristic r_t: every run's per log interval, and the one p moved on
+AUG_P = ["aug/p"]  # ADA's augmentation probability
 
 
 def eval_plots(metrics: list[Metric]) -> list[tuple[str, list[str]]]:
@@ -87,7 +89,8 @@ def build_report(project: str, entity: str | None = None, group: str | None = No
         blocks=[
             wr.P(f"Runs: {scope}. All curves are plotted over thousands of real images shown to D (train/kimg)."),
             wr.H2("Training"),
-            grid([_line("D and G losses", LOSSES), _line("D probabilities (real, fake)", D_PROBS)]),
+            grid([_line("D and G losses", LOSSES), _line("D probabilities (real, fake)", D_PROBS),
+                  _line("D's overfitting r_t", OVERFITTING), _line("ADA's augmentation probability p", AUG_P)]),
             wr.H2("Evaluation"),
             wr.P("Each run logs the metrics of its kind of data; `_real` is the same metric of held-out real data "
                  "(the floor a generator approaches)."),

@@ -5,19 +5,22 @@ and one G step on DDP-wrapped MLPs must equal the same step taken by one process
 class-conditional networks (also with the mode-seeking term, and a small image G with class-conditional BatchNorm,
 whose batch statistics are each micro-batch's in both), with D's minibatch standard deviation, and with top-k G
 updates, whose k best samples of each micro-step are chosen over both processes (the reference chooses them among
-the same micro-step's rows of the whole batch). Each rank writes its updated weights to OUT/rank{R}.pt; rank 0 also
-writes the single-process reference.
+the same micro-step's rows of the whole batch). Also ADA's heuristic: each rank's D steps observed, summed over both
+processes, give the r_t and p of one process observing the whole batch. Each rank writes its updated weights (and
+ADA's r_t and p) to OUT/rank{R}.pt; rank 0 also writes the single-process reference.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from gan_dist.config import LossConfig, ModelConfig
+from gan_dist.augment import ADA
+from gan_dist.config import AugConfig, LossConfig, ModelConfig
 from gan_dist.losses import d_step, g_step, topk_weights
 from gan_dist.models import build_models
 
@@ -112,6 +115,31 @@ def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, z_pair, w
     return {"G": G.state_dict(), "D": D.state_dict()}
 
 
+# p = 0: D sees each batch as it is, so both sides score the same logits; the target sits below their r_t, so p rises
+# (by a quarter: 8 images of 32).
+ADA_CFG = AugConfig(kind="ada", p=0.0, target=-0.4, speed_kimg=0.032)
+
+
+def ada_nets():
+    """mbstd's nets, D's last bias moved so that its logits on the test images take both signs (r_t inside -1..1)."""
+    G, D = nets(False, "mbstd_rpgan")
+    with torch.no_grad():
+        list(D.parameters())[-1].sub_(0.2)
+    return G, D
+
+
+def ada_interval(G, D, opt_D, rows: list[slice], images, z_d, backward, accumulate, reduce) -> dict:
+    """One ADA interval of D steps on `rows` of the batch, then p's adjustment from the `reduce`d sums."""
+    ada = ADA(ADA_CFG)
+    for part in rows:
+        with accumulate(D):
+            metrics = d_step(G, D, opt_D, images[part], z_d[part], CASES["mbstd_rpgan"], backward, augment=ada)
+        ada.observe(metrics["rt"])
+    local = ada.sums[0] / ada.sums[1]
+    ada.adjust(reduce(ada.sums), GLOBAL)
+    return {"rt": ada.rt.clone(), "p": ada.p.clone(), "local_rt": local}
+
+
 def main(out: Path) -> None:
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -144,6 +172,15 @@ def main(out: Path) -> None:
                             "D": accelerator.unwrap_model(D).state_dict()}
             if rank == 0:
                 refs[key] = reference(name, cfg, sn, x, labels, z_d, z_g, z_pair, world)
+    G, D = ada_nets()
+    opt_D = torch.optim.SGD(D.parameters(), lr=LR)
+    G, D, opt_D = accelerator.prepare(G, D, opt_D)
+    results["ada"] = ada_interval(G, D, opt_D, list(chunks([rank], world).values()), images, z_d,
+                                  accelerator.backward, accelerator.accumulate, lambda t: accelerator.reduce(t, "sum"))
+    if rank == 0:
+        G, D = ada_nets()
+        refs["ada"] = ada_interval(G, D, Summing(), list(chunks(list(range(world)), world).values()), images, z_d,
+                                   lambda loss: loss.backward(), lambda _: nullcontext(), lambda t: t)
     torch.save(results, out / f"rank{rank}.pt")
     if rank == 0:
         torch.save(refs, out / "reference.pt")

@@ -341,6 +341,13 @@ def test_train_py_config_error_does_not_import_torch():
     (["model.arch=mlp", "data.dataset=ring8", "model.d_width=64"], "the mlp D has model.hidden units"),
     (["model.mbstd_group=1"], "model.mbstd_group=1: the minibatch standard deviation needs groups of at least 2"),
     (["model.arch=mlp", "data.dataset=ring8", "model.mbstd_group=4"], "and an image D"),
+    (["aug.kind=diffaug", "aug.policy=color,flip"], "aug.policy='color,flip' names 'flip'; choose from color, "
+                                                     "translation, cutout, comma-joined"),
+    (["aug.kind=diffaug", "aug.policy=color,,cutout"], "names ''; choose from"),
+    (["aug.kind=ada", "data.dataset=ring8", "model.arch=mlp"], "aug.kind=ada augments images"),
+    (["aug.kind=random"], "choose one of none, diffaug, ada"),
+    (["data.limit=100", "data.dataset=ring8", "model.arch=mlp"], "data.limit=100 trains on a fixed subset"),
+    (["data.limit=100", "data.mode=resampled"], "and data.mode 'resampled'; use data.limit=0"),
 ])
 def test_bad_data_settings_are_refused_naming_the_key(overrides, message):
     with pytest.raises(UserError, match=message) as err:

@@ -661,3 +661,34 @@ def test_labels_outside_data_classes_are_bad_samples_in_the_cache_and_the_loader
     labels = next(iter(stream(src, classes=2, mode="resampled")))[1]
     assert set(np.asarray(labels).tolist()) == {1}
     assert cached(src, batch=2).n == 6  # without data.classes every label is taken as it is
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A fixed subset (data.limit)
+
+
+def test_data_limit_trains_on_one_fixed_subset_on_any_world_size(source):
+    keep = data.limited(TOTAL, 10)
+    assert len(set(keep.tolist())) == 10 and keep.tolist() == data.limited(TOTAL, 10).tolist()
+    assert set(keep.tolist()) < set(data.limited(TOTAL, 20).tolist())  # a larger subset holds the smaller one
+    assert keep.tolist() != list(range(10))  # drawn from the whole dataset, not its first shard
+    for world in (1, 2):  # one epoch of 10 samples, read by 1 or 2 ranks
+        ranks = [cached(source, rank=r, world=world, batch=10 // world, limit=10) for r in range(world)]
+        epoch = sum((ids(next(b)[0]) for b in ranks), [])  # sample i's pixels are i
+        assert sorted(epoch) == keep.tolist(), f"world {world}"
+    assert data.limited(TOTAL, 0) is None
+
+
+def test_data_limit_takes_the_same_mnist_images_from_idx_files_and_shards(shards):
+    from conftest import MNIST
+    first = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    src = Source([str(shards / first["name"])], [first["num_samples"]])
+    from_shard = data.decode_dataset(src, cfg(resolution=28, limit=50))
+    from_idx = data.decode_dataset(src, cfg(dataset="mnist", resolution=28, mnist_dir=str(MNIST), limit=50))
+    assert from_shard[0].shape == (50, 1, 28, 28)
+    assert np.array_equal(from_shard[0], from_idx[0]) and np.array_equal(from_shard[1], from_idx[1])
+
+
+def test_data_limit_above_the_dataset_is_one_error_naming_both_counts(source):
+    with pytest.raises(UserError, match=f"data.limit=100 is more than the {TOTAL} samples the dataset holds"):
+        data.decode_dataset(source, cfg(limit=100))

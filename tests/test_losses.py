@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from gan_dist.config import LossConfig, ModelConfig
-from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, mode_seeking, r1_penalty, topk_count, \
-    topk_weights
+from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, mode_seeking, overfitting, r1_penalty, \
+    topk_count, topk_weights
 from gan_dist.models import MLPDiscriminator, MLPGenerator
 
 
@@ -165,7 +165,7 @@ def test_d_step_updates_only_d():
     assert all(p.grad is None for p in D.parameters()), "D's gradients are cleared after its step"
     changed = [k for k, v in D.state_dict().items() if not torch.equal(v, d0[k])]
     assert changed == list(d0), "every D parameter moves"
-    assert set(out) == {"loss_d", "d_real", "d_fake"} and not out["loss_d"].requires_grad
+    assert set(out) == {"loss_d", "d_real", "d_fake", "rt"} and not out["loss_d"].requires_grad
 
 
 def test_d_step_lowers_d_loss_and_reports_its_metrics():
@@ -524,3 +524,11 @@ def test_g_step_with_mode_seeking_pushes_images_of_different_noise_apart():
         assert mode_seeking(G(z), G(z_pair), z, z_pair) < before
     G2, D2 = nets()
     assert set(g_step(G2, D2, torch.optim.SGD(G2.parameters(), lr=1e-2), z, "ns", backward)) == {"loss_g"}
+
+
+def test_ada_heuristic_is_the_sign_of_real_logits_or_of_each_pairs_margin():
+    real, fake = torch.tensor([2.0, 1.0, 0.5, -1.0]), torch.tensor([1.0, 3.0, 0.0, -2.0])
+    assert overfitting(real, fake, "ns").item() == 0.5  # three of four real logits above 0
+    # rpgan's D is blind to a constant added to every logit: its r_t is of the pairs, and the constant changes nothing
+    assert overfitting(real, fake, "rpgan").item() == 0.5 == overfitting(real - 10, fake - 10, "rpgan").item()
+    assert overfitting(real - 10, fake - 10, "ns").item() == -1.0

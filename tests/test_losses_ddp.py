@@ -2,7 +2,8 @@
 DDP and gradient accumulation, for unconditional and class-conditional networks (class-conditional BatchNorm in G
 too), with D's minibatch standard deviation and with top-k G updates chosen over both processes:
 two processes, each accumulating two micro-batches, take the same D and G step as one process on the whole batch
-(tests/ddp_losses.py, run under the real `accelerate launch` on CPU gloo).
+(tests/ddp_losses.py, run under the real `accelerate launch` on CPU gloo). ADA's overfitting heuristic, summed over
+both processes, gives every rank the r_t and p of one process.
 
 Also one 2-process train.py run with every D option at once (WGAN-GP, n_critic, lazy R1, spectral norm, cosine
 schedule, accumulation): optimizer step counts, learning rates and logged penalties.
@@ -56,6 +57,17 @@ def test_two_processes_with_accumulation_take_the_single_process_step(outputs, c
     from ddp_losses import nets  # noqa: PLC0415
     init = nets("_sn" in case, case)[1].state_dict()
     assert any(not torch.allclose(ranks[0]["D"][k], init[k]) for k in init if "weight" in k or "original" in k)
+
+
+def test_ada_heuristic_is_averaged_over_both_processes(outputs):
+    # Each rank's own D steps alone would give another r_t; summed over both, every rank holds the r_t and the p of
+    # one process that saw the whole batch.
+    ranks = [torch.load(outputs / f"rank{r}.pt")["ada"] for r in range(2)]
+    ref = torch.load(outputs / "reference.pt")["ada"]
+    assert any(not torch.allclose(r["local_rt"], ref["rt"]) for r in ranks)
+    for r in ranks:
+        assert torch.allclose(r["rt"], ref["rt"], atol=1e-6) and torch.equal(r["p"], ref["p"])
+    assert ref["p"] > 0  # p moved
 
 
 def test_two_process_run_with_every_d_option_counts_its_steps(tmp_path):

@@ -205,8 +205,8 @@ def test_compiled_training_matches_eager(tmp_path):
 
 # Host syncs between log steps, counted by scripts/count_syncs.py: every log, sample, evaluation and checkpoint
 # falls on the last step, and a stop vote runs every 2 steps. One process reads the shards through a loader worker,
-# two draw from the device-resident dataset; per-step losses on the progress bar (perf.step_sync) show the count
-# is real: 2 reads per step.
+# two draw from the device-resident dataset (also with ADA adjusting p every 2 steps); per-step losses on the
+# progress bar (perf.step_sync) show the count is real: 2 reads per step.
 SYNC_RUN = ("train.steps=30", "log.every=30", "log.sample_every=30", "eval.every=0", "ckpt.every=30",
             "dist.stop_check_every=2", "wandb.mode=disabled")
 
@@ -214,6 +214,7 @@ SYNC_RUN = ("train.steps=30", "log.every=30", "log.sample_every=30", "eval.every
 @pytest.mark.parametrize("nproc, overrides, per_step", [
     (1, ("data.device_cache=false", "data.num_workers=1"), 0),
     (2, ("data.device_cache=true",), 0),
+    (2, ("data.device_cache=true", "aug.kind=ada", "aug.p=0.3", "aug.interval=2"), 0),
     (1, ("data.device_cache=true", "perf.step_sync=true"), 2),
 ])
 def test_no_host_sync_between_log_steps(tmp_path, shards, nproc, overrides, per_step):

@@ -176,3 +176,34 @@ def test_the_results_file_and_its_pictures_do_not_make_the_checkout_dirty(tmp_pa
     assert not quality.commit(out).endswith("(dirty)")
     (tmp_path / "docs" / "notes.md").write_text("an edit")
     assert quality.commit(out).endswith("(dirty)")
+
+
+def _limited_job(tmp_path: Path, n: int, kind: str, fcd: float, recall: float, p: list[float]) -> "quality.Job":
+    return quality.Job(config=REPO / quality.LIMITED_CONFIG, seed=0, dir=tmp_path, wall=600,
+                       overrides=(f"data.limit={n % quality.MNIST_IMAGES}", f"aug.kind={kind}"),
+                       rows=[_mnist_row(9000, fcd=fcd, recall=recall)], aug_p=p)
+
+
+@pytest.mark.parametrize("ada_small, ada_full, p_full, met", [
+    ((4.0, 0.6), (3.1, [0.0, 0.02]), "met", True),  # half the FCD with more recall; no worse on all 60,000
+    ((5.5, 0.6), (3.1, [0.0, 0.02]), "met", False),  # more than half the unaugmented FCD at 1,000 images
+    ((4.0, 0.6), (3.5, [0.0, 0.02]), "met", False),  # 60,000: more than 10% worse
+    ((4.0, 0.6), (3.1, [0.0, 0.3, 0.05]), "not met", False),  # 60,000: p rose above 0.1 on the way
+])
+def test_limited_table_shows_every_variant_and_judges_ada_against_no_augmentation(tmp_path, ada_small, ada_full,
+                                                                                   p_full, met):
+    jobs = [_limited_job(tmp_path, 1000, "none", 10.0, 0.5, []),
+            _limited_job(tmp_path, 1000, "diffaug", 6.0, 0.55, []),
+            _limited_job(tmp_path, 1000, "ada", *ada_small, [0.1, 0.4]),
+            _limited_job(tmp_path, quality.MNIST_IMAGES, "none", 3.0, 0.8, []),
+            _limited_job(tmp_path, quality.MNIST_IMAGES, "ada", ada_full[0], 0.8, ada_full[1])]
+    text = quality.table_limited(REPO / quality.LIMITED_CONFIG, jobs)
+    rows = {tuple(cells[:2]): cells for line in text.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows["1,000", "none"][2] == "10" and rows["60,000", "ada"][2] == f"{ada_full[0]:g}"
+    assert rows["1,000", "ada"][9] == "0.400 (0.400)" and rows["1,000", "none"][9] == "–"
+    goals = text.split("Goals at the last evaluation:")[1]
+    assert f"at 1,000 images ADA's FCD ≤ 0.5 × unaugmented (5) **{'met' if ada_small[0] <= 5 else 'not met'}**" in goals
+    assert "its recall above unaugmented (0.500) **met**" in goals
+    assert f"its p below 0.1 throughout **{p_full}**" in goals
+    assert ("not met" not in goals) == met

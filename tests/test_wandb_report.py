@@ -19,7 +19,8 @@ from gan_dist.metric_names import KINDS, METRICS  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "wandb_report.py"
 LINES = {  # y keys of each LinePlot outside the evaluation sections, all over train/kimg
-    ("train/loss_d", "train/loss_g"), ("train/d_real", "train/d_fake"), ("perf/img_per_sec",), ("perf/data_wait_frac",),
+    ("train/loss_d", "train/loss_g"), ("train/d_real", "train/d_fake"), ("train/rt", "aug/rt"), ("aug/p",),
+    ("perf/img_per_sec",), ("perf/data_wait_frac",),
 }
 MEDIA = {"samples/ema", "samples/G"}
 EVAL = {f"eval/{key}" for m in METRICS for key in (m.key, m.floor) if key}
