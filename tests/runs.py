@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -68,6 +69,18 @@ def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background:
         return proc
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
+
+
+def newest(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint, -1 without one."""
+    return max((int(p.name[5:]) for p in run_dir.glob("checkpoints/step_*")), default=-1)
+
+
+def wait(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
+    """Until `ready()` (polled every 2 ms), the process ends, or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.002)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -1,7 +1,7 @@
 """Augmentations of what D sees (`aug.*`): DiffAugment's transforms and ADA's pipeline keep each image's shape and
 range and pass gradients (double backward too, as R1 through them needs); ADA at p = 0 is the identity; one seed
 gives one augmentation; p follows the overfitting heuristic at the paper's speed; and an ADA run on a `data.limit`
-subset, cut at a checkpoint and resumed on 2 processes, ends bit-identical to the uninterrupted run with p moved.
+subset, killed (-9) on 2 processes mid-way and rerun, ends bit-identical to the uninterrupted run with p moved.
 The heuristic's average over processes is checked against one process in test_losses_ddp.py.
 
     . .venv/bin/activate && python -m pytest tests/test_augment.py -q
@@ -9,14 +9,12 @@ The heuristic's average over processes is checked against one process in test_lo
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from gan_dist.augment import ADA, DIFFAUG_FNS, DiffAugment, brightness, contrast, cutout, saturation, translation
 from gan_dist.config import AugConfig
-from runs import assert_same_weights, jsonl, launch, weights, without_timing
+from runs import assert_same_weights, jsonl, kill_tree, launch, newest, wait, weights, without_timing
 
 
 def batch(channels: int = 1, n: int = 32, side: int = 16) -> torch.Tensor:
@@ -143,7 +141,7 @@ def test_ada_moves_p_towards_the_target_at_the_papers_speed():
 
 
 ADA_RUN = ("aug.kind=ada", "aug.p=0.2", "aug.interval=3", "aug.speed_kimg=2", "aug.target=0.1", "data.limit=256",
-           "train.steps=24", "ckpt.every=10", "eval.every=0", "log.every=4", "log.sample_every=24",
+           "train.steps=40", "ckpt.every=10", "eval.every=0", "log.every=4", "log.sample_every=40",
            "wandb.mode=disabled")
 
 
@@ -157,18 +155,20 @@ def ada_run(tmp_path_factory, shards):
 
 def test_an_ada_run_logs_p_and_rt_and_moves_p(ada_run):
     rows = [r for r in jsonl(ada_run) if "aug/p" in r]
-    assert [r["train/step"] for r in rows] == [4, 8, 12, 16, 20, 24]
+    assert [r["train/step"] for r in rows] == list(range(4, 41, 4))
     assert all(0 <= r["aug/p"] <= 1 and -1 <= r["aug/rt"] <= 1 for r in rows)
-    assert len({r["aug/p"] for r in rows}) > 1 and rows[-1]["data/epoch"] == pytest.approx(24 * 32 / 256)
+    assert len({r["aug/p"] for r in rows}) > 1 and rows[-1]["data/epoch"] == pytest.approx(40 * 32 / 256)
 
 
-def test_an_ada_run_cut_between_adjustments_resumes_bit_exactly(ada_run, shards, tmp_path):
-    # The run's folder as a kill after step 20 leaves it: p and each rank's sums of the interval begun at step 18
-    # come back from the checkpoint, so p, the augmentations and the weights continue as if never cut.
+def test_an_ada_run_killed_mid_way_resumes_bit_exactly(ada_run, shards, tmp_path):
+    # kill -9 of both processes as soon as the step-20 checkpoint is complete: p and each rank's sums of the interval
+    # begun at step 18 come back from it, so p, the augmentations and the weights go on as if never cut.
     run = tmp_path / "run"
-    shutil.copytree(ada_run, run, symlinks=True)
-    (run / "final").unlink()
-    shutil.rmtree(run / "checkpoints" / "step_00000024")
+    proc = launch(run, shards, 2, *ADA_RUN, background=True)
+    wait(proc, lambda: newest(run) >= 20)
+    kill_tree(proc)
+    proc.communicate(timeout=60)
+    assert proc.returncode and 20 <= newest(run) < 40 and not (run / "final").exists()
     assert "resumed from" in launch(run, shards, 2, *ADA_RUN)
     assert_same_weights(weights(run), weights(ada_run))
     assert without_timing(jsonl(run)) == without_timing(jsonl(ada_run))

@@ -38,8 +38,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from runs import REPO, RunsCommand, assert_same_weights, digest, jsonl, kill_tree, launch, reseal, weights, \
-    without_timing
+from runs import REPO, RunsCommand, assert_same_weights, digest, jsonl, kill_tree, launch, newest, reseal, wait, \
+    weights, without_timing
 
 RUN = ("train.steps=300", "ckpt.every=50", "ckpt.keep=10", "eval.every=100", "wandb.mode=disabled")
 
@@ -230,17 +230,6 @@ def fresh(run_dir: Path, pattern: str, since: float) -> list[Path]:
         except FileNotFoundError:
             pass  # renamed or pruned as we looked
     return out
-
-
-def newest(run_dir: Path) -> int:
-    """The step of the newest complete checkpoint, -1 without one."""
-    return max((int(p.name[5:]) for p in run_dir.glob("checkpoints/step_*")), default=-1)
-
-
-def wait(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while proc.poll() is None and not ready() and time.time() < deadline:
-        time.sleep(0.002)
 
 
 @pytest.mark.slow
