@@ -232,7 +232,7 @@ def commit(out: Path) -> str:
 
 
 def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall: float,
-           args: argparse.Namespace) -> str:
+           args: argparse.Namespace, drs: bool) -> str:
     cuda = torch.cuda.is_available()
     seeds = sorted({job.seed for job in jobs})
     variant = " data.limit=N aug.kind=KIND" if any(job.overrides for job in jobs) else ""
@@ -244,7 +244,7 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
              f"- hardware: {hardware(cuda)}",
              f"- code: commit {commit(args.out)}",
              f"- each training: `{template}`, {parallel} at a time, OMP_NUM_THREADS={_threads(parallel)}",
-             *([] if args.no_drs else ["- then, rejection sampling: `python scripts/evaluate.py --run RUN --sampler "
+             *([] if not drs else ["- then, rejection sampling: `python scripts/evaluate.py --run RUN --sampler "
                                        "drs` (final G_ema; D calibrated 500 steps; gamma at the 80th percentile)"]),
              f"- seeds: {', '.join(map(str, seeds))}; wall time of the suite: {_duration(wall)}", ""]
     for path in configs:
@@ -437,7 +437,8 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     # An MNIST training gets every core (its wall time is a goal) unless --jobs says otherwise.
     parallel = min(parallel, len(jobs)) if suite != "mnist" or args.jobs else 1
     start = time.monotonic()
-    run_all(jobs, args.set, parallel, not args.no_drs and suite != "limited")
+    drs = not args.no_drs and suite != "limited"
+    run_all(jobs, args.set, parallel, drs)
     wall = time.monotonic() - start
     if suite == "limited":
         drawn = [job for job in jobs if _variant(job)[0] == LIMITED_DRAWN]
@@ -446,7 +447,7 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
         body = "\n".join(table_limited(c, [j for j in jobs if j.config == c]) for c in configs) + (
             f"\nThe final G_ema of each {LIMITED_DRAWN:,}-image run, left to right: aug.kind "
             f"{', '.join(_variant(j)[1] for j in drawn)}.\n\n{grids}\n" if drawn else "")
-        return header("Small datasets: augmentation", jobs, configs, parallel, wall, args) + "\n" + body
+        return header("Small datasets: augmentation", jobs, configs, parallel, wall, args, drs) + "\n" + body
     firsts = {c: next(j for j in jobs if j.config == c) for c in configs}
     shown = {c: picture(draw(job, suite, images_of(args.out)), args.out,
                         f"{c.stem}: samples of the final G_ema") for c, job in firsts.items()}
@@ -457,7 +458,7 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
                 f"every {POLL_S:g} s); `epochs`: images seen / {MNIST_IMAGES:,}.\n")
         title, body = "MNIST", "\n".join([note] + [table_mnist(job) + f"\n{shown[job.config]}\n" for job in jobs] + [
             f"### `{_show(path)}`: not measured (no GPU in this session)\n" for path in unmeasured])
-    return header(title, jobs, configs + unmeasured, parallel, wall, args) + "\n" + body
+    return header(title, jobs, configs + unmeasured, parallel, wall, args, drs) + "\n" + body
 
 
 def main() -> int:

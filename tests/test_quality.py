@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_quality.py -q   (about 30 s on 2 cores)
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -207,3 +208,12 @@ def test_limited_table_shows_every_variant_and_judges_ada_against_no_augmentatio
     assert "its recall above unaugmented (0.500) **met**" in goals
     assert f"its p below 0.1 throughout **{p_full}**" in goals
     assert ("not met" not in goals) == met
+
+
+def test_the_header_names_rejection_sampling_only_where_the_suite_ran_it(tmp_path):
+    args = argparse.Namespace(runs=tmp_path / "runs", set=[], out=tmp_path / "results.md", no_drs=False)
+    job = quality.Job(config=REPO / quality.LIMITED_CONFIG, seed=0, dir=tmp_path,
+                      overrides=("data.limit=1000", "aug.kind=ada"))
+    limited = quality.header("Small datasets", [job], [job.config], 2, 60.0, args, drs=False)
+    assert "rejection sampling" not in limited and "wandb.mode=disabled data.limit=N aug.kind=KIND`" in limited
+    assert "rejection sampling" in quality.header("MNIST", [job], [job.config], 2, 60.0, args, drs=True)
