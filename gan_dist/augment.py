@@ -29,6 +29,12 @@ from torch import nn
 from gan_dist.config import AugConfig
 
 
+def _in_format_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out` laid out as `x` is: a channels_last batch (perf.channels_last) stays one for D's convolutions."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _uniform(n: int, like: torch.Tensor, *shape: int) -> torch.Tensor:
     return torch.rand(n, *shape, device=like.device, dtype=like.dtype)
 
@@ -82,9 +88,10 @@ class DiffAugment:
         self.fns = [fn for name in policy.split(",") for fn in DIFFAUG_FNS[name.strip()]]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
         for fn in self.fns:
-            x = fn(x)
-        return x.contiguous()
+            out = fn(out)
+        return _in_format_of(out, x)
 
 
 # StyleGAN2-ADA's strengths of its bgc pipeline (augment.py): the spread of each transform's parameter.
@@ -222,7 +229,7 @@ class ADA(nn.Module):
         return C, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.recolour(self.warp(x))
+        return _in_format_of(self.recolour(self.warp(x)), x)
 
     def warp(self, x: torch.Tensor) -> torch.Tensor:
         """The blitting and geometric groups: each output pixel is interpolated between input pixels."""

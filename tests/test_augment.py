@@ -115,6 +115,15 @@ def test_ada_at_p_zero_is_the_identity_and_at_p_one_changes_every_image(channels
 
 @pytest.mark.parametrize("make", [lambda: DiffAugment("color,translation,cutout"),
                                   lambda: ADA(AugConfig(kind="ada", p=0.5))])
+def test_a_channels_last_batch_stays_channels_last(make):
+    x = batch(3).contiguous(memory_format=torch.channels_last)
+    out = make()(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert make()(batch(3)).is_contiguous()
+
+
+@pytest.mark.parametrize("make", [lambda: DiffAugment("color,translation,cutout"),
+                                  lambda: ADA(AugConfig(kind="ada", p=0.5))])
 def test_the_same_seed_gives_the_same_augmentation(make):
     x = batch(3)
     runs = []
