@@ -116,8 +116,9 @@ def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, z_pair, w
 
 
 # p = 0: D sees each batch as it is, so both sides score the same logits; the target sits below their r_t, so p rises
-# (by a quarter: 8 images of 32).
+# (by a quarter: 8 images of 32). The ns loss: its r_t is the sign of D(real) alone, which D's moved bias splits.
 ADA_CFG = AugConfig(kind="ada", p=0.0, target=-0.4, speed_kimg=0.032)
+ADA_LOSS = LossConfig(kind="ns", label_noise=0.0)
 
 
 def ada_nets():
@@ -133,7 +134,7 @@ def ada_interval(G, D, opt_D, rows: list[slice], images, z_d, backward, accumula
     ada = ADA(ADA_CFG)
     for part in rows:
         with accumulate(D):
-            metrics = d_step(G, D, opt_D, images[part], z_d[part], CASES["mbstd_rpgan"], backward, augment=ada)
+            metrics = d_step(G, D, opt_D, images[part], z_d[part], ADA_LOSS, backward, augment=ada)
         ada.observe(metrics["rt"])
     local = ada.sums[0] / ada.sums[1]
     ada.adjust(reduce(ada.sums), GLOBAL)
