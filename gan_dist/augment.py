@@ -10,8 +10,9 @@
   executed by one bilinear `grid_sample` with reflection at the border (the paper oversamples 2x through wavelet
   filters, and computes its padding on the host; neither is done here). p follows the overfitting heuristic
   r_t = E[sign(D(real))] (`losses.overfitting`): every `aug.interval` steps it moves towards `aug.target` at a speed
-  that lets it cross 0..1 in `aug.speed_kimg` thousand images. The heuristic's sums arrive already reduced over every process (the loop
-  reduces them), so every rank holds the same p. p and the sums are buffers: the loop checkpoints them per rank.
+  that lets it cross 0..1 in `aug.speed_kimg` thousand images. The heuristic's sums arrive already reduced over every
+  process (the loop reduces them), so every rank holds the same p. p and the sums are buffers: the loop checkpoints
+  them per rank.
 
 Random draws come from the global RNG of the images' device, which each process seeds apart and every checkpoint
 restores: a run and its resume draw the same augmentations. Nothing here waits for the device: p stays a tensor.

@@ -33,10 +33,6 @@ def flows_twice(fn, x: torch.Tensor) -> None:
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
 
 
-def per_sample(values: torch.Tensor) -> torch.Tensor:
-    return values.flatten(1)
-
-
 @pytest.mark.parametrize("fn", [brightness, saturation, contrast, translation, cutout])
 def test_diffaugment_transforms_keep_shape_and_pass_gradients(fn):
     x = batch(3)
@@ -48,10 +44,10 @@ def test_diffaugment_transforms_keep_shape_and_pass_gradients(fn):
 def test_diffaugment_colour_transforms_are_the_papers_per_image_maps():
     x = batch(3)
     torch.manual_seed(1)
-    shift = per_sample(brightness(x) - x)  # one offset per image, in [-0.5, 0.5]
+    shift = (brightness(x) - x).flatten(1)  # one offset per image, in [-0.5, 0.5]
     assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-6) and shift.abs().max() <= 0.5
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    factor = per_sample((contrast(x) - mean) / (x - mean))  # contrast scales about the image mean by 0.5..1.5
+    factor = ((contrast(x) - mean) / (x - mean)).flatten(1)  # contrast scales about the image mean by 0.5..1.5
     assert torch.allclose(factor, factor[:, :1].expand_as(factor), atol=1e-3)
     assert factor.min() >= 0.5 - 1e-4 and factor.max() <= 1.5 + 1e-4
     grey = batch(1)

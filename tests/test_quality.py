@@ -204,7 +204,8 @@ def test_limited_table_shows_every_variant_and_judges_ada_against_no_augmentatio
     assert rows["1,000", "none"][2] == "10" and rows["60,000", "ada"][2] == f"{ada_full[0]:g}"
     assert rows["1,000", "ada"][9] == "0.400 (0.400)" and rows["1,000", "none"][9] == "–"
     goals = text.split("Goals at the last evaluation:")[1]
-    assert f"at 1,000 images ADA's FCD ≤ 0.5 × unaugmented (5) **{'met' if ada_small[0] <= 5 else 'not met'}**" in goals
+    verdict = "met" if ada_small[0] <= 5 else "not met"
+    assert f"at 1,000 images ADA's FCD ≤ 0.5 × unaugmented (5) **{verdict}**" in goals
     assert "its recall above unaugmented (0.500) **met**" in goals
     assert f"its p below 0.1 throughout **{p_full}**" in goals
     assert ("not met" not in goals) == met
