@@ -2,10 +2,11 @@
 
 - SIGUSR1 / SIGUSR2: SLURM's early warning (`#SBATCH --signal=USR2@90`): save a checkpoint, requeue the job
   (`scontrol requeue`, when running under SLURM) and exit.
-- SIGTERM / SIGINT: save a checkpoint and exit (no requeue: a SLURM preemption that sends SIGTERM requeues the job
-  itself, and a person pressing Ctrl-C wants it to stop). A second SIGINT interrupts at once.
+- SIGTERM / SIGINT / SIGHUP / SIGQUIT: save a checkpoint and exit (no requeue: a SLURM preemption that sends SIGTERM
+  requeues the job itself, and a person pressing Ctrl-C wants it to stop). `torchrun` and `accelerate launch` forward
+  all four to every rank; SIGHUP also comes from a closed terminal or ssh session. A second SIGINT interrupts at once.
 
-Loader worker processes ignore all four (see `ignore_in_worker`): `torchrun` forwards a signal to each rank's whole
+Loader worker processes ignore them all (see `ignore_in_worker`): `torchrun` forwards a signal to each rank's whole
 process group, and a worker killed by it would crash the rank before it reaches the checkpoint. No torch here.
 """
 
@@ -16,11 +17,11 @@ import signal
 import subprocess
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 class StopFlag:
-    """A context (main thread only) in which the four signals set `requested`: 0 (run on), 1 (save and exit) or
+    """A context (main thread only) in which the stop and requeue signals set `requested`: 0 (run on), 1 (save and exit) or
     2 (also requeue). On leaving it, also by an exception, they act as before again, so that a crashed rank still
     dies when its launcher sends SIGTERM."""
 

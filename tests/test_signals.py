@@ -27,8 +27,17 @@ def test_usr_signals_ask_for_requeue_and_term_for_a_stop():
         assert (flag.requested, flag.name) == (2, "SIGUSR1")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])
+def test_hangup_and_quit_stop_like_sigterm(sig):
+    """The launchers forward SIGHUP and SIGQUIT to every rank (a closed ssh session sends SIGHUP): a stop, no requeue."""
+    with StopFlag() as flag:
+        os.kill(os.getpid(), sig)
+        assert (flag.requested, flag.name) == (1, sig.name)
+
+
 def test_handlers_are_restored_on_leaving_even_after_an_exception():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT,
+                                                signal.SIGHUP, signal.SIGQUIT)}
     with pytest.raises(RuntimeError):
         with StopFlag():
             assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
@@ -46,7 +55,8 @@ def test_second_ctrl_c_interrupts_at_once():
 
 def test_loader_workers_ignore_the_stop_signals():
     code = ("import os, signal, time; from gan_dist.signals import ignore_in_worker; ignore_in_worker(0); "
-            "[os.kill(os.getpid(), s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)]; "
+            "[os.kill(os.getpid(), s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, "
+            "signal.SIGHUP, signal.SIGQUIT)]; "
             "time.sleep(0.1); print('alive')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "alive"

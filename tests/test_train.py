@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from runs import WEIGHTS, jsonl, launch, weights, without_timing
+from gan_dist.checkpoint import verify
+
+from runs import WEIGHTS, jsonl, launch, newest, wait, weights, without_timing
 from wandb_records import config, history, run_id
 
 def wandb_files(run_dir: Path) -> list[Path]:
@@ -127,6 +129,23 @@ def test_sigterm_then_rerun_is_bit_identical(tmp_path, shards):
     # (The stopped run's file may hold no run record yet: its id is read from the name W&B gave it.)
     stopped_file, resumed_file = wandb_files(run_dir)
     assert run_id(resumed_file) == stopped_file.stem.removeprefix("run-")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, nproc", [(signal.SIGHUP, 2), (signal.SIGQUIT, 1)])
+def test_hangup_and_quit_checkpoint_like_sigterm(tmp_path, shards, sig, nproc):
+    """SIGHUP or SIGQUIT to the launcher, which forwards it to every rank (to the one process without a launcher):
+    every rank checkpoints at the step it stopped, instead of dying with nothing saved since the last checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, shards, nproc, "train.steps=100000", "ckpt.every=7", "eval.every=0", background=True)
+    wait(proc, lambda: newest(run_dir) >= 7, timeout=240)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    (line,) = [x for x in output.splitlines() if x.startswith("stopped at step")]
+    step = int(line.split()[3])
+    assert line.endswith(f"by {sig.name}; checkpoint saved"), output
+    assert newest(run_dir) == step, "the stop's own checkpoint, not only a periodic one"
+    assert verify(run_dir / "checkpoints" / f"step_{step:08d}")["world_size"] == nproc
 
 
 @pytest.fixture(scope="module")
