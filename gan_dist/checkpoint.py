@@ -37,7 +37,7 @@ from accelerate.utils import load as safe_torch_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gan_dist.config import ModelConfig, load_config
+from gan_dist.config import ModelConfig, run_config
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.export import export_metadata
@@ -479,7 +479,7 @@ def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the run.dir of a training run")
-    cfg = load_config(["--config", str(config)])
+    cfg = run_config(config)
     G = build_models(cfg.model)[0]
     _load(G, generator_weights(run_dir, checkpoint, ema), run_dir, checkpoint)
     return G.eval(), cfg

@@ -10,10 +10,11 @@ import argparse
 import difflib
 import math
 import os
+import re
 import typing
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from omegaconf import II, OmegaConf
@@ -216,16 +217,24 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log: LogConfig = field(default_factory=LogConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    # Not a config key: the keys whose values read the environment (`${oc.env:NAME}`: tokens, private URLs), with
+    # their text before resolution. Files and W&B get that text alone (`to_yaml`, `to_dict`); the run uses the value.
+    unresolved: ClassVar[dict[str, str | list]] = {}
 
 
-def choices(key: str) -> tuple | None:
-    """The allowed values of config key `key` ('loss.kind'): its `Literal` type is the one list; None for a free key."""
+def key_type(key: str):
+    """The declared type of config key `key` ('loss.kind'), or None for no such key."""
     node: type = Config
     for part in key.split("."):
         if not is_dataclass(node):
             return None
-        hints = typing.get_type_hints(node)
-        node = hints.get(part)
+        node = typing.get_type_hints(node).get(part)
+    return node
+
+
+def choices(key: str) -> tuple | None:
+    """The allowed values of config key `key` ('loss.kind'): its `Literal` type is the one list; None for a free key."""
+    node = key_type(key)
     return typing.get_args(node) if typing.get_origin(node) is Literal else None
 
 
@@ -322,6 +331,10 @@ def _explain(err: OmegaConfBaseException, schema) -> UserError:
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
         return UserError(f"config key '{key}': {msg}", code=2)
+    unset = re.search(r"Environment variable '([^']*)' not found", str(err))
+    if unset:
+        return UserError(f"config key '{key}' reads the environment variable {unset[1]}, which is not set; set it, or "
+                         f"give a default: ${{oc.env:{unset[1]},default}}", code=2)
     return UserError(f"config: {str(err).splitlines()[0]}", code=2)
 
 
@@ -413,8 +426,9 @@ def _check_images(cfg) -> None:
 def _shards_as_string(node) -> None:
     """Let `data.shards` be written as a list too; it is stored '::'-joined (webdataset's own list syntax)."""
     data = node.get("data") if OmegaConf.is_dict(node) else None
-    if OmegaConf.is_dict(data) and OmegaConf.is_list(data.get("shards")):
-        data.shards = "::".join(str(u) for u in data.shards)
+    shards = OmegaConf.to_container(data, resolve=False).get("shards") if OmegaConf.is_dict(data) else None
+    if isinstance(shards, list):  # joined as written: an item that reads the environment is resolved later
+        data.shards = "::".join(str(u) for u in shards)
 
 
 def _no_as_word(node) -> None:
@@ -434,8 +448,44 @@ def _merge(cfg, part, what: str):
                         "value belongs, or the other way round)", code=2) from None
 
 
-def load_config(argv: list[str]) -> Config:
-    """Parse `[--config PATH] [key=value ...]` into a validated Config."""
+ENV_READ = "${oc.env:"
+REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def _from_env(cfg) -> dict[str, str | list]:
+    """The keys whose values read the environment (`${oc.env:...}` alone, inside a longer text, or through another
+    such key), with their text before resolution."""
+    texts = {k: v for k, v in _flat(OmegaConf.to_container(cfg, resolve=False)).items()
+             if isinstance(v, str | list) and "${" in str(v)}
+    found: dict[str, str | list] = {}
+    while True:
+        more = {k: v for k, v in texts.items() if k not in found and (
+            ENV_READ in str(v) or any(ref in found for ref in REFERENCE.findall(str(v))))}
+        if not more:
+            return found
+        found |= more
+
+
+def _keep_env_text(cfg, keys: dict[str, str | list]) -> None:
+    """Leave text keys that read the environment unresolved (a variable the training job had may be unset here)."""
+    def escaped(text):
+        return [escaped(t) for t in text] if isinstance(text, list) else str(text).replace("${", "\\${")
+
+    for key, text in keys.items():
+        if key_type(key) in (str, str | None, list[str]):  # a number is resolved, as in training
+            OmegaConf.update(cfg, key, escaped(text), merge=False)
+
+
+def load_config(argv: list[str], resolve_env: bool = True) -> Config:
+    """Parse `[--config PATH] [key=value ...]` into a validated Config. With `resolve_env` False, text values that
+    read the environment stay as their `${oc.env:...}` text (for reading a finished run's config.yaml)."""
     parser = argparse.ArgumentParser(prog="train.py", description="Train a GAN (see README for the config keys).")
     parser.add_argument("--config", help="YAML file of overrides over the defaults")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500")
@@ -473,15 +523,33 @@ def load_config(argv: list[str]) -> Config:
             cfg = _merge(cfg, override, f"override '{item}'")
         if cfg.data.classes == 0:
             cfg.data.classes = DATASET_CLASSES.get(cfg.data.dataset, 0)
+        from_env = _from_env(cfg)
+        if not resolve_env:
+            _keep_env_text(cfg, from_env)
         _check(cfg)
-        return OmegaConf.to_object(cfg)
+        config = OmegaConf.to_object(cfg)
+        config.unresolved = from_env
+        return config
     except OmegaConfBaseException as err:
         raise _explain(err, schema) from None
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def run_config(path: str | Path) -> Config:
+    """A run's own config.yaml, for the review and export scripts: values that read the environment stay unresolved."""
+    return load_config(["--config", str(path)], resolve_env=False)
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """The config as plain data for files and W&B: every value resolved but those that read the environment."""
+    out = asdict(cfg)
+    for key, text in cfg.unresolved.items():
+        *parents, name = key.split(".")
+        node = out
+        for part in parents:
+            node = node[part]
+        node[name] = text
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

@@ -22,7 +22,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-from gan_dist.config import ModelConfig, load_config
+from gan_dist.config import ModelConfig, run_config
 from gan_dist.errors import UserError
 from gan_dist.models import WEIGHTS, Generator, build_generator, describe, load_weights, model_config
 
@@ -80,11 +80,11 @@ def _export_config(folder: Path) -> ModelConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"{folder / 'config.json'} is unreadable ({err})") from None
         return model_config(config, str(folder / "config.json"))
-    run_config = folder.resolve().parent / "config.yaml"
-    if not run_config.is_file():
-        raise UserError(f"{folder} has no config.json, and no config.yaml of its run beside it ({run_config}); "
+    config_file = folder.resolve().parent / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{folder} has no config.json, and no config.yaml of its run beside it ({config_file}); "
                         "load the export from inside its run directory")
-    return load_config(["--config", str(run_config)]).model
+    return run_config(config_file).model
 
 
 def _download(repo: str, revision: str | None) -> Path:

@@ -28,7 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from gan_dist.checkpoint import CheckpointError, checkpoints, read_meta
-from gan_dist.config import Config, load_config
+from gan_dist.config import Config, run_config
 from gan_dist.errors import UserError
 from gan_dist.export import load_generator
 from gan_dist.models import Generator, conditioned
@@ -80,7 +80,7 @@ def build(run: Path, export: str, repo: str, out: Path) -> None:
         why = "the run has not finished" if export == "final" else "no evaluation has been exported (eval.every=0?)"
         other = "best" if export == "final" else "final"
         raise UserError(f"{run / export} does not exist: {why}; pass --export {other} or another run")
-    cfg = load_config(["--config", str(run / "config.yaml")])
+    cfg = run_config(run / "config.yaml")
     G = load_generator(run / export)
     G.save_pretrained(out)  # model.safetensors and config.json; its generic README.md is replaced below
     Image.fromarray(sample_picture(G, cfg)).save(out / "samples.png")
