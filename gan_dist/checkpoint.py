@@ -6,6 +6,7 @@ A checkpoint is `{run.dir}/checkpoints/step_{step:08d}/`:
   files, only ever loaded with `weights_only=True`, which cannot run code);
 - gan-dist's own state, never pickled: `ema.safetensors` (G_ema) and TrainState as `train_state.safetensors`
   (tensors) plus `train_state.json` (everything else);
+- `config.yaml`, the config it was written with, so that a resume with other values names the keys that changed;
 - `meta.json`, written last: the step, the world size, and every file with its size and sha256.
 
 It is written under a temporary name, fsynced, and renamed only once every rank has finished, so a directory with
@@ -31,13 +32,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 from accelerate.utils import load as safe_torch_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gan_dist.config import ModelConfig, run_config
+from gan_dist.config import ModelConfig, config_changes, may_change, run_config
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.export import export_metadata
@@ -262,7 +264,7 @@ def _agree(accelerator: Accelerator, ok: bool) -> bool:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: torch.nn.Module,
-                    keep: int) -> Path:
+                    keep: int, config: str = "") -> Path:
     """Write a checkpoint for `state.step` (all ranks call this) and keep only the newest `keep`, never
     `state.origin`. A write that fails on any rank (a full disk) leaves the older checkpoints as they were and
     raises UserError on every rank."""
@@ -291,6 +293,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainS
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                       str(tmp / "ema.safetensors"))
             state.save(tmp)
+            if config:
+                (tmp / "config.yaml").write_text(config)
     except OSError as err:
         error = err
     if not _agree(accelerator, error is None):
@@ -371,29 +375,57 @@ def restore_buffers(saved: dict[str, torch.Tensor], modules: dict[str, torch.nn.
 
 def save_training(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: EMA, keep: int,
                   data_pos: torch.Tensor, log: tuple[dict[str, torch.Tensor], int],
-                  nets: dict[str, torch.nn.Module]) -> Path:
+                  nets: dict[str, torch.nn.Module], config: str) -> Path:
     """Checkpoint a training run (all ranks call this): gather into `state` what each rank alone holds (its data
-    position `data_pos`, its sums of the log interval so far `log`, the buffers of `nets`), then save it."""
+    position `data_pos`, its sums of the log interval so far `log`, the buffers of `nets`), then save it with the
+    run's `config` (YAML)."""
     sync_buffers(ema.G_ema)
     state.data_pos = accelerator.gather(data_pos.to(accelerator.device)).cpu()
     state.log_sums, state.log_steps = log
     state.rank_buffers = {f"{name}.{key}": accelerator.gather(b[None]).cpu()
                           for name, module in nets.items() for key, b in module.named_buffers()}
-    return save_checkpoint(accelerator, run_dir, state, ema, keep)
+    return save_checkpoint(accelerator, run_dir, state, ema, keep, config)
+
+
+def saved_config(path: Path) -> dict | None:
+    """The config a checkpoint was written with: its own config.yaml, or for a checkpoint of an older gan-dist its
+    run's; None when neither is readable."""
+    for file in (path / "config.yaml", path.parent.parent / "config.yaml"):
+        try:
+            config = yaml.safe_load(file.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
 
 
 def resume_training(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module,
-                    nets: dict[str, torch.nn.Module]) -> None:
+                    nets: dict[str, torch.nn.Module], config: dict) -> None:
     """Load the checkpoint main chose and verified into every rank, each rank's own buffers of `nets` included,
-    and say so; a checkpoint that does not fit is a UserError."""
+    and say so, naming the keys of this run's `config` (`to_dict`'s) that differ from the checkpoint's. A
+    checkpoint that does not fit is a UserError naming those keys."""
+    old = saved_config(path)
+    changes = config_changes(old, config) if old is not None else {}
+    fixed = {k: v for k, v in changes.items() if not may_change(k)}
     try:
         meta = load_checkpoint(accelerator, path, state, ema)
     except CheckpointError as err:
-        raise UserError(f"checkpoint {err}") from None
+        keys = ", ".join(f"{k}: {v}" for k, v in (fixed or changes).items())
+        raise UserError(f"checkpoint {err}" + (f"; changed since it was written: {keys}" if keys else "") +
+                        ". Resume with the values it was written with (its config.yaml), or start a new run.dir") \
+            from None
     world = accelerator.num_processes
     restore_buffers(state.rank_buffers, nets, accelerator.process_index, world)
     accelerator.print(f"resumed from {path} (step {state.step}, {state.nimg} images, saved with world size "
                       f"{meta['world_size']})")
+    if changes:
+        accelerator.print(f"changed since the checkpoint: {', '.join(f'{k}: {v}' for k, v in changes.items())}")
+    if fixed:
+        verb = "is" if len(fixed) == 1 else "are"
+        accelerator.print(f"warning: {', '.join(fixed)} changed since the checkpoint, and {verb} not among the keys "
+                          "that may change on resume (README: Resume): the run goes on, but no longer as the run that "
+                          "wrote the checkpoint would have")
     if meta["world_size"] != world:
         accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from the "
                           "checkpoint, but not bit-exactly (per-rank noise and data order differ)")
@@ -408,8 +440,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema
         ema.load_state_dict(load_file(str(path / "ema.safetensors")))
     except (RuntimeError, ValueError, KeyError, SafetensorError) as err:
         raise CheckpointError(f"{path} does not fit this run's networks or optimizers "
-                              f"({str(err).strip().splitlines()[-1].strip()[:300]}); resume it with the config it "
-                              "was written with (its run's config.yaml), or start a new run.dir") from None
+                              f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
     state.load(path)
     return meta
 

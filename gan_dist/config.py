@@ -276,6 +276,27 @@ DATASET_CLASSES = {"mnist": 10, "gaussian": 1, "ring8": 8, "grid25": 25}
 BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 
 
+# Keys that may change when a run resumes (listed in the README): how long it trains, its learning rates, how often it
+# logs, evaluates and checkpoints, where its files and data live, and how fast it runs. A change of any other key is
+# named in a warning, and one that changes a network's shape stops the resume.
+MAY_CHANGE = ("train.steps", "optim.lr_G", "optim.lr_D", "optim.schedule", "optim.lr_end", "optim.schedule_kimg",
+              "optim.warmup_steps", "run", "ckpt", "log", "eval", "wandb", "dist", "perf", "data.mnist_dir",
+              "data.cache_dir", "data.download", "data.shards", "data.manifest", "data.num_workers", "data.device_cache",
+              "data.timeout_s", "data.min_rate_kbs", "data.on_error")
+
+
+def may_change(key: str) -> bool:
+    """Whether config key `key` may change on resume (MAY_CHANGE names keys and whole sections)."""
+    return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+
+
+def config_changes(old: dict, new: dict) -> dict[str, str]:
+    """key -> 'old -> new' for each config key whose value differs between two configs as `to_dict` gives them
+    (a key one of them lacks, from another version of gan-dist, is left out)."""
+    before, after = _flat(old), _flat(new)
+    return {k: f"{_show(before[k])} -> {_show(v)}" for k, v in after.items() if k in before and before[k] != v}
+
+
 @dataclass(frozen=True)
 class Launch:
     """The settings that both `accelerate launch` (its flags, or `accelerate config`) and this config can carry: the

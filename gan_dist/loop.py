@@ -316,7 +316,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     # Resume (the checkpoint main chose and verified; every rank's RNG exactly), or seed each rank's noise apart.
     set_seed(cfg.seed, device_specific=True)
     if resume.path is not None:
-        resume_training(accelerator, resume.path, state, ema, nets)
+        resume_training(accelerator, resume.path, state, ema, nets, to_dict(cfg))
         state.origin = resume.origin
     z_fixed, c_fixed = state.z_fixed.to(device), fixed_labels(cfg, len(state.z_fixed), device)
 
@@ -401,7 +401,8 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
             stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, now=ckpt_due)
         if ckpt_due or stop:
-            save_training(accelerator, cfg.run.dir, state, ema, cfg.ckpt.keep, batches.state(), meter.state(), nets)
+            save_training(accelerator, cfg.run.dir, state, ema, cfg.ckpt.keep, batches.state(), meter.state(), nets,
+                          to_yaml(cfg))
         if stop:
             break
     vote.close()
