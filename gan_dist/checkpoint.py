@@ -79,6 +79,7 @@ class TrainState:
     scores: dict | None = None  # the last evaluation, which final/metrics.json holds
     wandb_id: str = ""
     origin: str = ""  # the ckpt.resume=PATH these checkpoints continue from; "" for a run started in its run.dir
+    rollbacks: int = 0  # times the run went back to a checkpoint after non-finite losses or weights
 
     def save(self, folder: Path) -> None:
         tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos} | {
@@ -107,6 +108,8 @@ class TrainState:
             raise CheckpointError(f"{folder}: train_state.json or train_state.safetensors has missing or invalid "
                                   f"entries ({', '.join(bad) or 'tensors'})")
         self.__dict__.update({k: scalars[k] for k in types})
+        rollbacks = scalars.get("rollbacks", 0)  # absent from checkpoints of an older gan-dist
+        self.rollbacks = rollbacks if isinstance(rollbacks, int) and rollbacks >= 0 else 0
         self.z_fixed, self.data_pos = tensors["z_fixed"], tensors["data_pos"]
         self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
         self.rank_buffers = {k.removeprefix("rank_buffers/"): v for k, v in tensors.items()
@@ -353,6 +356,27 @@ def _write_error(root: Path, err: OSError | None) -> UserError:
                      "or fix the folder, then rerun the same command to resume")
 
 
+def nonfinite(accelerator: Accelerator, parts: dict[str, list[torch.Tensor]]) -> list[str]:
+    """The names of `parts` (weights, optimizer states) holding a NaN or an inf on any rank: one check per tensor on
+    the device and one reduce (all ranks call this, before anything is written from them)."""
+    device = accelerator.device
+
+    def bad(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).logical_not().any() if tensors \
+            else torch.tensor(False, device=device)
+
+    flags = accelerator.reduce(torch.stack([bad(tensors) for tensors in parts.values()]).float(), "sum").tolist()
+    return [name for name, flag in zip(parts, flags) if flag > 0]
+
+
+def training_tensors(modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> \
+        dict[str, list[torch.Tensor]]:
+    """What a checkpoint holds of each network (weights and buffers) and optimizer (its moments), by name."""
+    return {name: [*m.parameters(), *m.buffers()] for name, m in modules.items()} | {
+        name: [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+        for name, opt in optimizers.items()}
+
+
 def sync_buffers(*modules: torch.nn.Module) -> None:
     """Make every rank's buffers of `modules` rank 0's. BatchNorm statistics are each rank's own
     (dist.broadcast_buffers=false), or drift between DDP's broadcasts; rank 0's copy is the one grids, evaluations,
@@ -455,6 +479,9 @@ def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name:
     `best/` the best evaluation so far. The old export stays in place until the new one is complete and replaces
     it in one step."""
     link = Path(run_dir) / name
+    broken = [m for m, module in modules.items() if not all(torch.isfinite(t).all() for t in module.state_dict().values())]
+    if broken:  # the loop checks first; this is the last guard of what users load
+        raise UserError(f"refusing to write {link}: {', '.join(broken)} hold non-finite values (NaN or inf)")
     folder = versioned_dir(link)
     metadata = export_metadata(model, step, nimg)
     for module_name, module in modules.items():

@@ -111,6 +111,10 @@ class TrainConfig:
     # auto: the launcher's (accelerate launch --mixed_precision, accelerate config), else no; any other value
     # overrides the launcher. bf16: autocast (GPU or CPU); fp16: GPU, with loss scaling.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # A non-finite loss or weight (NaN, inf): stop with one error line, or go back to the newest checkpoint (every
+    # checkpoint is finite) and go on with other noise, at most max_rollbacks times in the run
+    on_nonfinite: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -259,6 +263,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "aug.p": (0, 1), "aug.target": (0, 1), "aug.interval": (1, 10**6), "aug.speed_kimg": (0, 1e9),
     "ema.halflife_kimg": (0, 1e9), "ema.rampup": (0, 1e3),
     "train.steps": (1, 10**12), "train.batch_size": (1, 2**20), "train.grad_accum": (1, 2**16),
+    "train.max_rollbacks": (0, 10**6),
     "data.resolution": (4, 4096), "data.num_workers": (0, 256), "data.shuffle_buffer": (1, 10**7),
     "data.limit": (0, 10**12), "data.timeout_s": (0, 86400), "data.min_rate_kbs": (0, 1e9), "data.std": (0, 1e3),
     "data.radius": (0, 1e3), "data.spacing": (0, 1e3),
@@ -279,7 +284,7 @@ BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 # Keys that may change when a run resumes (listed in the README): how long it trains, its learning rates, how often it
 # logs, evaluates and checkpoints, where its files and data live, and how fast it runs. A change of any other key is
 # named in a warning, and one that changes a network's shape stops the resume.
-MAY_CHANGE = ("train.steps", "optim.lr_G", "optim.lr_D", "optim.schedule", "optim.lr_end", "optim.schedule_kimg",
+MAY_CHANGE = ("train.steps", "train.on_nonfinite", "train.max_rollbacks", "optim.lr_G", "optim.lr_D", "optim.schedule", "optim.lr_end", "optim.schedule_kimg",
               "optim.warmup_steps", "run", "ckpt", "log", "eval", "wandb", "dist", "perf", "data.mnist_dir",
               "data.cache_dir", "data.download", "data.shards", "data.manifest", "data.num_workers", "data.device_cache",
               "data.timeout_s", "data.min_rate_kbs", "data.on_error")

@@ -6,6 +6,7 @@ the main process. The GAN math lives in `losses.py`, the EMA in `ema.py`, checkp
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import sys
@@ -22,8 +23,8 @@ from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulation
 from tqdm import tqdm
 
 from gan_dist.augment import ADA, build_augment
-from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final, resume_training, save_training, \
-    sync_buffers
+from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final, nonfinite, resume_training, \
+    save_training, sync_buffers, training_tensors
 from gan_dist.config import Config, Launch, TrainConfig, resolve_launch, to_dict, to_yaml
 from gan_dist.data import CachedBatches, DeviceBatches, decode_dataset, open_source, shard_batches, start_positions, \
     wants_device_cache
@@ -301,6 +302,37 @@ def train(cfg: Config) -> bool:
                 lease.release()
 
 
+def roll_back(cfg: Config, accelerator: Accelerator, state: TrainState, ema: EMA, nets: dict[str, torch.nn.Module],
+              bad: list[str], tracker: Tracker, progress: tqdm) -> None:
+    """After the metrics or tensors `bad` turned non-finite: with train.on_nonfinite=rollback and rollbacks left,
+    load the newest checkpoint into every rank and draw other noise from there, so that the run does not walk the
+    same path again; otherwise stop with one error line (all ranks call this)."""
+    what = f"training diverged at step {state.step}: {', '.join(bad)} non-finite (NaN or inf)"
+    path = on_main(accelerator, lambda: choose_resume(cfg.run.dir, "auto", accelerator.print).path or (
+        Path(state.origin) if state.origin else None))
+    rollback = cfg.train.on_nonfinite == "rollback"
+    if path is None or not rollback or state.rollbacks >= cfg.train.max_rollbacks:
+        progress.close()  # the error line starts a line of its own
+        tracker.finish()
+        if path is None:
+            raise UserError(f"{what}, before the run's first checkpoint: there is nothing to go back to, and nothing "
+                            "was written from it. Rerun with lower learning rates (optim.lr_G, optim.lr_D)",
+                            quiet=not accelerator.is_main_process)
+        tried = f" again after {state.rollbacks} rollback(s) (train.max_rollbacks={cfg.train.max_rollbacks})" \
+            if rollback else ""
+        raise UserError(f"{what}{tried}; nothing was written from it, and the newest checkpoint {path} is finite. "
+                        "Lower the learning rates (optim.lr_G and optim.lr_D may change on resume) and rerun the same "
+                        f"command to resume from it{'' if rollback else ', or set train.on_nonfinite=rollback'}",
+                        quiet=not accelerator.is_main_process)
+    rollbacks = state.rollbacks + 1
+    resume_training(accelerator, path, state, ema, nets, to_dict(cfg))
+    state.rollbacks = rollbacks
+    set_seed(int(np.random.SeedSequence([cfg.seed, rollbacks]).generate_state(1)[0] % 2**31), device_specific=True)
+    tracker.rewind(state.step)
+    accelerator.print(f"{what}; rolled back to step {state.step} (rollback {rollbacks} of train.max_rollbacks="
+                      f"{cfg.train.max_rollbacks}), drawing other noise from there")
+
+
 def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, lease: RunLease | None) -> bool:
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     batch = micro_batch(cfg.train, world)
@@ -380,8 +412,12 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
         if cfg.perf.step_sync:
             progress.set_postfix(loss_d=f"{metrics['loss_d'].item():.3f}", loss_g=f"{loss_g.item():.3f}", refresh=False)
         is_last = state.step == cfg.train.steps
+        ckpt_due = state.step % cfg.ckpt.every == 0 or is_last
+        sample_due = state.step % cfg.log.sample_every == 0 or is_last
+        eval_due = cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active
 
-        # Log the interval's means over micro-steps and ranks; grids and histograms on the fixed noise.
+        # Log the interval's means over micro-steps and ranks; a non-finite one is a divergence.
+        bad = []
         if state.step % cfg.log.every == 0 or is_last:
             row = meter.row(state.step, state.nimg, batches.skipped, batches.epoch_size)
             if ada is not None:
@@ -389,17 +425,28 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
             tracker.log(row)
             progress.set_postfix(loss_d=f"{row['train/loss_d']:.3f}", loss_g=f"{row['train/loss_g']:.3f}",
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
-        if state.step % cfg.log.sample_every == 0 or is_last:
-            tracker.log_samples(state.step, ema.G_ema, G_raw, D_raw, z_fixed, c_fixed, real, c)
-
-        # Evaluate (every rank generates its share, the main process scores them) and export the best weights.
-        if cfg.eval.every and (state.step % cfg.eval.every == 0 or is_last) and evaluator.active:
-            evaluate(cfg, accelerator, evaluator, exported, state, tracker)
+            bad = [k for k, v in row.items() if not math.isfinite(v)]
 
         # Stop signals and a lost lease: all ranks agree in one vote, so all of them stop at the same step.
-        ckpt_due = state.step % cfg.ckpt.every == 0 or is_last
         if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
             stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, now=ckpt_due)
+
+        # Nothing is written from non-finite weights: stop, or go back to the newest checkpoint (train.on_nonfinite).
+        if not bad and (ckpt_due or stop or sample_due or eval_due):
+            bad = nonfinite(accelerator, training_tensors(nets | {"G_ema": ema}, {"opt_G": opt_G, "opt_D": opt_D}))
+        if bad:
+            roll_back(cfg, accelerator, state, ema, nets, bad, tracker, progress)
+            batches = make_batches(cfg, accelerator, batch, state)
+            meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
+            progress.n = state.step
+            continue
+
+        # Grids and histograms on the fixed noise; evaluation (every rank generates its share, the main process
+        # scores them) and the best weights; the checkpoint.
+        if sample_due:
+            tracker.log_samples(state.step, ema.G_ema, G_raw, D_raw, z_fixed, c_fixed, real, c)
+        if eval_due:
+            evaluate(cfg, accelerator, evaluator, exported, state, tracker)
         if ckpt_due or stop:
             save_training(accelerator, cfg.run.dir, state, ema, cfg.ckpt.keep, batches.state(), meter.state(), nets,
                           to_yaml(cfg))

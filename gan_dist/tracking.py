@@ -136,6 +136,12 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics)
 
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: metrics.jsonl reads as the run from there on, as after a resume (W&B keeps the
+        rows it has, and gets the steps after `step` again)."""
+        if self.is_main:
+            _trim_jsonl(self.jsonl, step)
+
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """Log an HxWx3 uint8 picture under `key` and keep it as samples/<key>_<step>.png."""
         if not self.is_main:

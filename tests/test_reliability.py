@@ -2,16 +2,24 @@
 
 - a resume whose config differs from the checkpoint's names the keys: one error line when the networks no longer
   fit, a line (and a warning for keys not meant to change) when they do;
+- a run whose weights turn NaN (tests/diverge.py poisons D on cue) stops with one error line and keeps its good
+  checkpoints, or rolls back to the newest one on every rank and ends finite, at most train.max_rollbacks times;
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from gan_dist.checkpoint import verify
+from gan_dist.checkpoint import checkpoints, export_final, verify
 from gan_dist.config import MAY_CHANGE
+from gan_dist.errors import UserError
 
-from runs import REPO, launch, newest
+from runs import REPO, jsonl, launch, newest
 
 FAST = ("eval.every=0", "wandb.mode=disabled")
 
@@ -44,3 +52,83 @@ def test_the_readme_lists_the_keys_that_may_change_on_resume():
     start = text.index("Keys that may change on resume:")
     listed = text[start:text.index("\n\n", start)]
     assert [key.strip("`") for key in listed.split(":", 1)[1].strip(" .\n").split(", ")] == list(MAY_CHANGE)
+
+
+def diverging(run: Path, shards: Path, nproc: int, first: int, every: int, *overrides: str):
+    """A run whose D turns NaN after its `first`-th D step (and every `every`-th after it) on each process."""
+    return launch(run, shards, nproc, *FAST, *overrides, script=("tests/diverge.py", str(first), str(every)),
+                  check=False)
+
+
+def assert_finite(run: Path) -> list[str]:
+    """Every tensor of every checkpoint and export of `run` is finite; returns the folders checked."""
+    folders = [*checkpoints(run), *(run / name for name in ("final", "best") if (run / name).exists())]
+    for folder in folders:
+        for file in folder.iterdir():
+            if file.suffix == ".safetensors":
+                tensors = load_file(file).values()
+            elif file.suffix == ".bin":
+                state = torch.load(file, weights_only=True)["state"]
+                tensors = [t for moments in state.values() for t in moments.values()]
+            else:
+                continue
+            assert all(torch.isfinite(t).all() for t in tensors), f"{file} holds a NaN or an inf"
+    return [f.name for f in folders]
+
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_its_good_checkpoints(tmp_path, shards):
+    """NaN weights from step 25, found at step 30's checkpoint (no log there): without the check, the run trained on
+    and rotated every good checkpoint away (ckpt.keep=2)."""
+    run = tmp_path / "run"
+    done = diverging(run, shards, 1, 25, 0, "log.every=40", "ckpt.every=10", "ckpt.keep=2")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output
+    (line,) = errors(output)
+    assert line.startswith("error: training diverged at step 30: G, D, G_ema, opt_G, opt_D non-finite (NaN or inf); "
+                           "nothing was written from it, and the newest checkpoint ") and "step_00000020 is finite" in line
+    assert "set train.on_nonfinite=rollback" in line
+    assert assert_finite(run) == ["step_00000010", "step_00000020"], "no final/ or best/ from NaN weights"
+
+
+@pytest.mark.slow
+def test_a_rollback_goes_back_on_every_rank_and_the_run_ends_finite(tmp_path, shards):
+    """2 processes: NaN at step 25, logged at step 30; both ranks go back to step 20 and train on to the end."""
+    run = tmp_path / "run"
+    done = diverging(run, shards, 2, 25, 0, "train.on_nonfinite=rollback", "eval.every=40")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    rolled = [line for line in output.splitlines() if "rolled back to" in line]
+    assert len(rolled) == 1 and rolled[0].startswith("training diverged at step 30: train/") and \
+        rolled[0].endswith("rolled back to step 20 (rollback 1 of train.max_rollbacks=3), drawing other noise from there")
+    assert assert_finite(run) == ["step_00000030", "step_00000040", "final", "best"]
+    rows = [row for row in jsonl(run) if "train/loss_d" in row]
+    assert [row["train/step"] for row in rows] == [10, 20, 30, 40], "metrics.jsonl reads as the run after the rollback"
+    assert all(torch.isfinite(torch.tensor(list(row.values()), dtype=torch.float64)).all() for row in rows)
+    assert json_state(run / "checkpoints" / "step_00000040")["rollbacks"] == 1
+
+
+def test_rollbacks_are_bounded(tmp_path, shards):
+    """A run that diverges again after every rollback stops after train.max_rollbacks of them."""
+    run = tmp_path / "run"
+    done = diverging(run, shards, 1, 25, 3, "train.on_nonfinite=rollback", "train.max_rollbacks=2")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output
+    assert len([line for line in output.splitlines() if "rolled back to step 20" in line]) == 2
+    (line,) = errors(output)
+    assert "non-finite (NaN or inf) again after 2 rollback(s) (train.max_rollbacks=2)" in line
+    assert assert_finite(run) == ["step_00000010", "step_00000020"]
+
+
+def json_state(folder: Path) -> dict:
+    return json.loads((folder / "train_state.json").read_text())
+
+
+def test_an_export_of_non_finite_weights_is_refused_and_the_old_one_stays(tmp_path):
+    G = torch.nn.Linear(2, 2)
+    export_final(tmp_path, {"generator": G})
+    before = load_file(tmp_path / "final" / "generator.safetensors")
+    with torch.no_grad():
+        G.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"refusing to write .*final: generator hold non-finite values"):
+        export_final(tmp_path, {"generator": G})
+    assert load_file(tmp_path / "final" / "generator.safetensors")["weight"].equal(before["weight"])
