@@ -43,7 +43,8 @@ from gan_dist.config import ModelConfig, config_changes, may_change, run_config
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
 from gan_dist.export import export_metadata
-from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic
+from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic, \
+    write_failure
 from gan_dist.models import build_models, config_json
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
@@ -51,6 +52,7 @@ META = "meta.json"
 OWN_FILES = ("ema.safetensors", "train_state.safetensors", "train_state.json")
 ACCELERATE_FILES = ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin")
 TORCH_FILE = re.compile(r".*\.(bin|pkl|pt)$")
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # what a failed write raises in Python, torch, safetensors
 
 
 def rng_file(rank: int) -> str:
@@ -284,7 +286,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainS
     except OSError as err:
         error = err
     if not _agree(accelerator, error is None):
-        raise _write_error(root, error)
+        raise _write_error(accelerator, root, tmp, error)
     try:
         accelerator.save_state(str(tmp))
         fsync_file(tmp / rng_file(accelerator.process_index))  # each rank flushes what it wrote
@@ -298,17 +300,17 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainS
             state.save(tmp)
             if config:
                 (tmp / "config.yaml").write_text(config)
-    except OSError as err:
+    except WRITE_ERRORS as err:  # torch and safetensors raise their own types for a full disk
         error = err
     if not _agree(accelerator, error is None):
-        raise _write_error(root, error)
+        raise _write_error(accelerator, root, tmp, error)
     if accelerator.is_main_process:
         try:
             _seal(tmp, final, state, accelerator.num_processes)
         except OSError as err:
             error = err
     if not _agree(accelerator, error is None):
-        raise _write_error(root, error)
+        raise _write_error(accelerator, root, tmp, error)
     if accelerator.is_main_process:
         _prune(root, keep, state.origin)
     return final
@@ -350,10 +352,14 @@ def _seal(tmp: Path, final: Path, state: TrainState, world: int) -> None:
     fsync_dir(final.parent)
 
 
-def _write_error(root: Path, err: OSError | None) -> UserError:
-    why = f" ({err.strerror or err})" if isinstance(err, OSError) and err.strerror else f" ({err})" if err else ""
+def _write_error(accelerator: Accelerator, root: Path, tmp: Path, err: BaseException | None) -> UserError:
+    """The error every rank raises after a failed checkpoint write (on a rank that saw no error itself, quietly: the
+    one that did prints it); main deletes the part written, which a full disk needs back."""
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    why = f" ({write_failure(err, root)})" if err is not None else ""
     return UserError(f"cannot write a checkpoint in {root}{why}; the checkpoints before it are intact. Free space "
-                     "or fix the folder, then rerun the same command to resume")
+                     "or fix the folder, then rerun the same command to resume", quiet=err is None)
 
 
 def nonfinite(accelerator: Accelerator, parts: dict[str, list[torch.Tensor]]) -> list[str]:
@@ -479,19 +485,28 @@ def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name:
     `best/` the best evaluation so far. The old export stays in place until the new one is complete and replaces
     it in one step."""
     link = Path(run_dir) / name
-    broken = [m for m, module in modules.items() if not all(torch.isfinite(t).all() for t in module.state_dict().values())]
+    broken = [m for m, module in modules.items()
+              if not all(torch.isfinite(t).all() for t in module.state_dict().values())]
     if broken:  # the loop checks first; this is the last guard of what users load
         raise UserError(f"refusing to write {link}: {', '.join(broken)} hold non-finite values (NaN or inf)")
-    folder = versioned_dir(link)
-    metadata = export_metadata(model, step, nimg)
-    for module_name, module in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                  str(folder / f"{module_name}.safetensors"), metadata=metadata | {"network": module_name})
-    if model is not None:
-        (folder / "config.json").write_text(config_json(model))
-    if scores is not None:
-        (folder / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
-    publish_dir(folder, link)
+    folder = None
+    try:
+        folder = versioned_dir(link)
+        metadata = export_metadata(model, step, nimg)
+        for module_name, module in modules.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                      str(folder / f"{module_name}.safetensors"), metadata=metadata | {"network": module_name})
+        if model is not None:
+            (folder / "config.json").write_text(config_json(model))
+        if scores is not None:
+            (folder / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
+        publish_dir(folder, link)
+    except WRITE_ERRORS as err:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        kept = f"; {link} as it was is kept" if link.exists() else ""
+        raise UserError(f"cannot write {link} ({write_failure(err, link.parent)}){kept}. Free space or fix the "
+                        "folder, then rerun the same command") from None
     return link
 
 

@@ -284,10 +284,11 @@ BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 # Keys that may change when a run resumes (listed in the README): how long it trains, its learning rates, how often it
 # logs, evaluates and checkpoints, where its files and data live, and how fast it runs. A change of any other key is
 # named in a warning, and one that changes a network's shape stops the resume.
-MAY_CHANGE = ("train.steps", "train.on_nonfinite", "train.max_rollbacks", "optim.lr_G", "optim.lr_D", "optim.schedule", "optim.lr_end", "optim.schedule_kimg",
-              "optim.warmup_steps", "run", "ckpt", "log", "eval", "wandb", "dist", "perf", "data.mnist_dir",
-              "data.cache_dir", "data.download", "data.shards", "data.manifest", "data.num_workers", "data.device_cache",
-              "data.timeout_s", "data.min_rate_kbs", "data.on_error")
+MAY_CHANGE = ("train.steps", "train.on_nonfinite", "train.max_rollbacks", "optim.lr_G", "optim.lr_D",
+              "optim.schedule", "optim.lr_end", "optim.schedule_kimg", "optim.warmup_steps", "run", "ckpt", "log",
+              "eval", "wandb", "dist", "perf", "data.mnist_dir", "data.cache_dir", "data.download", "data.shards",
+              "data.manifest", "data.num_workers", "data.device_cache", "data.timeout_s", "data.min_rate_kbs",
+              "data.on_error")
 
 
 def may_change(key: str) -> bool:

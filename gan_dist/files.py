@@ -3,11 +3,13 @@
 A kill, a node crash or a full disk at any moment leaves either the old or the new content under a name, never a
 mix: files are written under a temporary name, fsynced, renamed, and their directory fsynced. `final/` and `best/`
 are symlinks to versioned folders (`.final.<token>`), so replacing one is a single `rename` of a new symlink over
-the old one: a reader (or a run killed in between) always finds a complete folder. Pure Python, no torch.
+the old one: a reader (or a run killed in between) always finds a complete folder. `write_failure` says in words why
+a write failed, also where a library hides the OS's reason. Pure Python, no torch.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -84,3 +86,23 @@ def publish_dir(folder: Path, link: Path) -> None:
                 old.unlink(missing_ok=True)
             else:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def write_failure(err: BaseException, path: Path) -> str:
+    """Why a write under `path` failed: the OS's reason (No space left on device, Read-only file system, Disk quota
+    exceeded, ...). torch's writer reports a full disk as 'unexpected pos' or 'file write failed', so without an
+    OSError the filesystem is asked: full, or read-only; else the library's own first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fs = os.statvfs(folder)
+        if fs.f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

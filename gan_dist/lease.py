@@ -176,10 +176,10 @@ class RunLease:
         if self._thread is not None:
             self._thread.join()
         if self.path is not None and self.holds():
-            self.path.unlink(missing_ok=True)
-            for folder in (self.dir, self.dir.parent) if self.made_run_dir else (self.dir,):
-                try:
+            try:
+                self.path.unlink(missing_ok=True)
+                for folder in (self.dir, self.dir.parent) if self.made_run_dir else (self.dir,):
                     folder.rmdir()
-                except OSError:
-                    break
+            except OSError:  # a folder not empty, or a disk gone read-only: a run on this host takes the lease over
+                pass
         self.path = None

@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import warnings
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -31,13 +32,14 @@ from gan_dist.data import CachedBatches, DeviceBatches, decode_dataset, open_sou
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
+from gan_dist.files import write_atomic
 from gan_dist.lease import RunLease
 from gan_dist.losses import Select, d_step, g_step, topk_count, topk_weights
 from gan_dist.models import build_models
 from gan_dist.optim import cosine, lr_factor, make_optimizers, schedule_progress, set_lr
 from gan_dist.points import PointBatches, mixture_centers
 from gan_dist.signals import StopFlag, requeue_or_rerun
-from gan_dist.tracking import Meter, Tracker, run_info
+from gan_dist.tracking import Meter, Tracker, prepare_run_dir, run_info
 
 T = TypeVar("T")
 
@@ -158,22 +160,26 @@ class StopVote:
             if world > 1 else None
         self.pending: list[tuple[torch.Tensor, torch.distributed.Work]] = []
 
-    def poll(self, flag: StopFlag, lease: RunLease | None, run_dir: str, now: bool) -> tuple[bool, bool]:
-        """(stop, requeue) as every rank agrees; a lease another run took over (seen by main) stops every rank."""
-        stop, requeue_asked, lost = self((flag.requested > 0, flag.requested == 2, lease is not None and lease.lost),
-                                         now)
+    def poll(self, flag: StopFlag, lease: RunLease | None, run_dir: str, now: bool, failed: str | None) -> \
+            tuple[bool, bool]:
+        """(stop, requeue) as every rank agrees. A lease another run took over (seen by main) stops every rank, and
+        so does a file main `failed` to write (a full or read-only disk), with that line."""
+        stop, requeue_asked, lost, broken = self((flag.requested > 0, flag.requested == 2,
+                                                  lease is not None and lease.lost, failed is not None), now)
         if lost:
             raise UserError(f"another run took over run.dir '{run_dir}' (its lease went stale); this one stops "
                             "without writing anything more", quiet=lease is None)
+        if broken:
+            raise UserError(failed or "the main process could not write in run.dir", quiet=failed is None)
         return stop, requeue_asked
 
-    def __call__(self, local: tuple[bool, bool, bool], now: bool) -> tuple[bool, bool, bool]:
+    def __call__(self, local: tuple[bool, ...], now: bool) -> tuple[bool, ...]:
         if self.group is None:
             return local
         votes = torch.tensor(local, dtype=torch.int32)
         self.pending.append((votes, torch.distributed.all_reduce(votes, group=self.group, async_op=True)))
         ready, self.pending = (self.pending, []) if now else (self.pending[:-1], self.pending[-1:])
-        return tuple(bool(x) for x in sum((self._wait(*vote) for vote in ready), np.zeros(3, dtype=np.int32)))
+        return tuple(bool(x) for x in sum((self._wait(*vote) for vote in ready), np.zeros(len(local), dtype=np.int32)))
 
     @staticmethod
     def _wait(votes: torch.Tensor, work: torch.distributed.Work) -> np.ndarray:
@@ -208,10 +214,10 @@ def build_networks(cfg: Config, accelerator: Accelerator) -> tuple:
 def start_tracking(cfg: Config, accelerator: Accelerator, state: TrainState, batch: int) -> Tracker:
     """The run's config.yaml, its tracker (W&B, metrics.jsonl, grids) and the startup line."""
     world, device = accelerator.num_processes, accelerator.device
-    if accelerator.is_main_process:
-        (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
+    on_main(accelerator, lambda: (write_atomic(Path(cfg.run.dir) / "config.yaml", to_yaml(cfg).encode()),
+                                  prepare_run_dir(Path(cfg.run.dir), state.step)))
     tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, to_dict(cfg) | run_info(
-        world) | {"micro_batch": batch, "mixed_precision": accelerator.mixed_precision}, state.step,
+        world) | {"micro_batch": batch, "mixed_precision": accelerator.mixed_precision},
                       mixture_centers(cfg.data), cfg.model.classes if cfg.model.cond else 0)
     accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type.value}), "
                       f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "
@@ -283,8 +289,9 @@ def thread_warning(device: torch.device, world: int) -> str | None:
 def train(cfg: Config) -> bool:
     """Train (or continue) the run `cfg` describes. Returns True when W&B's finish hung and was left behind: the
     process should then exit without waiting for W&B's exit hooks (os._exit)."""
-    # Stop signals only set a flag while training runs; after it (or a crash) they act as usual again.
-    with StopFlag() as flag:
+    # Stop signals only set a flag while training runs; after it (or a crash) they act as usual again. `cleanup`
+    # closes what the run opened (its progress bar, so that an error line starts a line of its own).
+    with StopFlag() as flag, ExitStack() as cleanup:
         launch = resolve_launch(cfg.train, cfg.perf)
         accelerator = make_accelerator(cfg, launch)
         accelerator.print(describe_launch(launch, accelerator))
@@ -296,14 +303,14 @@ def train(cfg: Config) -> bool:
             else None
         try:
             resume = on_main(accelerator, lambda: open_run(cfg, lease, accelerator.print))
-            return False if resume.complete else run(cfg, accelerator, flag, resume, lease)
+            return False if resume.complete else run(cfg, accelerator, flag, resume, lease, cleanup)
         finally:
             if lease is not None:
                 lease.release()
 
 
 def roll_back(cfg: Config, accelerator: Accelerator, state: TrainState, ema: EMA, nets: dict[str, torch.nn.Module],
-              bad: list[str], tracker: Tracker, progress: tqdm) -> None:
+              bad: list[str], tracker: Tracker) -> None:
     """After the metrics or tensors `bad` turned non-finite: with train.on_nonfinite=rollback and rollbacks left,
     load the newest checkpoint into every rank and draw other noise from there, so that the run does not walk the
     same path again; otherwise stop with one error line (all ranks call this)."""
@@ -312,7 +319,6 @@ def roll_back(cfg: Config, accelerator: Accelerator, state: TrainState, ema: EMA
         Path(state.origin) if state.origin else None))
     rollback = cfg.train.on_nonfinite == "rollback"
     if path is None or not rollback or state.rollbacks >= cfg.train.max_rollbacks:
-        progress.close()  # the error line starts a line of its own
         tracker.finish()
         if path is None:
             raise UserError(f"{what}, before the run's first checkpoint: there is nothing to go back to, and nothing "
@@ -328,12 +334,13 @@ def roll_back(cfg: Config, accelerator: Accelerator, state: TrainState, ema: EMA
     resume_training(accelerator, path, state, ema, nets, to_dict(cfg))
     state.rollbacks = rollbacks
     set_seed(int(np.random.SeedSequence([cfg.seed, rollbacks]).generate_state(1)[0] % 2**31), device_specific=True)
-    tracker.rewind(state.step)
+    on_main(accelerator, lambda: prepare_run_dir(Path(cfg.run.dir), state.step))
     accelerator.print(f"{what}; rolled back to step {state.step} (rollback {rollbacks} of train.max_rollbacks="
                       f"{cfg.train.max_rollbacks}), drawing other noise from there")
 
 
-def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, lease: RunLease | None) -> bool:
+def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, lease: RunLease | None,
+        cleanup: ExitStack) -> bool:
     device, world, is_main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     batch = micro_batch(cfg.train, world)
 
@@ -361,8 +368,8 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     tracker = start_tracking(cfg, accelerator, state, batch)
     meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
     # Redrawn often on a terminal, every 30 s into a log file (SLURM output, CI).
-    progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main, unit="step", dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30)
+    progress = cleanup.enter_context(tqdm(total=cfg.train.steps, initial=state.step, disable=not is_main, unit="step",
+                                          dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30))
     vote, stop, requeue_asked = StopVote(world, cfg.dist.timeout_s), False, False
     mark_step = step_marker(accelerator)
     while state.step < cfg.train.steps:
@@ -427,15 +434,16 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
             bad = [k for k, v in row.items() if not math.isfinite(v)]
 
-        # Stop signals and a lost lease: all ranks agree in one vote, so all of them stop at the same step.
+        # Stop signals, a lost lease and files main could not write: all ranks agree in one vote, so all of them
+        # stop at the same step.
         if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
-            stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, now=ckpt_due)
+            stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, ckpt_due, tracker.failed)
 
         # Nothing is written from non-finite weights: stop, or go back to the newest checkpoint (train.on_nonfinite).
         if not bad and (ckpt_due or stop or sample_due or eval_due):
             bad = nonfinite(accelerator, training_tensors(nets | {"G_ema": ema}, {"opt_G": opt_G, "opt_D": opt_D}))
         if bad:
-            roll_back(cfg, accelerator, state, ema, nets, bad, tracker, progress)
+            roll_back(cfg, accelerator, state, ema, nets, bad, tracker)
             batches = make_batches(cfg, accelerator, batch, state)
             meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
             progress.n = state.step
@@ -452,6 +460,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                           to_yaml(cfg))
         if stop:
             break
+    vote.poll(flag, lease, cfg.run.dir, True, tracker.failed)  # a grid or metrics line of the last step unwritten
     vote.close()
     progress.close()
 

@@ -21,9 +21,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 class StopFlag:
-    """A context (main thread only) in which the stop and requeue signals set `requested`: 0 (run on), 1 (save and exit) or
-    2 (also requeue). On leaving it, also by an exception, they act as before again, so that a crashed rank still
-    dies when its launcher sends SIGTERM."""
+    """A context (main thread only) in which the stop and requeue signals set `requested`: 0 (run on), 1 (save and
+    exit) or 2 (also requeue). On leaving it, also by an exception, they act as before again, so that a crashed rank
+    still dies when its launcher sends SIGTERM."""
 
     def __init__(self) -> None:
         self.requested = 0

@@ -3,7 +3,9 @@ histograms; and the `Meter` that sums each log interval's metrics on every rank.
 
 Other ranks get a tracker whose calls do nothing, so the loop calls it unconditionally. W&B never crashes a run:
 without an API key or a network it falls back to offline and says how to sync later. A resumed run reuses the
-W&B id stored in its checkpoint, and `metrics.jsonl` is cut back to the resumed step, so both read as one run.
+W&B id stored in its checkpoint, and `metrics.jsonl` is cut back to the resumed step, so both read as one run. A
+metrics line or grid that cannot be written (a full or read-only disk) is not raised where main alone would stop:
+`failed` holds the error line, and the loop's next stop vote ends every rank with it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from PIL import Image
 from gan_dist.checkpoint import sync_buffers
 from gan_dist.config import WandbConfig
 from gan_dist.export import git_commit
-from gan_dist.files import write_atomic
+from gan_dist.files import write_atomic, write_failure
 from gan_dist.metric_names import METRICS
 from gan_dist.models import conditioned, eval_mode
 from gan_dist.viz import image_grid, scatter_plot
@@ -59,6 +61,18 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
         _say(f"metrics.jsonl: dropped {torn} unreadable line(s) (a kill mid-write)")
     if len(kept) != len(lines) or (text and not text.endswith("\n")):
         write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def prepare_run_dir(run_dir: Path, step: int) -> None:
+    """Main process, at the start and after a rollback to `step`: `samples/` exists, and metrics.jsonl reads as the
+    run up to `step` (W&B keeps the rows it has, and gets the steps after `step` again)."""
+    _trim_jsonl(run_dir / "metrics.jsonl", step)
+    (run_dir / "samples").mkdir(exist_ok=True)
+
+
+def _append(path: Path, line: str) -> None:
+    with path.open("a") as f:
+        f.write(line)
 
 
 def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
@@ -111,7 +125,7 @@ def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: 
 
 class Tracker:
     def __init__(self, is_main: bool, cfg: WandbConfig, run_dir: str | Path, run_id: str, config: dict,
-                 resumed_step: int, centers: np.ndarray | None = None, classes: int = 0) -> None:
+                 centers: np.ndarray | None = None, classes: int = 0) -> None:
         self.is_main = is_main
         self.centers = centers  # 2-D data: the mixture's modes, drawn under the scatter plots
         self.classes = classes  # a conditional run: grids have one column per class
@@ -119,11 +133,10 @@ class Tracker:
         self.run = None
         self.finish_timeout_s = cfg.finish_timeout_s
         self.stalled = False  # W&B's finish did not return in time: the process must not wait for it at exit
+        self.failed: str | None = None  # main: why a metrics line or grid could not be written
         if not is_main:
             return
         self.jsonl = self.run_dir / "metrics.jsonl"
-        _trim_jsonl(self.jsonl, resumed_step)
-        (self.run_dir / "samples").mkdir(exist_ok=True)
         if cfg.mode != "disabled":
             self.run = _init_wandb(cfg, self.run_dir, run_id, config)
 
@@ -131,22 +144,26 @@ class Tracker:
         """One row; `metrics` must hold 'train/step'."""
         if not self.is_main:
             return
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self._write(self.jsonl, lambda: _append(self.jsonl, json.dumps(metrics) + "\n"))
         if self.run is not None:
             self.run.log(metrics)
 
-    def rewind(self, step: int) -> None:
-        """After a rollback to `step`: metrics.jsonl reads as the run from there on, as after a resume (W&B keeps the
-        rows it has, and gets the steps after `step` again)."""
-        if self.is_main:
-            _trim_jsonl(self.jsonl, step)
+    def _write(self, path: Path, write: Callable[[], object]) -> None:
+        """`write()` a file at `path`, unless a write has already failed; a failure is kept in `failed`."""
+        if self.failed is not None:
+            return
+        try:
+            write()
+        except OSError as err:
+            self.failed = f"cannot write {path} ({write_failure(err, path.parent)}); the checkpoints before it are " \
+                          "intact. Free space or fix the folder, then rerun the same command to resume"
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """Log an HxWx3 uint8 picture under `key` and keep it as samples/<key>_<step>.png."""
         if not self.is_main:
             return
-        Image.fromarray(image).save(self.run_dir / "samples" / f"{key.replace('/', '_')}_{step:08d}.png")
+        path = self.run_dir / "samples" / f"{key.replace('/', '_')}_{step:08d}.png"
+        self._write(path, lambda: Image.fromarray(image).save(path))
         if self.run is not None:
             import wandb
 

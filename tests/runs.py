@@ -44,12 +44,12 @@ def _free_port() -> int:
 
 def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background: bool = False,
            config: str = "configs/debug.yaml", check: bool = True, env: dict | None = None,
-           script: tuple[str, ...] = ("train.py",), precision: str | None = None):
+           script: tuple[str, ...] = ("train.py",), precision: str | None = None, wrap: tuple[str, ...] = ()):
     """`accelerate launch train.py` (or another `script` taking train.py's arguments after its own) of `config` in
     `run_dir` on MNIST `shards`. One process without a launcher `precision` (its --mixed_precision) is started as
     `python train.py`: accelerate's launcher would only run that, 2 s later. Returns the Popen with `background`
     (own session, stdout and stderr merged), else the output, after checking the exit status unless `check` is
-    False (then the CompletedProcess)."""
+    False (then the CompletedProcess). `wrap` goes before the command (tests/small_disk.sh and its arguments)."""
     if nproc == 1 and precision is None:
         cmd = [sys.executable]
     else:
@@ -57,8 +57,8 @@ def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
                "--mixed_precision", precision or "no", "--dynamo_backend", "no", "--main_process_port",
                str(_free_port()), "--num_processes", str(nproc)] + (["--multi_gpu"] if nproc > 1 else [])
-    cmd += [*script, "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
-            f"data.mnist_dir={MNIST}", *overrides]
+    cmd = [*wrap, *cmd, *script, "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
+           f"data.mnist_dir={MNIST}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true") | (env or {})
     env.pop("WANDB_MODE", None)
     if background:

@@ -4,20 +4,31 @@
   fit, a line (and a warning for keys not meant to change) when they do;
 - a run whose weights turn NaN (tests/diverge.py poisons D on cue) stops with one error line and keeps its good
   checkpoints, or rolls back to the newest one on every rank and ends finite, at most train.max_rollbacks times;
+- a disk that fills up or turns read-only mid-run (a real tmpfs, tests/small_disk.sh), and a run.dir that cannot be
+  created: one error line naming the file and the cause, a non-zero exit, every older checkpoint intact; a quota
+  (EDQUOT, which a tmpfs cannot impose here) is injected where metrics lines, checkpoints and exports are written.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from gan_dist import checkpoint
 from gan_dist.checkpoint import checkpoints, export_final, verify
-from gan_dist.config import MAY_CHANGE
+from gan_dist.config import MAY_CHANGE, WandbConfig
 from gan_dist.errors import UserError
+from gan_dist.files import write_failure
+from gan_dist.tracking import Tracker
 
 from runs import REPO, jsonl, launch, newest
 
@@ -85,7 +96,8 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_its_good_checkpoints(tmp_p
     assert done.returncode == 1 and "Traceback" not in output
     (line,) = errors(output)
     assert line.startswith("error: training diverged at step 30: G, D, G_ema, opt_G, opt_D non-finite (NaN or inf); "
-                           "nothing was written from it, and the newest checkpoint ") and "step_00000020 is finite" in line
+                           "nothing was written from it, and the newest checkpoint ")
+    assert "step_00000020 is finite" in line
     assert "set train.on_nonfinite=rollback" in line
     assert assert_finite(run) == ["step_00000010", "step_00000020"], "no final/ or best/ from NaN weights"
 
@@ -98,8 +110,9 @@ def test_a_rollback_goes_back_on_every_rank_and_the_run_ends_finite(tmp_path, sh
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     rolled = [line for line in output.splitlines() if "rolled back to" in line]
-    assert len(rolled) == 1 and rolled[0].startswith("training diverged at step 30: train/") and \
-        rolled[0].endswith("rolled back to step 20 (rollback 1 of train.max_rollbacks=3), drawing other noise from there")
+    assert len(rolled) == 1 and rolled[0].startswith("training diverged at step 30: train/")
+    assert rolled[0].endswith("rolled back to step 20 (rollback 1 of train.max_rollbacks=3), drawing other noise from "
+                              "there")
     assert assert_finite(run) == ["step_00000030", "step_00000040", "final", "best"]
     rows = [row for row in jsonl(run) if "train/loss_d" in row]
     assert [row["train/step"] for row in rows] == [10, 20, 30, 40], "metrics.jsonl reads as the run after the rollback"
@@ -132,3 +145,106 @@ def test_an_export_of_non_finite_weights_is_refused_and_the_old_one_stays(tmp_pa
     with pytest.raises(UserError, match=r"refusing to write .*final: generator hold non-finite values"):
         export_final(tmp_path, {"generator": G})
     assert load_file(tmp_path / "final" / "generator.safetensors")["weight"].equal(before["weight"])
+
+
+SMALL_DISK = str(REPO / "tests" / "small_disk.sh")
+NAMESPACES = shutil.which("unshare") is not None and subprocess.run(
+    ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="no unprivileged user and mount namespaces here "
+                                      "(unshare --user --mount) to give a run a small disk of its own")
+
+
+def on_small_disk(tmp_path: Path, shards: Path, nproc: int, action: str, *overrides: str):
+    """A run on a 16 MB disk of its own that `action` fills up or makes read-only after the first checkpoint (see
+    tests/small_disk.sh); returns its output and exit status, and the disk's files copied to tmp_path/disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = launch("{DISK}/run", shards, nproc, *FAST, "train.steps=100000", *overrides, check=False,
+                  wrap=(SMALL_DISK, "16m", action, str(disk)))
+    return done.stdout + done.stderr, done.returncode, disk / "run"
+
+
+def assert_intact(run: Path) -> None:
+    """The run's checkpoints all verify, and no part of a failed one is left behind."""
+    assert checkpoints(run) and all(verify(path) for path in checkpoints(run))
+    assert not list((run / "checkpoints").glob(".tmp-*")), "the part written of a failed checkpoint is deleted"
+
+
+@needs_namespaces
+@pytest.mark.parametrize("nproc, interval, fails", [
+    (1, "log.sample_every=100000", r"a checkpoint in \S+/run/checkpoints"),
+    pytest.param(2, "log.sample_every=5", r"\S+/run/samples/samples_ema_\d{8}.png", marks=pytest.mark.slow)])
+def test_a_full_disk_ends_the_run_with_one_line_naming_what_failed(tmp_path, shards, nproc, interval, fails):
+    """Without the handling, a full disk ended in safetensors' and PIL's tracebacks (and on 2 processes left the
+    other rank waiting)."""
+    output, status, run = on_small_disk(tmp_path, shards, nproc, "fill", interval)
+    assert status != 0 and "Traceback" not in output
+    (line,) = errors(output)
+    assert re.fullmatch(f"error: cannot write {fails} \\(No space left on device\\); the checkpoints before it are "
+                        "intact. Free space or fix the folder, then rerun the same command to resume", line), line
+    assert_intact(run)
+
+
+@needs_namespaces
+def test_a_disk_gone_read_only_ends_the_run_with_one_line(tmp_path, shards):
+    output, status, run = on_small_disk(tmp_path, shards, 1, "readonly", "log.every=1")
+    assert status != 0 and "Traceback" not in output
+    (line,) = errors(output)
+    assert re.match(r"error: cannot write \S+/run/metrics.jsonl \(Read-only file system\); the checkpoints", line)
+    assert_intact(run)
+
+
+@needs_namespaces
+def test_a_run_dir_that_cannot_be_created_says_so_before_training(tmp_path, shards):
+    output, status, _ = on_small_disk(tmp_path, shards, 1, "readonly-first")
+    assert status != 0 and "Traceback" not in output and "training:" not in output
+    assert re.fullmatch(r"error: cannot write /\S+/run \(Read-only file system\)", errors(output)[0])
+
+
+QUOTA = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+
+def test_a_quota_on_metrics_lines_and_grids_is_kept_for_the_stop_vote(tmp_path, monkeypatch):
+    tracker = Tracker(True, WandbConfig(mode="disabled"), tmp_path, "id", {})
+    tracker.log({"train/step": 1})
+
+    def over_quota(*args):
+        raise QUOTA
+
+    monkeypatch.setattr("gan_dist.tracking._append", over_quota)
+    tracker.log({"train/step": 2})
+    assert tracker.failed.startswith(f"cannot write {tmp_path / 'metrics.jsonl'} (Disk quota exceeded); the "
+                                     "checkpoints before it are intact")
+    monkeypatch.undo()
+    tracker.log({"train/step": 3})
+    assert jsonl(tmp_path) == [{"train/step": 1}], "nothing more is written once a write failed: the run is ending"
+
+
+def test_a_quota_on_an_export_keeps_the_export_before_it(tmp_path, monkeypatch):
+    G = torch.nn.Linear(2, 2)
+    export_final(tmp_path, {"generator": G})
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def over_quota(*args, **kwargs):
+        raise QUOTA
+
+    monkeypatch.setattr(checkpoint, "save_file", over_quota)
+    with pytest.raises(UserError, match=r"cannot write \S+/final \(Disk quota exceeded\); \S+/final as it was is "
+                                        r"kept"):
+        export_final(tmp_path, {"generator": G})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no part of the failed export is left"
+
+
+def test_a_write_failure_that_a_library_hides_is_named_from_the_filesystem(tmp_path, monkeypatch):
+    """torch's writer reports a full disk as 'unexpected pos'; the filesystem says why."""
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 203584 vs 203472")
+    assert write_failure(QUOTA, tmp_path) == "Disk quota exceeded"
+    real = os.statvfs(tmp_path)
+    fields = {name: getattr(real, name) for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                                                     "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
+    for change, cause in [({"f_bavail": 0}, "No space left on device"),
+                          ({"f_flag": real.f_flag | os.ST_RDONLY}, "Read-only file system"),
+                          ({}, err.args[0])]:
+        monkeypatch.setattr(os, "statvfs", lambda path, c=change: os.statvfs_result(
+            tuple((fields | c)[name] for name in fields)))
+        assert write_failure(err, tmp_path / "not" / "yet") == cause

@@ -29,7 +29,8 @@ def test_usr_signals_ask_for_requeue_and_term_for_a_stop():
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT])
 def test_hangup_and_quit_stop_like_sigterm(sig):
-    """The launchers forward SIGHUP and SIGQUIT to every rank (a closed ssh session sends SIGHUP): a stop, no requeue."""
+    """The launchers forward SIGHUP and SIGQUIT to every rank (a closed ssh session sends SIGHUP): a stop, no
+    requeue."""
     with StopFlag() as flag:
         os.kill(os.getpid(), sig)
         assert (flag.requested, flag.name) == (1, sig.name)
