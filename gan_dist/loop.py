@@ -148,7 +148,8 @@ def topk_select(cfg: Config, accelerator: Accelerator, batch: int, epochs: float
 
 
 class StopVote:
-    """Whether any rank was asked to stop (or to requeue) or lost the run.dir lease, agreed by every rank.
+    """Whether any rank was asked to stop (or to requeue), lost the run.dir lease or could not write a file there,
+    agreed by every rank.
 
     With one process the answer is the local one: no collective, no tensor. With more, a vote is an all-reduce of
     a host tensor over a gloo group of its own, so it never waits for the GPU's queue. Between checkpoints a vote's
