@@ -163,6 +163,8 @@ class DistConfig:
     gradient_as_bucket_view: bool = False  # DDP: gradients are views into the all-reduce buckets (one copy less)
     static_graph: bool = False  # DDP: every step uses the same parameters in the same order, so DDP can skip checks
     broadcast_buffers: bool = False  # DDP: send rank 0's BatchNorm buffers to every rank before each forward
+    # DDP communication hook: gradients all-reduced as fp16 or bf16 (half the bytes), the sum cast back to fp32
+    comm_hook: Literal["none", "fp16", "bf16"] = "none"
 
 
 @dataclass

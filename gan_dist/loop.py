@@ -19,8 +19,8 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, \
-    TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, GradientAccumulationPlugin, \
+    InitProcessGroupKwargs, TorchDynamoPlugin, broadcast_object_list, set_seed
 from tqdm import tqdm
 
 from gan_dist.augment import ADA, build_augment
@@ -256,9 +256,13 @@ def make_accelerator(cfg: Config, launch: Launch) -> Accelerator:
     """Without CUDA the Accelerator must be told to use the CPU, or `accelerate launch --multi_gpu` starts ranks that
     each believe they are alone. A collective waiting on a dead rank fails after dist.timeout_s, so the whole job
     ends instead of hanging. When compiling, accelerate compiles G and D after wrapping them in DDP."""
+    if cfg.dist.comm_hook == "bf16" and not torch.cuda.is_available():
+        raise UserError("dist.comm_hook=bf16 needs CUDA GPUs (torch's bf16 hook runs on NCCL 2.10 or later only); "
+                        "without them use dist.comm_hook=fp16 or none", code=2)
     ddp = DistributedDataParallelKwargs(bucket_cap_mb=cfg.dist.bucket_cap_mb, static_graph=cfg.dist.static_graph,
                                         gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
-                                        broadcast_buffers=cfg.dist.broadcast_buffers)
+                                        broadcast_buffers=cfg.dist.broadcast_buffers,
+                                        comm_hook=DDPCommunicationHookType(cfg.dist.comm_hook.replace("none", "no")))
     # An explicit plugin even when off: accelerate would otherwise compile whatever the launcher asked for.
     dynamo = TorchDynamoPlugin(backend=launch.compile_backend if launch.compile else "no", mode=launch.compile_mode)
     return Accelerator(

@@ -7,7 +7,7 @@ For each process count P in --processes, one launch (`accelerate launch`, CPU gl
 --batch images per process and step, a global batch of P x batch:
 first a bare PyTorch loop with the same G, D, Adam (optim.impl), batch, memory format, autocast, compile and loss
 functions, on one batch already in memory: no accelerate, logging, EMA or data loading; with P > 1, G and D in
-torch's DDP with its default options. Then the trainer (`gan_dist.loop.train`: data loading, EMA, metrics, checkpoint
+torch's DDP with its default options and the config's `dist.comm_hook`. Then the trainer (`gan_dist.loop.train`: data loading, EMA, metrics, checkpoint
 and stop-signal logic, DDP as configured), then (P = 1) the bare loop again: the two bare timings bracket the
 trainer's. The headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over
 P times the 1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from accelerate import PartialState
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from gan_dist.config import Config, load_config
@@ -64,6 +65,7 @@ SWITCHES = {
     "ema_every_4": (["perf.ema_every=4"], 1),
     "ddp_bucket_view_static": (["dist.gradient_as_bucket_view=true", "dist.static_graph=true"], 0),
     "ddp_bucket_1mb": (["dist.bucket_cap_mb=1"], 0),
+    "comm_hook_fp16": (["dist.comm_hook=fp16"], 0),
     "aug_diffaug": (["aug.kind=diffaug"], 1),  # not speed switches: what augmenting everything D sees costs
     "aug_ada": (["aug.kind=ada", "aug.p=0.5"], 1),
 }
@@ -103,6 +105,10 @@ def bare_loop(cfg: Config, batch: int, steps: int, warmup: int, device: torch.de
             warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
             G, D = [DistributedDataParallel(m, device_ids=ids, broadcast_buffers=cfg.dist.broadcast_buffers)
                     for m in (G, D)]
+        if cfg.dist.comm_hook != "none":  # the trainer's hook (accelerate registers torch's), for a fair comparison
+            hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+            for m in (G, D):
+                m.register_comm_hook(None, hook[cfg.dist.comm_hook])
     opt_G, opt_D = make_optimizers(G, D, cfg.optim)
     if cfg.perf.compile:
         G, D = torch.compile(G, mode=cfg.perf.compile_mode), torch.compile(D, mode=cfg.perf.compile_mode)

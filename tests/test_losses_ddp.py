@@ -5,6 +5,9 @@ two processes, each accumulating two micro-batches, take the same D and G step a
 (tests/ddp_losses.py, run under the real `accelerate launch` on CPU gloo). ADA's overfitting heuristic, summed over
 both processes, gives every rank the r_t and p of one process.
 
+With a DDP communication hook (`dist.comm_hook=fp16` or `bf16`, through the trainer's own Accelerator), D's gradients
+on two processes stay within the format's precision of one process's on the whole batch (tests/ddp_hook.py).
+
 Also one 2-process train.py run with every D option at once (WGAN-GP, n_critic, lazy R1, spectral norm, cosine
 schedule, accumulation): optimizer step counts, learning rates and logged penalties.
 
@@ -57,6 +60,45 @@ def test_two_processes_with_accumulation_take_the_single_process_step(outputs, c
     from ddp_losses import nets  # noqa: PLC0415
     init = nets("_sn" in case, case)[1].state_dict()
     assert any(not torch.allclose(ranks[0]["D"][k], init[k]) for k in init if "weight" in k or "original" in k)
+
+
+@pytest.fixture(scope="module")
+def hook_outputs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_hook")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "tests/ddp_hook.py", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+# The largest difference from one process's gradients, relative to the largest gradient: fp32 sums (no hook) to
+# rounding; fp16 keeps 11 significant bits, bf16 8.
+HOOK_TOLERANCE = {"none": 1e-5, "fp16": 1e-3, "bf16": 8e-3}
+
+
+@pytest.mark.parametrize("hook", [pytest.param(h, marks=pytest.mark.skipif(
+    h == "bf16" and not torch.cuda.is_available(), reason="torch's bf16 hook runs on NCCL only")) for h in HOOK_TOLERANCE])
+def test_a_comm_hook_keeps_the_two_process_gradients_within_its_precision(hook_outputs, hook):
+    ranks = [torch.load(hook_outputs / f"hook_rank{r}.pt") for r in range(2)]
+    ref = torch.load(hook_outputs / "hook_reference.pt")
+    for k, want in ref.items():
+        assert torch.equal(ranks[0][hook][k], ranks[1][hook][k]), f"{k}: the ranks' gradients differ"
+        error = (ranks[0][hook][k] - want).abs().max() / want.abs().max()
+        assert error <= HOOK_TOLERANCE[hook], f"{k}: {error:.2e} of the largest gradient off one process's"
+    if hook != "none":  # the hook ran: its rounding shows where fp32's sum has none
+        assert any(not torch.equal(ranks[0][hook][k], ranks[0]["none"][k]) for k in ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bf16 hook runs where CUDA is")
+def test_the_bf16_hook_without_cuda_is_one_error_line(tmp_path):
+    from runs import launch  # noqa: PLC0415
+    done = launch(tmp_path, tmp_path / "no-shards", 2, "dist.comm_hook=bf16", check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stdout + done.stderr
+    assert "error: dist.comm_hook=bf16 needs CUDA GPUs (torch's bf16 hook runs on NCCL 2.10 or later only); without " \
+           "them use dist.comm_hook=fp16 or none" in done.stderr
 
 
 def test_ada_heuristic_is_averaged_over_both_processes(outputs):
