@@ -82,6 +82,7 @@ class TrainState:
     wandb_id: str = ""
     origin: str = ""  # the ckpt.resume=PATH these checkpoints continue from; "" for a run started in its run.dir
     rollbacks: int = 0  # times the run went back to a checkpoint after non-finite losses or weights
+    data_layout: str = ""  # what data_pos holds: "cache" (one global position) or "stream" (one per loader slot)
 
     def save(self, folder: Path) -> None:
         tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos} | {
@@ -110,8 +111,9 @@ class TrainState:
             raise CheckpointError(f"{folder}: train_state.json or train_state.safetensors has missing or invalid "
                                   f"entries ({', '.join(bad) or 'tensors'})")
         self.__dict__.update({k: scalars[k] for k in types})
-        rollbacks = scalars.get("rollbacks", 0)  # absent from checkpoints of an older gan-dist
+        rollbacks, layout = scalars.get("rollbacks", 0), scalars.get("data_layout", "")  # newer than some checkpoints
         self.rollbacks = rollbacks if isinstance(rollbacks, int) and rollbacks >= 0 else 0
+        self.data_layout = layout if layout in ("cache", "stream") else ""
         self.z_fixed, self.data_pos = tensors["z_fixed"], tensors["data_pos"]
         self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
         self.rank_buffers = {k.removeprefix("rank_buffers/"): v for k, v in tensors.items()

@@ -282,18 +282,35 @@ class ShardBatches:
         return sum(p[2] for p in self.positions)
 
 
+def cache_position(saved: torch.Tensor, layout: str, world: int, epoch: int, say: Callable[[str], None]) -> Position:
+    """Where `CachedBatches` continues. A checkpoint of the device cache holds one position in the global sample
+    stream (the same row from every rank), which any world size continues exactly: every rank then takes its share of
+    each global batch from there, so no sample is drawn twice or skipped. After a checkpoint of the loader, whose
+    per-slot positions it cannot continue, the start of epoch `epoch`."""
+    if saved.numel() and layout == "cache":
+        epoch, index, skipped = saved[0].tolist()
+        if len(saved) != world:
+            say(f"data: continuing at sample {index} of epoch {epoch} with world size {world} (the checkpoint's was "
+                f"{len(saved)}): no sample of the epoch is drawn twice or skipped")
+        return [epoch, index, skipped]
+    return start_positions(saved, "epoch", 0, world, 1, epoch, say, same_layout=layout != "stream")[0]
+
+
 def start_positions(saved: torch.Tensor, mode: str, rank: int, world: int, workers: int, epoch: int,
-                    say: Callable[[str], None]) -> list[Position]:
+                    say: Callable[[str], None], same_layout: bool = True) -> list[Position]:
     """Each logical worker's starting position: its saved one when the run resumes on the same world size and
-    worker count; otherwise the start of epoch `epoch` (epoch mode) or of fresh draws (resampled mode)."""
-    if saved.numel() and saved.shape[0] == world * workers:
+    worker count; otherwise (or when the checkpoint's positions are of the other layout, `same_layout` False) the
+    start of epoch `epoch` (epoch mode) or of fresh draws (resampled mode)."""
+    if saved.numel() and saved.shape[0] == world * workers and same_layout:
         return saved[rank * workers:(rank + 1) * workers].tolist()
     if saved.numel() == 0:
         return [[0, 0, 0] for _ in range(workers)]
-    chunk = epoch if mode == "epoch" else int(saved[:, 0].max()) + 1
-    say(f"data: the checkpoint holds positions for {saved.shape[0]} rank x worker slots, this run has "
-        f"{world * workers}; restarting at the start of chunk {chunk} ({'epoch' if mode == 'epoch' else 'draw'}). "
-        f"Exact resume needs the same world size and data.num_workers.")
+    chunk = epoch if mode == "epoch" or not same_layout else int(saved[:, 0].max()) + 1
+    held = f"positions for {saved.shape[0]} rank x worker slots" if same_layout else "the other layout's positions " \
+        "(the device cache's or the loader's)"
+    say(f"data: the checkpoint holds {held}, this run has {world * workers}; restarting at the start of chunk "
+        f"{chunk} ({'epoch' if mode == 'epoch' else 'draw'}). Exact resume needs the same world size, "
+        "data.num_workers and data.device_cache.")
     return [[chunk, 0, 0] for _ in range(workers)]
 
 

@@ -27,8 +27,8 @@ from gan_dist.augment import ADA, build_augment
 from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final, nonfinite, resume_training, \
     save_training, sync_buffers, training_tensors
 from gan_dist.config import Config, Launch, TrainConfig, resolve_launch, to_dict, to_yaml
-from gan_dist.data import CachedBatches, DeviceBatches, decode_dataset, open_source, shard_batches, start_positions, \
-    wants_device_cache
+from gan_dist.data import CachedBatches, DeviceBatches, cache_position, decode_dataset, open_source, shard_batches, \
+    start_positions, wants_device_cache
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
@@ -110,8 +110,7 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
     # data.limit's few samples are held too: on the host when the device cache is turned off.
     cached = wants_device_cache(cfg.data, source) or cfg.data.limit > 0
     held_on = device if cached and cfg.data.device_cache is not False else torch.device("cpu")
-    positions = start_positions(state.data_pos, cfg.data.mode, rank, world, 1 if cached else max(
-        cfg.data.num_workers, 1), epoch, accelerator.print)
+    saved_layout, state.data_layout = state.data_layout, "cache" if cached else "stream"
     if cached:
         try:
             images, labels, skipped = decode_dataset(source, cfg.data)
@@ -122,9 +121,12 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
         subset = f"data.limit={cfg.data.limit} of {sum(source.counts)}: " if cfg.data.limit else ""
         accelerator.print(f"data: {subset}{len(images)} images ({images.nbytes / 2**20:.0f} MB) decoded once and "
                           f"held on {held_on.type} (data.device_cache={cfg.data.device_cache})")
-        batches = CachedBatches(*held, cfg.data, batch, seed, rank, world, positions[0], skipped)
+        position = cache_position(state.data_pos, saved_layout, world, epoch, accelerator.print)
+        batches = CachedBatches(*held, cfg.data, batch, seed, rank, world, position, skipped)
         return DeviceBatches(batches, device, prefetch=held_on != device and cfg.perf.prefetch,
                              channels_last=cfg.perf.channels_last)
+    positions = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1), epoch,
+                                accelerator.print, same_layout=saved_layout != "cache")
     batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
                             pin_memory=device.type == "cuda" and cfg.perf.prefetch)
     return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last)

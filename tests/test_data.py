@@ -21,6 +21,7 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -604,6 +605,52 @@ def test_device_cache_resumes_exactly_from_its_saved_position(source):
     resumed = cached(source, rank=1, world=2, position=position[0].tolist())
     for _ in range(12):
         assert ids(next(first)[0]) == ids(next(resumed)[0])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_device_cache_continues_its_epoch_on_another_world_size(source, before, after):
+    """The same global batch (12) over `before` ranks, then over `after` from the checkpoint's rows: the epoch (43
+    samples) ends with every sample drawn once, and the next epoch starts where an unbroken run's does."""
+    batch = 12
+    ranks = [cached(source, rank=r, world=before, batch=batch // before) for r in range(before)]
+    drawn = [i for _ in range(2) for b in ranks for i in ids(next(b)[0])]
+    saved = torch.cat([b.state() for b in ranks])  # what a checkpoint gathers: one row per rank
+    said = []
+    position = data.cache_position(saved, "cache", after, 0, said.append)
+    assert said == [f"data: continuing at sample 24 of epoch 0 with world size {after} (the checkpoint's was "
+                    f"{before}): no sample of the epoch is drawn twice or skipped"]
+    ranks = [cached(source, rank=r, world=after, batch=batch // after, position=position) for r in range(after)]
+    drawn += [i for _ in range(4) for b in ranks for i in ids(next(b)[0])]
+    unbroken = cached(source, world=1, batch=batch)
+    assert sorted(drawn[:TOTAL]) == list(range(TOTAL)), "every sample of the epoch once"
+    assert drawn == [i for _ in range(6) for i in ids(next(unbroken)[0])], "the global stream of an unbroken run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumed_on_another_world_size_draws_each_sample_of_its_epoch_once(tmp_path, shards, before, after):
+    """A real run on data.limit=640 (the device cache; 20 steps of 32 per epoch), stopped after 10 steps on `before`
+    processes and continued on `after`: counted by each sample's pixels, the epoch holds every sample once, as the
+    same steps of one unbroken run do."""
+    from runs import launch  # noqa: PLC0415
+
+    def run(name: str, *stages: tuple[int, int]) -> Counter:
+        out = tmp_path / name
+        out.mkdir()
+        for nproc, steps in stages:
+            launch(out / "run", shards, nproc, "data.limit=640", f"train.steps={steps}", "ckpt.every=10",
+                   "eval.every=0", "wandb.mode=disabled", script=("tests/record_batches.py", str(out)))
+        return Counter(line for f in out.glob("rank*.txt") for line in f.read_text().split())
+
+    drawn = run("resized", (before, 10), (after, 20))
+    assert sum(drawn.values()) == 640 and drawn == run("unbroken", (1, 20))
+
+
+def test_a_loader_checkpoint_restarts_the_device_cache_epoch(source):
+    said = []
+    saved = torch.tensor([[3, 5, 1], [3, 7, 0]])  # two loader slots' positions: not the cache's stream
+    assert data.cache_position(saved, "stream", 2, 3, said.append) == [3, 0, 0]
+    assert "the other layout's positions" in said[0]
 
 
 def test_device_cache_flips_per_sample_and_epoch_deterministically(tmp_path):
