@@ -48,8 +48,9 @@ from gan_dist.errors import UserError
 from gan_dist.images import BadSample, decode_image, pixel_bound, sample_label
 from gan_dist.mnist_shards import ensure_shards
 from gan_dist.points import PointBatches
-from gan_dist.shardformat import manifest_counts
-from gan_dist.shards import ShardError, check_local, expand_urls, is_remote, open_shard, tar_samples
+from gan_dist.shardformat import manifest_counts, read_index
+from gan_dist.shards import ShardError, check_local, expand_urls, index_samples, is_remote, open_shard, read_indexed, \
+    tar_samples
 from gan_dist.signals import ignore_in_worker
 
 RESAMPLED_CHUNK = 4  # shards per resampled chunk: a resumed worker re-reads at most this many
@@ -152,6 +153,7 @@ class ShardStream(IterableDataset):
         self.start_batch, self.positions = start_batch, positions
         self.quiet = False  # set while a resumed slot re-reads samples it had already taken
         self.skipped = 0
+        self.indexes: dict[str, list | None] = {}  # url -> its samples' offsets (None: no index, streamed)
 
     def _skip(self, what: str, lost: int) -> None:
         if self.quiet:
@@ -161,18 +163,47 @@ class ShardStream(IterableDataset):
             raise FatalDataError(what)
         _say(f"warning: rank {self.rank}: {what}; skipped {lost} sample(s) (data.on_error=raise stops instead)")
 
+    def _indexed(self, url: str) -> list | None:
+        """A local shard's samples from its offset index (checked against the shard once per run), or None."""
+        if is_remote(url):
+            return None
+        if url not in self.indexes:
+            try:
+                members = read_index(url.removeprefix("file:"))
+            except ShardError as err:
+                raise FatalDataError(str(err)) from None
+            self.indexes[url] = None if members is None else index_samples(members)
+        return self.indexes[url]
+
     def _read(self, url: str, first: int, take: int | None, expected: int | None) -> Iterator[dict]:
         """Raw samples [first, first + take) of one shard (to its manifest count, or its end, when `take` is None).
         A fault skips the rest of the shard. The range that ends where the manifest says the shard ends reads on to
-        its real end, so a shard holding fewer or more samples than its manifest lists is found and counted."""
-        try:
-            stream = open_shard(url, self.cfg.timeout_s, self.cfg.min_rate_kbs)
-        except ShardError as err:
-            raise FatalDataError(f"{err}; check data.shards") from None
+        its real end, so a shard holding fewer or more samples than its manifest lists is found and counted. A local
+        shard with an offset index is read at its members' offsets, without parsing a tar header."""
         end = first + take if take is not None else expected
         at_end = expected is not None and end == expected
         # A member bigger than 4 bytes per pixel an image may have is no image this run would decode.
         cap = 4 * pixel_bound(self.cfg.resolution)
+        indexed = self._indexed(url)
+        if indexed is not None:
+            seen = len(indexed)
+            want = max(0, min(seen, end if end is not None else seen) - first)
+            got = 0
+            try:
+                for sample in read_indexed(url.removeprefix("file:"), url, indexed[first:first + want], cap):
+                    yield sample
+                    got += 1
+            except (ShardError, OSError) as err:
+                self._skip(str(err), want - got)
+                return
+            if expected is not None and seen != expected and (at_end or seen < end):
+                self._skip(f"shard {url} holds {seen} samples, its manifest lists {expected}",
+                           end - first - got if seen < end else seen - expected)
+            return
+        try:
+            stream = open_shard(url, self.cfg.timeout_s, self.cfg.min_rate_kbs)
+        except ShardError as err:
+            raise FatalDataError(f"{err}; check data.shards") from None
         seen = got = 0
         try:
             for seen, sample in enumerate(tar_samples(stream, url, cap), start=1):

@@ -20,13 +20,14 @@ import numpy as np
 
 from gan_dist.errors import UserError
 from gan_dist.mnist import SIZE, download_mnist, files_present, load_mnist
-from gan_dist.shardformat import build_manifest, read_manifest, shard_entry, write_manifest, write_shard
+from gan_dist.shardformat import build_manifest, index_file, read_manifest, shard_entry, write_index, write_manifest, \
+    write_shard
 
 # 120 training shards: enough for data.mode=epoch on up to 120 ranks x loader workers.
 SHARD_SIZE = 500
 
 # Anything else in an existing output folder means it is not ours to delete.
-_SHARD_NAME = re.compile(r"^(train|test)-\d{5,}\.tar$")
+_SHARD_NAME = re.compile(r"^(train|test)-\d{5,}\.tar(\.idx)?$")  # a shard, or its offset index
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -139,7 +140,8 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = SHARD_SIZE,
 
 
 def ensure_shards(mnist_dir: str | Path, cache_dir: str | Path, download: bool = True) -> dict:
-    """The manifest of the shards in `cache_dir`, building them from `mnist_dir` (downloading first) if needed."""
+    """The manifest of the shards in `cache_dir`, building them from `mnist_dir` (downloading first) if needed. A
+    cache written before shards had offset indexes gets them (where the folder is writable; else it is streamed)."""
     manifest = read_manifest(cache_dir)
     if manifest is not None:
         if manifest.get("dataset") != "mnist":
@@ -147,6 +149,12 @@ def ensure_shards(mnist_dir: str | Path, cache_dir: str | Path, download: bool =
                 f"shard folder {cache_dir} holds {manifest.get('dataset')!r}, not MNIST; "
                 f"point the cache at another folder or delete it so it is rebuilt"
             )
+        for shard in (Path(cache_dir) / s["name"] for split in manifest["splits"].values() for s in split["shards"]):
+            if not index_file(shard).is_file():
+                try:
+                    write_index(shard)
+                except OSError:
+                    break
         return manifest
     if download and not files_present(mnist_dir):
         download_mnist(mnist_dir)

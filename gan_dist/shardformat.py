@@ -12,6 +12,11 @@ sha256; the trainer needs the counts to split exact epochs. Here manifests are b
 that is a cache of ours (None when it has no manifest), `read_manifest_file` reads one from a local file or any URL
 `shards.open_shard` takes, and `manifest_counts` gives shard URLs their sample counts from manifests.
 
+Beside each plain tar shard it writes, `write_shard` leaves an offset index, `NAME.tar.idx` (format
+`gan-dist-index/1`, `INDEX_FORMAT`): the shard's size and every member's name, data offset and size, so a reader
+takes members straight from the file instead of parsing tar headers (`shards.read_indexed`). `read_index` checks an
+index against its shard before it is used: the shard's size, and the header of its first member.
+
 webdataset is imported only inside `write_shard`, because importing it pulls in torch, which tools that only read
 or check data don't need.
 """
@@ -28,6 +33,7 @@ from gan_dist.files import sha256_file, write_atomic
 from gan_dist.shards import ShardError, is_remote, location, open_shard
 
 MANIFEST_FORMAT = "gan-dist-shards/1"
+INDEX_FORMAT = "gan-dist-index/1"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -46,7 +52,65 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> tuple[int, str]:
             for sample in samples:
                 writer.write(sample)
                 count += 1
+    write_index(Path(path))
     return count, sha256_file(Path(path))
+
+
+def index_file(shard: str | Path) -> Path:
+    """Where the offset index of a local shard lives: beside it, `NAME.tar.idx`."""
+    shard = Path(shard)
+    return shard.with_name(shard.name + ".idx")
+
+
+def write_index(shard: Path) -> None:
+    """Write the offset index of the plain (uncompressed) tar `shard`: one pass over its headers. A compressed shard
+    has no offsets to read at, and gets none."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            members = [[m.name, m.offset_data, m.size] for m in tar if m.isreg()]
+    except tarfile.ReadError:
+        return
+    index = {"format": INDEX_FORMAT, "size": shard.stat().st_size, "members": members}
+    write_atomic(index_file(shard), json.dumps(index, separators=(",", ":")).encode())
+
+
+def read_index(shard: str | Path) -> list[list] | None:
+    """The members [name, data offset, size] of the local `shard` as its index lists them, or None when it has no
+    index. ShardError when the index is malformed or does not match the shard: its size differs, or the header
+    before the first member's data names another member (the shard was rewritten after it was indexed)."""
+    shard, path = Path(shard), index_file(shard)
+    if not path.is_file():
+        return None
+    rebuild = f"delete {path.name} (the shard is then streamed), or rebuild it with scripts/make_shards.py --index " \
+              f"{shard.parent}"
+    try:
+        index = json.loads(path.read_bytes())
+        size, members = index["size"], index["members"]
+        ok = index["format"] == INDEX_FORMAT and isinstance(size, int) and all(
+            isinstance(name, str) and type(at) is int and type(n) is int and tarfile.BLOCKSIZE <= at and 0 <= n and
+            at + n <= size for name, at, n in members)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ShardError(str(shard), f"its index {path.name} is unreadable or malformed; {rebuild}")
+    if shard.stat().st_size != size:
+        raise ShardError(str(shard), f"has {shard.stat().st_size} bytes but its index {path.name} says {size}: the "
+                                     f"shard changed after it was indexed; {rebuild}")
+    if members:
+        name, at, n = members[0]
+        with open(shard, "rb") as f:
+            f.seek(at - tarfile.BLOCKSIZE)
+            block = f.read(tarfile.BLOCKSIZE)
+        try:
+            header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            # A name too long for the header block is in a pax header before it; the size still is here.
+            same = header.size == n and (header.name == name or len(name.encode()) > 100)
+        except tarfile.TarError:
+            same = False
+        if not same:
+            raise ShardError(str(shard), f"its first member is not {name} of {n} bytes, as its index {path.name} "
+                                         f"says: the shard changed after it was indexed; {rebuild}")
+    return members
 
 
 def member_bytes(size: int) -> int:

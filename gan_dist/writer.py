@@ -37,8 +37,8 @@ from tqdm import tqdm
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
 from gan_dist.images import decode_image, npy_image
-from gan_dist.shardformat import IMAGE_EXTS, build_manifest, member_bytes, shard_entry, tar_bytes, write_manifest, \
-    write_shard
+from gan_dist.shardformat import IMAGE_EXTS, build_manifest, index_file, member_bytes, shard_entry, tar_bytes, \
+    write_index, write_manifest, write_shard
 from gan_dist.shards import ShardError, open_shard, tar_samples
 
 DEFAULT_MAX_COUNT = 1000
@@ -284,6 +284,7 @@ def _scan_shard(url: str) -> _Scanned:
     except ShardError as err:
         # Raised as UserError here: ShardError's constructor does not survive the pickling back to the parent.
         raise UserError(f"{err}; re-write this shard or remove it from the folder, then index again") from None
+    write_index(Path(url))
     return _Scanned(Path(url).name, count, shapes, classes, sha256_file(Path(url)))
 
 
@@ -328,10 +329,12 @@ def _finish(tmp: Path, src: Path, classes: list[str], split: str, results: list[
     for i, r in enumerate(kept):
         name = f"{split}-{i:05d}.tar"
         os.rename(tmp / f"{r.shard:05d}.part", tmp / name)
+        os.rename(index_file(tmp / f"{r.shard:05d}.part"), index_file(tmp / name))
         shards.append(shard_entry(name, r.num_samples, r.sha256))
     for r in results:
         if not r.num_samples:
             Path(tmp, f"{r.shard:05d}.part").unlink()
+            index_file(Path(tmp, f"{r.shard:05d}.part")).unlink(missing_ok=True)
     manifest = _manifest(_dataset_name(src), sum((r.shapes for r in kept), Counter()), classes, {split: shards})
     write_manifest(tmp, manifest)
     return manifest

@@ -13,7 +13,8 @@ Three numbers, each for the config's model, batch and data settings, on one proc
    wall time the loop spent waiting for the next batch, over the whole run and per log interval after the first.
 4. with --npy-shards N: the first N shards of the data, written again as pre-decoded `npy` shards
    (`make_shards.py --format npy`), and one worker's images/s (in-process, 0 workers) on each (goal: >= 10x),
-   and the images/s of decoding alone, on samples already in memory;
+   on the npy shards streamed (their offset indexes removed) against read at their offsets, and the images/s of
+   decoding alone, on samples already in memory;
 5. with --cache: a second real run with the dataset held on the device (`data.device_cache=true`), its data wait.
 Prints a markdown table and writes the numbers as JSON with --out.
 """
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -70,12 +72,17 @@ def npy_vs_png(cfg: Config, shards: int, batches: int, folder: Path) -> dict:
         write_shard(folder / f"train-{i:05d}.tar", samples)
         start += count
     index_shards(folder)
+    streamed = folder.with_name(f"{folder.name}-streamed")  # the same shards without their offset indexes
+    shutil.copytree(folder, streamed, ignore=shutil.ignore_patterns("*.idx"))
     npy = dataclasses.replace(plain, shards=str(folder), manifest="")
     png_rate = loader_rate(dataclasses.replace(cfg, data=plain), 0, batches)["img_per_sec"]
     npy_rate = loader_rate(dataclasses.replace(cfg, data=npy), 0, batches)["img_per_sec"]
+    npy_streamed = loader_rate(dataclasses.replace(cfg, data=dataclasses.replace(npy, shards=str(streamed))), 0,
+                               batches)["img_per_sec"]
     decode = {kind: decode_rate(urls, cfg.data) for kind, urls in
               (("png", subset.urls), ("npy", sorted(str(p) for p in folder.glob("*.tar"))))}
     return {"shards": shards, "samples": len(images), "png_img_per_sec": png_rate, "npy_img_per_sec": npy_rate,
+            "npy_streamed_img_per_sec": npy_streamed, "index_speedup": npy_rate / npy_streamed,
             "speedup": npy_rate / png_rate, "png_decode_per_sec": decode["png"], "npy_decode_per_sec": decode["npy"],
             "decode_speedup": decode["npy"] / decode["png"]}
 
@@ -158,6 +165,9 @@ def main() -> int:
         print(f"| one worker, {npy['samples']} samples of {npy['shards']} shards: as written vs npy | "
               f"{npy['png_img_per_sec']:,.0f} vs {npy['npy_img_per_sec']:,.0f} img/s: **{npy['speedup']:.1f}x** "
               f"(goal >= 10x: {'met' if npy['speedup'] >= 10 else 'not met'}) |")
+        print(f"| one worker, npy shards: streamed (tar headers parsed) vs read at their offset indexes | "
+              f"{npy['npy_streamed_img_per_sec']:,.0f} vs {npy['npy_img_per_sec']:,.0f} img/s: "
+              f"**{npy['index_speedup']:.1f}x** |")
         print(f"| decoding alone (`decode_image` on samples in memory): as written vs npy | "
               f"{npy['png_decode_per_sec']:,.0f} vs {npy['npy_decode_per_sec']:,.0f} img/s: "
               f"**{npy['decode_speedup']:.1f}x** |")

@@ -20,6 +20,9 @@ data.resolution and data.channels.
 
 --index writes manifest.json for the *.tar shards in a folder (usual webdataset layout: `__key__` plus
 jpg/jpeg/png/webp and optional cls/json members), replacing any manifest already there.
+
+Every plain tar shard either way gets an offset index beside it, `NAME.tar.idx`: each member's name, data offset and
+size, so the loader reads members at their offsets instead of parsing tar headers. --index rebuilds them.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write or index webdataset image shards for gan-dist.")
     parser.add_argument("--src", type=Path, help="image folder (images directly, or in class sub-folders)")
     parser.add_argument("--out", type=Path, help="new or empty output folder for the shards and manifest.json")
-    parser.add_argument("--index", type=Path, metavar="DIR", help="write DIR/manifest.json for the shards in DIR")
+    parser.add_argument("--index", type=Path, metavar="DIR", help="write DIR/manifest.json and an offset index "
+                        "beside each shard in DIR")
     parser.add_argument("--max-count", type=int, help=f"samples per shard (default {DEFAULT_MAX_COUNT} when "
                                                       f"--max-size is not given either)")
     parser.add_argument("--max-size", type=float, metavar="MB", help="MB (10^6 bytes) per shard, counting tar bytes")

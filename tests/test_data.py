@@ -35,6 +35,7 @@ from gan_dist.config import DataConfig
 from gan_dist.data import ShardStream, Source, open_source, shard_batches, start_positions, to_real
 from gan_dist.errors import UserError
 from gan_dist.points import PointBatches, mixture_centers
+from gan_dist.shardformat import index_file, write_shard
 from gan_dist.shards import open_shard, tar_samples
 
 SIZES = [7, 13, 10, 4, 9]
@@ -356,6 +357,89 @@ def test_missing_pipe_shard_stops_the_run_naming_the_url(tmp_path):
     src = Source([f"pipe:cat {tmp_path}/nowhere.tar"], None)
     b = shard_batches(src, cfg(mode="resampled"), BATCH, seed=0, rank=0, world=1)
     with pytest.raises(UserError, match=r"pipe:cat .*nowhere.tar.*nothing could be read"):
+        next(b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offset indexes: shards written by write_shard (make_shards.py, MNIST's) carry one; the shards above are plain tars
+
+
+def indexed_shards(root: Path, fmt: str, count: int = 4, size: int = 12) -> tuple[list[str], list[str]]:
+    """`count` shards of `size` samples in `fmt` (png or npy) written by write_shard, with their offset indexes,
+    and a copy of each without one (read by streaming)."""
+    urls, copies = [], []
+    for s in range(count):
+        samples = []
+        for i in range(s * size, (s + 1) * size):
+            pixels = np.full((4, 4, 1), i, np.uint8)
+            buf = io.BytesIO()
+            np.save(buf, pixels)
+            samples.append({"__key__": f"sample_{i:05d}", fmt: buf.getvalue() if fmt == "npy" else png(i),
+                            "cls": b"3"})
+        for folder, out in (("indexed", urls), ("streamed", copies)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            path = root / folder / f"train-{s:05d}.tar"
+            write_shard(path, samples)
+            out.append(str(path))
+        index_file(copies[-1]).unlink()
+    return urls, copies
+
+
+@pytest.mark.parametrize("fmt", ["png", "npy"])
+def test_indexed_reads_equal_streamed_reads_byte_for_byte(tmp_path, fmt):
+    urls, copies = indexed_shards(tmp_path, fmt)
+    s = stream(Source(urls + copies, [12] * 8))
+    assert s._indexed(urls[0]) is not None and s._indexed(copies[0]) is None
+    for first, take in ((0, None), (3, 4), (11, None), (12, None)):
+        a, b = (list(s._read(u, first, take, 12)) for u in (urls[1], copies[1]))
+        assert len(a) == (take or 12 - first) and [x.pop("__url__") for x in a + b] == [urls[1]] * len(a) + [
+            copies[1]] * len(b)
+        assert a == b, "the same keys and member bytes"
+    # A whole loader run, 2 workers, shuffled, decoded, into a second epoch: the same batches.
+    indexed, streamed = (shard_batches(Source(u, [12] * 4), cfg(num_workers=2), BATCH, seed=0, rank=0, world=1)
+                         for u in (urls, copies))
+    for _ in range(16):
+        (x, y), (x2, y2) = next(indexed), next(streamed)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert indexed.state().tolist() == streamed.state().tolist()
+
+
+def test_a_shard_cut_after_its_index_was_checked_is_skipped_not_read_past(tmp_path, capsys):
+    urls, _ = indexed_shards(tmp_path, "png", count=1)
+    s = stream(Source(urls, [12]))
+    assert len(list(s._read(urls[0], 0, None, 12))) == 12  # the index is checked here, once per run
+    Path(urls[0]).write_bytes(Path(urls[0]).read_bytes()[:4096])
+    got = list(s._read(urls[0], 0, None, 12))
+    assert 0 < len(got) < 12 and s.skipped == 12 - len(got)
+    assert "is truncated (it ends before a member its index lists)" in capsys.readouterr().err
+
+
+def rewrite_first_key(path: str) -> None:
+    """The shard with its first member renamed (same length, so the same size), its header checksum made right."""
+    raw = bytearray(Path(path).read_bytes())
+    header = tarfile.TarInfo.frombuf(bytes(raw[:512]), "utf-8", "surrogateescape")
+    header.name = header.name.replace("sample_00000", "sample_99999")
+    raw[:512] = header.tobuf(tarfile.USTAR_FORMAT)
+    Path(path).write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda url: Path(url).write_bytes(Path(url).read_bytes()[:-1024]), r"has \d+ bytes but its index "
+                                                                        r"train-00000.tar.idx says \d+"),
+    (rewrite_first_key, r"its first member is not sample_00000\.\w+ of \d+ bytes"),
+    (lambda url: index_file(url).write_text('{"format": "gan-dist-index/1", "size"'),
+     r"its index train-00000.tar.idx is unreadable or malformed"),
+    (lambda url: index_file(url).write_text(json.dumps({"format": "gan-dist-index/1", "size": 10**9, "members": [
+        ["sample_00000.png", 512, 10]]})), r"has \d+ bytes but its index"),
+    (lambda url: index_file(url).write_text(json.dumps({"format": "gan-dist-index/1", "size": 1, "members": [
+        ["sample_00000.png", 512, 10**9]]})), r"its index train-00000.tar.idx is unreadable or malformed")],
+    ids=["truncated shard", "rewritten shard", "torn index", "index of another size", "offsets past the end"])
+def test_a_stale_or_damaged_index_stops_the_run_naming_the_shard(tmp_path, damage, message):
+    urls, _ = indexed_shards(tmp_path, "png", count=1)
+    damage(urls[0])
+    b = shard_batches(Source(urls, [12]), cfg(), BATCH, seed=0, rank=0, world=1)
+    with pytest.raises(UserError, match=f"shard {urls[0]}: {message}.*rebuild it with scripts/make_shards.py "
+                                        f"--index {Path(urls[0]).parent}"):
         next(b)
 
 

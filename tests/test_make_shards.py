@@ -244,7 +244,8 @@ def test_index_counts_foreign_shards_and_replaces_the_manifest(tmp_path):
     assert manifest["image"] == {"height": 10, "width": 20, "channels": 3, "uniform": True}
     # Integer labels: position in `classes` is the label, and num_classes covers label 2 though no sample has it.
     assert manifest["classes"] == ["0", "1", "2", "3"] and manifest["num_classes"] == 4
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "part-0.tar", "part-1.tar"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "part-0.tar", "part-0.tar.idx", "part-1.tar",
+                                                       "part-1.tar.idx"], "the manifest and an offset index per shard"
 
 
 def test_index_names_a_truncated_shard_and_keeps_the_old_manifest(tmp_path):

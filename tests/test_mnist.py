@@ -123,8 +123,9 @@ def test_real_mnist_manifest_counts_and_checksums(real):
         for shard in info["shards"]:
             assert sha256(real.dir / shard["name"]) == shard["sha256"]
     assert sorted(p.name for p in real.dir.iterdir()) == sorted(
-        ["manifest.json"] + [s["name"] for info in manifest["splits"].values() for s in info["shards"]]
-    )
+        ["manifest.json"] + [name for info in manifest["splits"].values() for s in info["shards"]
+                             for name in (s["name"], s["name"] + ".idx")]
+    ), "the manifest, and each shard with its offset index"
     # The temp folder was renamed into place, not left beside it.
     assert sorted(p.name for p in real.root.iterdir()) == ["cli", "lib"]
 
@@ -327,6 +328,21 @@ def test_ensure_shards_builds_once_then_reuses_the_cache(tmp_path):
     # Later runs need only the cache, not the source files.
     shutil.rmtree(tmp_path / "src")
     assert ensure_shards(tmp_path / "src", tmp_path / "cache", download=False) == built
+
+
+def test_a_cache_written_before_offset_indexes_gets_them_and_keeps_its_shards(tmp_path):
+    make_mnist(tmp_path / "src")
+    write_shards(tmp_path / "src", tmp_path / "out", shard_size=10)
+    indexes = sorted((tmp_path / "out").glob("*.idx"))
+    assert [p.name for p in indexes] == ["test-00000.tar.idx", "train-00000.tar.idx", "train-00001.tar.idx",
+                                         "train-00002.tar.idx"]
+    before = {p.name: p.read_bytes() for p in indexes}
+    shards = {p.name: sha256(p) for p in (tmp_path / "out").glob("*.tar")}
+    for p in indexes:
+        p.unlink()
+    ensure_shards(tmp_path / "src", tmp_path / "out", download=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.idx")} == before
+    assert {p.name: sha256(p) for p in (tmp_path / "out").glob("*.tar")} == shards
 
 
 def test_cli_missing_src_prints_one_line_error_without_traceback(tmp_path):
