@@ -81,6 +81,12 @@ def open_source(cfg: DataConfig) -> Source:
     if not urls:
         raise UserError("data.shards is empty; set it to shard URLs, e.g. data.shards=/data/train-{00000..00009}.tar")
     check_local(urls)
+    # A stale offset index stops the run here, before training, rather than in the one rank that meets it.
+    for url in (u for u in urls if not is_remote(u)):
+        try:
+            read_index(url.removeprefix("file:"))
+        except ShardError as err:
+            raise UserError(str(err)) from None
     manifests = [m for m in cfg.manifest.split("::") if m] if cfg.manifest else sorted({
         str(beside) for u in urls if not is_remote(u)
         if (beside := Path(u.removeprefix("file:")).parent / "manifest.json").is_file()})

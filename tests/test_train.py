@@ -204,9 +204,16 @@ def test_resampled_run_over_a_truncated_shard_finishes_and_reports_the_skip(tmp_
     raw = (broken / "train-00002.tar").read_bytes()
     (broken / "train-00002.tar").write_bytes(raw[: len(raw) // 3])
     run_dir = tmp_path / "run"
+    args = (*RGB_ARGS, "train.steps=40", "data.mode=resampled", f"data.shards={broken}")
+    # Its offset index no longer fits it: every rank stops before training, with one line naming the shard.
+    refused = launch(run_dir, shards, 2, *args, config="configs/cifar32.yaml", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stdout + refused.stderr
+    assert f"train-00002.tar: has {len(raw) // 3} bytes but its index train-00002.tar.idx says" in refused.stderr
+    assert not (run_dir / "checkpoints").exists()
+    # Streamed (its index deleted, as the line says), the shard's intact head is read and the rest skipped.
+    (broken / "train-00002.tar.idx").unlink()
     # 40 steps x 8 images per rank: each of the 4 slots draws about 10 shards, so the broken one is met.
-    log = launch(run_dir, shards, 2, *RGB_ARGS, "train.steps=40", "data.mode=resampled", f"data.shards={broken}",
-                 config="configs/cifar32.yaml")
+    log = launch(run_dir, shards, 2, *args, config="configs/cifar32.yaml")
     assert "train-00002.tar: is truncated or corrupt" in log and "skipped" in log, log
     rows = jsonl(run_dir)
     assert rows[-1]["data/skipped"] > 0 and "data/epoch" not in rows[-1]
