@@ -202,9 +202,7 @@ class ShardStream(IterableDataset):
             except (ShardError, OSError) as err:
                 self._skip(str(err), want - got)
                 return
-            if expected is not None and seen != expected and (at_end or seen < end):
-                self._skip(f"shard {url} holds {seen} samples, its manifest lists {expected}",
-                           end - first - got if seen < end else seen - expected)
+            self._check_count(url, seen, expected, first, end, got)
             return
         try:
             stream = open_shard(url, self.cfg.timeout_s, self.cfg.min_rate_kbs)
@@ -229,7 +227,12 @@ class ShardStream(IterableDataset):
                 stream.close()
             except OSError:
                 pass  # a pipe: command closed early by us exits on SIGPIPE
-        if expected is not None and seen != expected and (at_end or seen < end):
+        self._check_count(url, seen, expected, first, end, got)
+
+    def _check_count(self, url: str, seen: int, expected: int | None, first: int, end: int | None, got: int) -> None:
+        """A shard read through [first, end) that holds `seen` samples where its manifest lists `expected`: the
+        samples its range lacks (or the shard has beyond the manifest, when the range ends at its end) are counted."""
+        if expected is not None and seen != expected and (end == expected or seen < end):
             self._skip(f"shard {url} holds {seen} samples, its manifest lists {expected}",
                        end - first - got if seen < end else seen - expected)
 
@@ -343,11 +346,11 @@ def start_positions(saved: torch.Tensor, mode: str, rank: int, world: int, worke
     if saved.numel() == 0:
         return [[0, 0, 0] for _ in range(workers)]
     chunk = epoch if mode == "epoch" or not same_layout else int(saved[:, 0].max()) + 1
-    held = f"positions for {saved.shape[0]} rank x worker slots" if same_layout else "the other layout's positions " \
-        "(the device cache's or the loader's)"
-    say(f"data: the checkpoint holds {held}, this run has {world * workers}; restarting at the start of chunk "
-        f"{chunk} ({'epoch' if mode == 'epoch' else 'draw'}). Exact resume needs the same world size, "
-        "data.num_workers and data.device_cache.")
+    held = f"positions for {saved.shape[0]} rank x worker slots, this run has {world * workers}" if same_layout \
+        else "the positions of the other data path (the device cache's or the loader's)"
+    say(f"data: the checkpoint holds {held}; restarting at the start of chunk {chunk} "
+        f"({'epoch' if mode == 'epoch' else 'draw'}). Exact resume needs the same world size, data.num_workers and "
+        "data.device_cache.")
     return [[chunk, 0, 0] for _ in range(workers)]
 
 

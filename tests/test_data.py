@@ -734,7 +734,7 @@ def test_a_loader_checkpoint_restarts_the_device_cache_epoch(source):
     said = []
     saved = torch.tensor([[3, 5, 1], [3, 7, 0]])  # two loader slots' positions: not the cache's stream
     assert data.cache_position(saved, "stream", 2, 3, said.append) == [3, 0, 0]
-    assert "the other layout's positions" in said[0]
+    assert "the positions of the other data path" in said[0]
 
 
 def test_device_cache_flips_per_sample_and_epoch_deterministically(tmp_path):

@@ -30,16 +30,20 @@ from ddp_losses import CASES
 from runs import REPO, _free_port
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp_losses")
+def two_processes(script: str, out: Path) -> Path:
+    """`script OUT` under the real `accelerate launch` with 2 CPU processes; OUT, once it exited cleanly."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "tests/ddp_losses.py", str(out)]
+           "--main_process_port", str(_free_port()), script, str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    return two_processes("tests/ddp_losses.py", tmp_path_factory.mktemp("ddp_losses"))
 
 
 @pytest.mark.parametrize("case", [f"{name}{sn}" for name in CASES for sn in ("", "_sn")])
@@ -64,14 +68,7 @@ def test_two_processes_with_accumulation_take_the_single_process_step(outputs, c
 
 @pytest.fixture(scope="module")
 def hook_outputs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp_hook")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "tests/ddp_hook.py", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
+    return two_processes("tests/ddp_hook.py", tmp_path_factory.mktemp("ddp_hook"))
 
 
 # The largest difference from one process's gradients, relative to the largest gradient: fp32 sums (no hook) to
@@ -79,8 +76,10 @@ def hook_outputs(tmp_path_factory) -> Path:
 HOOK_TOLERANCE = {"none": 1e-5, "fp16": 1e-3, "bf16": 8e-3}
 
 
-@pytest.mark.parametrize("hook", [pytest.param(h, marks=pytest.mark.skipif(
-    h == "bf16" and not torch.cuda.is_available(), reason="torch's bf16 hook runs on NCCL only")) for h in HOOK_TOLERANCE])
+NCCL_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's bf16 hook runs on NCCL only")
+
+
+@pytest.mark.parametrize("hook", [pytest.param(h, marks=NCCL_ONLY if h == "bf16" else ()) for h in HOOK_TOLERANCE])
 def test_a_comm_hook_keeps_the_two_process_gradients_within_its_precision(hook_outputs, hook):
     ranks = [torch.load(hook_outputs / f"hook_rank{r}.pt") for r in range(2)]
     ref = torch.load(hook_outputs / "hook_reference.pt")
