@@ -83,15 +83,18 @@ class TrainState:
     origin: str = ""  # the ckpt.resume=PATH these checkpoints continue from; "" for a run started in its run.dir
     rollbacks: int = 0  # times the run went back to a checkpoint after non-finite losses or weights
     data_layout: str = ""  # what data_pos holds: "cache" (one global position) or "stream" (one per loader slot)
+    # The parts of epochs left to the loader's slots after a resume on another world size (data.spans_tensor).
+    data_spans: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))
 
     def save(self, folder: Path) -> None:
-        tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos} | {
+        tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos, "data_spans": self.data_spans} | {
             f"log_sums/{k}": v for k, v in self.log_sums.items()} | {
             f"rank_buffers/{k}": v for k, v in self.rank_buffers.items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(folder / "train_state.safetensors"))
         scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("z_fixed", "data_pos",
-                                                                                       "log_sums", "rank_buffers")}
+                                                                                       "data_spans", "log_sums",
+                                                                                       "rank_buffers")}
         (folder / "train_state.json").write_text(json.dumps(scalars, indent=1) + "\n")
 
     def load(self, folder: Path) -> None:
@@ -115,6 +118,8 @@ class TrainState:
         self.rollbacks = rollbacks if isinstance(rollbacks, int) and rollbacks >= 0 else 0
         self.data_layout = layout if layout in ("cache", "stream") else ""
         self.z_fixed, self.data_pos = tensors["z_fixed"], tensors["data_pos"]
+        spans = tensors.get("data_spans", torch.empty(0, 3, dtype=torch.int64))  # newer than some checkpoints
+        self.data_spans = spans if spans.ndim == 2 and spans.shape[1] == 3 else torch.empty(0, 3, dtype=torch.int64)
         self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
         self.rank_buffers = {k.removeprefix("rank_buffers/"): v for k, v in tensors.items()
                              if k.startswith("rank_buffers/")}

@@ -137,7 +137,7 @@ class DataConfig:
     num_workers: int = 2  # loader processes per rank (none with the device cache)
     limit: int = 0  # train on the first N samples of one fixed random order of the dataset (any world size); 0 = all
     device_cache: Literal["auto", True, False] = "auto"  # decode the whole dataset once into a tensor on the device
-    shuffle_buffer: int = 2000  # samples held by each loader worker's shuffle buffer
+    shuffle_buffer: int = 2000  # samples per shuffle window (each drawn in its own order; a worker holds one)
     std: float = 0.05  # per-mode standard deviation for ring8 / grid25
     radius: float = 2.0  # ring8 radius
     spacing: float = 2.0  # grid25 distance between neighbouring modes

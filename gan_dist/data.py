@@ -5,18 +5,23 @@ the device with the next batch prefetched (`DeviceBatches`, which carries `point
 Images come from webdataset shards (read by `shards.py`; MNIST's are written on first use by `mnist_shards.py`).
 Every rank x loader-worker pair is a "slot", and each slot reads its stream in chunks:
 
-- `data.mode=epoch`: chunk e is the slot's share of epoch e. The shards are permuted with a seed all ranks share,
-  laid end to end, and cut into `slots` contiguous ranges of equal sample count (within one), so every sample is
-  read by exactly one slot per epoch and all ranks get the same number of batches. A range may start or end inside
-  a shard; the slot then skips or stops reading that shard there. A slot's last batch of an epoch is completed with
-  the first samples of its next epoch (the remainder rule: no sample is dropped or repeated within an epoch).
+- `data.mode=epoch`: chunk e is the slot's share of epoch e. Epoch e's sample order is one all ranks share: the
+  shards permuted with a seed, laid end to end, and cut into windows of `data.shuffle_buffer` samples, each drawn
+  in its own seeded order. That order is cut into `slots` contiguous parts of equal sample count (within one), so
+  every sample is read by exactly one slot per epoch and all ranks get the same number of batches. A slot reads a
+  window's samples at their offsets when the shard has an offset index, and otherwise streams the window's part
+  of the shard and keeps what it needs. A slot's last batch of an epoch is completed with the first samples of its
+  next epoch (the remainder rule: no sample is dropped or repeated within an epoch).
 - `data.mode=resampled`: chunk k is `RESAMPLED_CHUNK` shards drawn with replacement by the slot's own RNG, seeded
-  by (seed, chunk, rank, worker). Streams never end, whatever the shard count.
+  by (seed, chunk, rank, worker); its samples are drawn in windows of `data.shuffle_buffer`, each in its own seeded
+  order. Streams never end, whatever the shard count.
 
-Samples of a chunk are shuffled with a buffer seeded by (seed, chunk, rank, worker), flushed at the chunk's end, and
-decoded only after shuffling. A slot's position is (chunk, samples taken from it, samples skipped so far); the loop
-saves every slot's position with each checkpoint, and a resumed slot re-reads its chunk as raw bytes up to there
-without decoding any of it. Bad images and truncated shards are skipped with a warning (or stop the run with
+Samples are decoded only once their place comes. A slot's position is (chunk, places taken from it, samples skipped
+so far); the loop saves every slot's position with each checkpoint. A resumed slot on the same world size and worker
+count goes on from its place (in epoch mode without reading what comes before it; a resampled chunk's windows are
+re-read as raw bytes). On another, in epoch mode, what the old slots had left of each epoch they had begun is
+shared by the new slots (`continue_epochs`, kept in the checkpoint as `spans` until those epochs are read), so no
+sample is drawn twice or skipped. Bad images and truncated shards are skipped with a warning (or stop the run with
 `data.on_error=raise`); the skip count travels with the position.
 
 With `data.device_cache` (MNIST, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
@@ -35,7 +40,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -98,38 +103,58 @@ def open_source(cfg: DataConfig) -> Source:
     return Source(urls, counts)
 
 
-def chunk_plan(source: Source, mode: str, seed: int, chunk: int, rank: int, worker: int, slot: int,
-               slots: int) -> list[tuple[int, int, int | None]]:
-    """The shards chunk `chunk` of a slot reads, as (shard index, samples to skip first, samples to take)."""
-    n = len(source.urls)
-    if mode == "resampled":
-        rng = random.Random(_seed(seed, chunk, rank, worker))
-        return [(rng.randrange(n), 0, None) for _ in range(RESAMPLED_CHUNK)]
-    order = list(range(n))
-    random.Random(_seed(seed, chunk)).shuffle(order)
-    total = sum(source.counts)
-    lo, hi = slot * total // slots, (slot + 1) * total // slots
-    plan, start = [], 0
-    for i in order:
-        a, b = max(lo, start), min(hi, start + source.counts[i])
-        if a < b:
-            plan.append((i, a - start, b - a))
-        start += source.counts[i]
-    return plan
+def draws(source: Source, seed: int, chunk: int, rank: int, worker: int) -> list[int]:
+    """The shards resampled chunk `chunk` of a slot reads: `RESAMPLED_CHUNK` drawn with replacement by its own RNG."""
+    rng = random.Random(_seed(seed, chunk, rank, worker))
+    return [rng.randrange(len(source.urls)) for _ in range(RESAMPLED_CHUNK)]
 
 
-def buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Shuffle through a buffer of `size` items (webdataset's scheme), emptied in random order at the end."""
-    buf: list[dict] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        k = rng.randrange(size)
-        yield buf[k]
-        buf[k] = item
-    rng.shuffle(buf)
-    yield from buf
+def shard_order(source: Source, seed: int, epoch: int) -> list[int]:
+    """The shards of epoch `epoch` in the order they are laid end to end: a permutation every rank shares."""
+    order = list(range(len(source.urls)))
+    random.Random(_seed(seed, epoch)).shuffle(order)
+    return order
+
+
+def window_order(seed: int, epoch: int, window: int, n: int) -> np.ndarray:
+    """The order in which the `n` samples of one shuffle window of epoch `epoch` are drawn."""
+    return np.random.default_rng(_seed(seed, epoch, window)).permutation(n)
+
+
+Spans = list[tuple[int, int]]  # [start, end) ranges of an epoch's sample order, in order
+
+
+def share(spans: Spans, slot: int, slots: int) -> Spans:
+    """Slot `slot`'s part of `spans` laid end to end and cut into `slots` contiguous parts of equal count (within
+    one)."""
+    total = sum(b - a for a, b in spans)
+    lo, hi, start, out = slot * total // slots, (slot + 1) * total // slots, 0, []
+    for a, b in spans:
+        x, y = max(lo, start), min(hi, start + b - a)
+        if x < y:
+            out.append((a + x - start, a + y - start))
+        start += b - a
+    return out
+
+
+def drop(spans: Spans, n: int) -> Spans:
+    """`spans` without their first `n` samples."""
+    out = []
+    for a, b in spans:
+        if n < b - a:
+            out.append((a + n, b))
+        n = max(0, n - (b - a))
+    return out
+
+
+def merged(spans: Spans) -> Spans:
+    out: Spans = []
+    for a, b in sorted(spans):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 class FatalDataError(Exception):
@@ -145,29 +170,49 @@ def class_of(sample: dict, cfg: DataConfig) -> int:
     return label
 
 
+class Read(NamedTuple):
+    """How a shard's read ended: samples yielded, the fault that ended it early (or the manifest count it does not
+    match), and samples it holds beyond that count."""
+
+    got: int
+    fault: str | None
+    extra: int
+
+
+def collect(reading: Generator[dict, None, Read]) -> tuple[list[dict], Read]:
+    samples = []
+    while True:
+        try:
+            samples.append(next(reading))
+        except StopIteration as stop:
+            return samples, stop.value
+
+
 def _say(msg: str) -> None:
     print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
 
 
 class ShardStream(IterableDataset):
-    """Endless batches for one rank; batch i comes from logical worker i % workers (see `ShardBatches`)."""
+    """Endless batches for one rank; batch i comes from logical worker i % workers (see `ShardBatches`). `spans`
+    holds, for the epochs that the slots of an earlier world size had partly read, the parts of each epoch's order
+    left to read (`continue_epochs`); every other epoch is read whole."""
 
     def __init__(self, source: Source, cfg: DataConfig, batch: int, seed: int, rank: int, world: int,
-                 start_batch: int, positions: list[Position]) -> None:
+                 start_batch: int, positions: list[Position], spans: dict[int, Spans] | None = None) -> None:
         self.source, self.cfg, self.batch, self.seed = source, cfg, batch, seed
         self.rank, self.world, self.workers = rank, world, max(cfg.num_workers, 1)
-        self.start_batch, self.positions = start_batch, positions
-        self.quiet = False  # set while a resumed slot re-reads samples it had already taken
+        self.start_batch, self.positions, self.spans = start_batch, positions, spans or {}
         self.skipped = 0
         self.indexes: dict[str, list | None] = {}  # url -> its samples' offsets (None: no index, streamed)
 
-    def _skip(self, what: str, lost: int) -> None:
-        if self.quiet:
-            return
-        self.skipped += lost
+    def _warn(self, what: str, lost: int) -> None:
         if self.cfg.on_error == "raise":
             raise FatalDataError(what)
         _say(f"warning: rank {self.rank}: {what}; skipped {lost} sample(s) (data.on_error=raise stops instead)")
+
+    def _skip(self, what: str, lost: int) -> None:
+        self._warn(what, lost)
+        self.skipped += lost
 
     def _indexed(self, url: str) -> list | None:
         """A local shard's samples from its offset index (checked against the shard once per run), or None."""
@@ -181,68 +226,138 @@ class ShardStream(IterableDataset):
             self.indexes[url] = None if members is None else index_samples(members)
         return self.indexes[url]
 
-    def _read(self, url: str, first: int, take: int | None, expected: int | None) -> Iterator[dict]:
-        """Raw samples [first, first + take) of one shard (to its manifest count, or its end, when `take` is None).
-        A fault skips the rest of the shard. The range that ends where the manifest says the shard ends reads on to
-        its real end, so a shard holding fewer or more samples than its manifest lists is found and counted. A local
-        shard with an offset index is read at its members' offsets, without parsing a tar header."""
-        end = first + take if take is not None else expected
-        at_end = expected is not None and end == expected
-        # A member bigger than 4 bytes per pixel an image may have is no image this run would decode.
-        cap = 4 * pixel_bound(self.cfg.resolution)
+    def _read(self, url: str, first: int, end: int | None, expected: int | None,
+              keep: list[int] | None = None) -> Generator[dict, None, Read]:
+        """Raw samples [first, end) of one shard in order (to its end when `end` is None), or only those at the
+        sorted indices `keep` among them. A fault ends the read early, so what it yields is always the first of
+        the samples asked for. A local shard with an offset index is read at its members' offsets (only the
+        samples asked for), without parsing a tar header; others are streamed. A range that ends where the
+        manifest says the shard ends reads on to its real end, so a shard holding more samples than its
+        manifest lists is found."""
+        cap = 4 * pixel_bound(self.cfg.resolution)  # no image this run decodes has a bigger member
         indexed = self._indexed(url)
         if indexed is not None:
             seen = len(indexed)
-            want = max(0, min(seen, end if end is not None else seen) - first)
+            stop = min(seen, end if end is not None else seen)
+            picked = range(first, stop) if keep is None else [j for j in keep if j < stop]
             got = 0
             try:
-                for sample in read_indexed(url.removeprefix("file:"), url, indexed[first:first + want], cap):
+                for sample in read_indexed(url.removeprefix("file:"), url, [indexed[j] for j in picked], cap):
                     yield sample
                     got += 1
             except (ShardError, OSError) as err:
-                self._skip(str(err), want - got)
-                return
-            self._check_count(url, seen, expected, first, end, got)
-            return
+                return Read(got, str(err), 0)
+            return Read(got, *self._mismatch(url, seen, expected, end))
         try:
             stream = open_shard(url, self.cfg.timeout_s, self.cfg.min_rate_kbs)
         except ShardError as err:
             raise FatalDataError(f"{err}; check data.shards") from None
+        wanted = None if keep is None else set(keep)
         seen = got = 0
         try:
             for seen, sample in enumerate(tar_samples(stream, url, cap), start=1):
-                if first < seen and (end is None or seen <= end):
+                if first < seen and (end is None or seen <= end) and (wanted is None or seen - 1 in wanted):
                     yield sample
                     got += 1
-                if end is not None and seen >= end and not at_end:
+                if end is not None and seen >= end and end != expected:
                     break
         except ShardError as err:
             if err.key is None and is_remote(url) and first == 0:
                 raise FatalDataError(f"shard {url}: nothing could be read ({err.reason}); check data.shards "
                                      f"(and data.timeout_s for a slow source)") from None
-            self._skip(str(err), max((end - first if end is not None else 0) - got, 1))
-            return
+            return Read(got, str(err), 0)
         finally:
             try:
                 stream.close()
             except OSError:
                 pass  # a pipe: command closed early by us exits on SIGPIPE
-        self._check_count(url, seen, expected, first, end, got)
+        return Read(got, *self._mismatch(url, seen, expected, end))
 
-    def _check_count(self, url: str, seen: int, expected: int | None, first: int, end: int | None, got: int) -> None:
-        """A shard read through [first, end) that holds `seen` samples where its manifest lists `expected`: the
-        samples its range lacks (or the shard has beyond the manifest, when the range ends at its end) are counted."""
-        if expected is not None and seen != expected and (end == expected or seen < end):
-            self._skip(f"shard {url} holds {seen} samples, its manifest lists {expected}",
-                       end - first - got if seen < end else seen - expected)
+    @staticmethod
+    def _mismatch(url: str, seen: int, expected: int | None, end: int | None) -> tuple[str | None, int]:
+        """For a shard read through `end` that holds `seen` samples where its manifest lists `expected`: what is
+        wrong, when the read wanted samples it lacks or read on past the manifest's count; and how many samples it
+        holds beyond that count."""
+        if expected is None or end is None or not (seen < min(expected, end) or seen > expected == end):
+            return None, 0
+        return f"shard {url} holds {seen} samples, its manifest lists {expected}", max(seen - expected, 0)
 
-    def _chunk(self, chunk: int, worker: int) -> Iterator[dict]:
-        slot, slots = self.rank * self.workers + worker, self.world * self.workers
-        plan = chunk_plan(self.source, self.cfg.mode, self.seed, chunk, self.rank, worker, slot, slots)
+    def _shard(self, url: str, expected: int | None, loud: Callable[[], bool] = lambda: True) -> Iterator[dict]:
+        """Every sample of one shard in order; the samples a fault loses are skipped and counted when `loud()`."""
+        read = yield from self._read(url, 0, expected, expected)
+        lost = (max(expected - read.got, 0) if expected is not None else 0) + read.extra
+        if read.fault and loud():
+            self._skip(read.fault, max(lost, 1))
+
+    def _gather(self, order: list[int], ends: np.ndarray, wanted: list[int]) -> tuple[dict[int, dict], dict[int, int]]:
+        """The samples at places `wanted` of an epoch whose shards are laid end to end in `order` (ending at
+        `ends`), by place; and the samples lost at each place (a fault, or a shard's samples beyond its manifest,
+        counted at its last listed place), warned about here and counted as the stream passes them."""
         counts = self.source.counts
+        by_shard: dict[int, list[int]] = {}
+        for place, laid in zip(wanted, np.searchsorted(ends, wanted, side="right").tolist()):
+            by_shard.setdefault(laid, []).append(place)
+        got, lost = {}, {}
+        for laid, places in sorted(by_shard.items()):
+            i = order[laid]
+            base = int(ends[laid]) - counts[i]
+            keep = sorted(p - base for p in places)
+            samples, read = collect(self._read(self.source.urls[i], keep[0], keep[-1] + 1, counts[i], keep))
+            got.update((base + j, sample) for j, sample in zip(keep, samples))
+            missing = [base + j for j in keep[len(samples):]]
+            lost.update((place, 1) for place in missing)
+            extra = read.extra if keep[-1] == counts[i] - 1 else 0
+            if extra:
+                lost[base + keep[-1]] = lost.get(base + keep[-1], 0) + extra
+            if missing or extra:
+                self._warn(read.fault, len(missing) + extra)
+        return got, lost
+
+    def _epoch(self, chunk: int, slot: int, slots: int, start: int) -> Iterator[tuple[int, dict]]:
+        """Slot `slot`'s share of epoch `chunk` from its place `start` on, as (place in the share, 1-based; raw
+        sample). The epoch's order: its shards laid end to end (`shard_order`), cut into windows of
+        `data.shuffle_buffer` samples, each drawn in its own order (`window_order`)."""
+        counts, size = self.source.counts, self.cfg.shuffle_buffer
+        total, order = sum(counts), shard_order(self.source, self.seed, chunk)
+        ends = np.cumsum([counts[i] for i in order])
+        spans = drop(share(self.spans.get(chunk, [(0, total)]), slot, slots), start)
+        k = start
+        for a, b in spans:
+            for w in range(a // size, (b - 1) // size + 1):
+                lo = w * size
+                perm = window_order(self.seed, chunk, w, min(size, total - lo))
+                wanted = (lo + perm[max(a, lo) - lo:min(b, lo + size) - lo]).tolist()
+                got, lost = self._gather(order, ends, wanted)
+                for place in wanted:
+                    k += 1
+                    self.skipped += lost.get(place, 0)
+                    if place in got:
+                        yield k, got[place]
+
+    def _drawn(self, chunk: int, worker: int, start: int) -> Iterator[tuple[int, dict]]:
+        """A resampled chunk from its place `start` on, as (place, 1-based; raw sample): its shards' samples in
+        windows of `data.shuffle_buffer`, each drawn in its own order. The windows begun before `start` are read
+        again (their places are not known otherwise), without counting their faults a second time."""
+        size, counts = self.cfg.shuffle_buffer, self.source.counts
+        read, read_before = 0, -(-start // size) * size
         raw = itertools.chain.from_iterable(
-            self._read(self.source.urls[i], first, take, counts[i] if counts else None) for i, first, take in plan)
-        return buffer_shuffle(raw, self.cfg.shuffle_buffer, random.Random(_seed(self.seed, chunk, self.rank, worker)))
+            self._shard(self.source.urls[i], counts[i] if counts else None, lambda: read >= read_before)
+            for i in draws(self.source, self.seed, chunk, self.rank, worker))
+        for w in itertools.count():
+            window = list(itertools.islice(raw, size))
+            if not window:
+                return
+            if read + len(window) > start:
+                perm = np.random.default_rng(_seed(self.seed, chunk, self.rank, worker, w)).permutation(len(window))
+                for k, j in enumerate(perm.tolist(), start=read + 1):
+                    if k > start:
+                        yield k, window[j]
+            read += len(window)
+
+    def _chunk(self, chunk: int, worker: int, start: int = 0) -> Iterator[tuple[int, dict]]:
+        if self.cfg.mode == "resampled":
+            return self._drawn(chunk, worker, start)
+        return self._epoch(chunk, self.rank * self.workers + worker, self.world * self.workers, start)
 
     def _decode(self, sample: dict, chunk: int) -> tuple[np.ndarray, int]:
         # The flip depends on the sample and epoch alone, so a resumed stream flips exactly as the original did.
@@ -254,12 +369,9 @@ class ShardStream(IterableDataset):
         chunk, offset, self.skipped = self.positions[worker]
         items, empty = [], 0
         for chunk in itertools.count(chunk):
-            self.quiet = offset > 0
-            taken = 0
-            for taken, sample in enumerate(self._chunk(chunk, worker), start=1):
-                self.quiet = taken < offset  # the next read happens while fetching sample `taken`
-                if taken <= offset:
-                    continue  # consumed before the checkpoint: raw bytes only, never decoded
+            taken = offset
+            # Samples before `offset` were handed out before the checkpoint: they are not read again.
+            for taken, sample in self._chunk(chunk, worker, offset):
                 try:
                     items.append(self._decode(sample, chunk))
                 except BadSample as err:
@@ -271,8 +383,8 @@ class ShardStream(IterableDataset):
                     # Plain ints: the main process reads the position without touching a tensor.
                     yield images, labels, (worker, chunk, taken, self.skipped)
                     items = []
+            empty = 0 if taken > offset else empty + 1
             offset = 0
-            empty = 0 if taken else empty + 1
             if empty == 100:  # rather than spin forever on shards that hold nothing
                 raise FatalDataError(f"rank {self.rank}: 100 chunks in a row yielded no sample; check that the "
                                      f"shards in data.shards hold samples")
@@ -333,29 +445,68 @@ def cache_position(saved: torch.Tensor, layout: str, world: int, epoch: int, say
             say(f"data: continuing at sample {index} of epoch {epoch} with world size {world} (the checkpoint's was "
                 f"{len(saved)}): no sample of the epoch is drawn twice or skipped")
         return [epoch, index, skipped]
-    return start_positions(saved, "epoch", 0, world, 1, epoch, say, same_layout=layout != "stream")[0]
+    return start_positions(saved, "epoch", 0, world, 1, epoch, say, same_layout=layout != "stream")[0][0]
+
+
+def spans_tensor(spans: dict[int, Spans]) -> torch.Tensor:
+    """`ShardStream.spans` as the (k, 3) rows [epoch, start, end] a checkpoint holds."""
+    rows = [[e, a, b] for e, part in sorted(spans.items()) for a, b in part]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+def spans_of(rows: torch.Tensor) -> dict[int, Spans]:
+    spans: dict[int, Spans] = {}
+    for e, a, b in rows.tolist():
+        spans.setdefault(e, []).append((a, b))
+    return spans
+
+
+def continue_epochs(saved: torch.Tensor, spans: dict[int, Spans], total: int) -> tuple[int, dict[int, Spans]]:
+    """The epoch that slots of another layout continue from, and what is left of it and of the later epochs that
+    the checkpoint's slots (its rows, each [chunk, places taken, skipped]) had begun or had left in part (`spans`):
+    each slot's share of an epoch, less the places it had taken."""
+    rows = saved.tolist()
+    first, last = min(r[0] for r in rows), max([r[0] for r in rows] + list(spans))
+    left = {}
+    for e in range(first, last + 1):
+        parts = [part for s, (chunk, taken, _) in enumerate(rows) if chunk <= e
+                 for part in drop(share(spans.get(e, [(0, total)]), s, len(rows)), taken if chunk == e else 0)]
+        if parts:
+            left[e] = merged(parts)
+    return min(left, default=last + 1), left
 
 
 def start_positions(saved: torch.Tensor, mode: str, rank: int, world: int, workers: int, epoch: int,
-                    say: Callable[[str], None], same_layout: bool = True) -> list[Position]:
-    """Each logical worker's starting position: its saved one when the run resumes on the same world size and
-    worker count; otherwise (or when the checkpoint's positions are of the other layout, `same_layout` False) the
-    start of epoch `epoch` (epoch mode) or of fresh draws (resampled mode)."""
-    if saved.numel() and saved.shape[0] == world * workers and same_layout:
-        return saved[rank * workers:(rank + 1) * workers].tolist()
+                    say: Callable[[str], None], same_layout: bool = True, spans: dict[int, Spans] | None = None,
+                    total: int = 0) -> tuple[list[Position], dict[int, Spans]]:
+    """Each logical worker's starting position, and the parts of epochs left to read (`ShardStream.spans`). On the
+    same world size and worker count, the saved ones. On another, in epoch mode (the dataset's `total` samples),
+    the epochs the checkpoint's slots had begun are continued: this run's slots share what they had left, so no
+    sample is drawn twice or skipped. Otherwise (resampled mode, or positions of the other data path: `same_layout`
+    False) the start of epoch `epoch` or of fresh draws."""
+    spans = spans or {}
     if saved.numel() == 0:
-        return [[0, 0, 0] for _ in range(workers)]
+        return [[0, 0, 0] for _ in range(workers)], {}
+    if same_layout and saved.shape[0] == world * workers:
+        return saved[rank * workers:(rank + 1) * workers].tolist(), spans
+    if same_layout and mode == "epoch" and total and all(0 <= a < b <= total for s in spans.values() for a, b in s):
+        chunk, left = continue_epochs(saved, spans, total)
+        done = total - sum(b - a for a, b in left.get(chunk, [(0, total)]))
+        say(f"data: continuing at sample {done} of epoch {chunk} with world size {world} ({world * workers} rank x "
+            f"worker slots, the checkpoint's {saved.shape[0]}): no sample of the epoch is drawn twice or skipped")
+        skipped = int(saved[:, 2].sum()) if rank == 0 else 0  # the run's count so far, carried by one slot
+        return [[chunk, 0, skipped if w == 0 else 0] for w in range(workers)], left
     chunk = epoch if mode == "epoch" or not same_layout else int(saved[:, 0].max()) + 1
     held = f"positions for {saved.shape[0]} rank x worker slots, this run has {world * workers}" if same_layout \
         else "the positions of the other data path (the device cache's or the loader's)"
     say(f"data: the checkpoint holds {held}; restarting at the start of chunk {chunk} "
         f"({'epoch' if mode == 'epoch' else 'draw'}). Exact resume needs the same world size, data.num_workers and "
         "data.device_cache.")
-    return [[chunk, 0, 0] for _ in range(workers)]
+    return [[chunk, 0, 0] for _ in range(workers)], {}
 
 
 def shard_batches(source: Source, cfg: DataConfig, batch: int, seed: int, rank: int, world: int,
-                  start_batch: int = 0, positions: list[Position] | None = None,
+                  start_batch: int = 0, positions: list[Position] | None = None, spans: dict[int, Spans] | None = None,
                   pin_memory: bool = False) -> ShardBatches:
     workers = max(cfg.num_workers, 1)
     if cfg.mode == "epoch" and min(len(source.urls), sum(source.counts)) < world * workers:
@@ -365,7 +516,8 @@ def shard_batches(source: Source, cfg: DataConfig, batch: int, seed: int, rank: 
                         f"write more, smaller shards (scripts/make_shards.py --max-count N), lower "
                         f"data.num_workers, or use data.mode=resampled")
     positions = positions or [[0, 0, 0] for _ in range(workers)]
-    return ShardBatches(ShardStream(source, cfg, batch, seed, rank, world, start_batch, positions), pin_memory)
+    stream = ShardStream(source, cfg, batch, seed, rank, world, start_batch, positions, spans)
+    return ShardBatches(stream, pin_memory)
 
 
 DEVICE_CACHE_AUTO_BYTES = 1 << 30  # data.device_cache=auto holds a dataset on the device up to this decoded size
@@ -408,7 +560,7 @@ def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndar
     images, labels, start = [], [], 0
     try:
         for url, count in zip(source.urls, source.counts):
-            for index, sample in enumerate(reader._read(url, 0, None, count), start=start):
+            for index, sample in enumerate(reader._shard(url, count), start=start):
                 if wanted is not None and index not in wanted:
                     continue
                 try:

@@ -28,7 +28,7 @@ from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final,
     save_training, sync_buffers, training_tensors
 from gan_dist.config import Config, Launch, TrainConfig, resolve_launch, to_dict, to_yaml
 from gan_dist.data import CachedBatches, DeviceBatches, cache_position, decode_dataset, open_source, shard_batches, \
-    start_positions, wants_device_cache
+    spans_of, spans_tensor, start_positions, wants_device_cache
 from gan_dist.ema import EMA
 from gan_dist.evaluation import Evaluator, better, best_metric
 from gan_dist.errors import UserError
@@ -122,12 +122,15 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
         accelerator.print(f"data: {subset}{len(images)} images ({images.nbytes / 2**20:.0f} MB) decoded once and "
                           f"held on {held_on.type} (data.device_cache={cfg.data.device_cache})")
         position = cache_position(state.data_pos, saved_layout, world, epoch, accelerator.print)
+        state.data_spans = spans_tensor({})
         batches = CachedBatches(*held, cfg.data, batch, seed, rank, world, position, skipped)
         return DeviceBatches(batches, device, prefetch=held_on != device and cfg.perf.prefetch,
                              channels_last=cfg.perf.channels_last)
-    positions = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1), epoch,
-                                accelerator.print, same_layout=saved_layout != "cache")
-    batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions,
+    positions, spans = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1),
+                                       epoch, accelerator.print, same_layout=saved_layout != "cache",
+                                       spans=spans_of(state.data_spans), total=sum(source.counts or []))
+    state.data_spans = spans_tensor(spans)
+    batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions, spans,
                             pin_memory=device.type == "cuda" and cfg.perf.prefetch)
     return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last)
 

@@ -1,6 +1,6 @@
-"""`python tests/record_batches.py OUT [train.py's arguments]`: train.py, with every batch the device cache hands out
-recorded as one line per sample, `<sha1 of its pixels>`, appended to OUT/rank<R>.txt: which samples a run drew, for
-tests/test_data.py's world-size change."""
+"""`python tests/record_batches.py OUT [train.py's arguments]`: train.py, with every batch handed to the training
+step (from the device cache or the loader) recorded as one line per sample, `<sha1 of its pixels>`, appended to
+OUT/rank<R>.txt: which samples a run drew, for tests/test_data.py's world-size change."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import train  # noqa: E402
 from gan_dist import data  # noqa: E402
 
 out = Path(sys.argv[1])
-draw = data.CachedBatches.__next__
+draw = data.DeviceBatches.__next__
 
 
 def recorded(self):
@@ -25,6 +25,6 @@ def recorded(self):
     return images, labels
 
 
-data.CachedBatches.__next__ = recorded
+data.DeviceBatches.__next__ = recorded
 sys.argv = ["train.py", *sys.argv[2:]]
 sys.exit(train.main())

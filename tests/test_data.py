@@ -35,7 +35,7 @@ from gan_dist.config import DataConfig
 from gan_dist.data import ShardStream, Source, open_source, shard_batches, start_positions, to_real
 from gan_dist.errors import UserError
 from gan_dist.points import PointBatches, mixture_centers
-from gan_dist.shardformat import index_file, write_shard
+from gan_dist.shardformat import build_manifest, index_file, shard_entry, write_manifest, write_shard
 from gan_dist.shards import open_shard, tar_samples
 
 SIZES = [7, 13, 10, 4, 9]
@@ -80,10 +80,10 @@ def cfg(**kw) -> DataConfig:
     return DataConfig(**args)
 
 
-def stream(source, rank=0, world=1, start_batch=0, positions=None, seed=0, **kw) -> ShardStream:
+def stream(source, rank=0, world=1, start_batch=0, positions=None, seed=0, spans=None, **kw) -> ShardStream:
     c = cfg(**kw)
     positions = positions or [[0, 0, 0]] * max(c.num_workers, 1)
-    return ShardStream(source, c, BATCH, seed, rank, world, start_batch, positions)
+    return ShardStream(source, c, BATCH, seed, rank, world, start_batch, positions, spans)
 
 
 def ids(images: torch.Tensor) -> list[int]:
@@ -93,6 +93,11 @@ def ids(images: torch.Tensor) -> list[int]:
 
 def key_ids(samples) -> list[int]:
     return [int(s["__key__"].split("_")[1]) for s in samples]
+
+
+def raw(s: ShardStream, chunk: int, worker: int) -> list[dict]:
+    """The raw samples of one slot's chunk, in the order its batches take them."""
+    return [sample for _, sample in s._chunk(chunk, worker)]
 
 
 def rank_batches(s: ShardStream, n: int) -> list[list[int]]:
@@ -154,7 +159,7 @@ def test_epoch_mode_reads_every_sample_exactly_once_per_epoch(source, world, wor
         for rank in range(world):
             s = stream(source, rank=rank, world=world, num_workers=workers, seed=seed)
             for w in range(workers):
-                share = key_ids(s._chunk(epoch, w))
+                share = key_ids(raw(s, epoch, w))
                 shares.append(len(share))
                 seen += share
         assert sorted(seen) == list(range(TOTAL)), f"epoch {epoch}: every sample exactly once"
@@ -168,7 +173,7 @@ def test_epoch_batches_carry_over_the_remainder_without_dropping_or_repeating(so
     # Rank 1 of 2, two workers: each slot's batches are its epoch shares back to back, cut into batches of 4.
     s = stream(source, rank=1, world=2, num_workers=2)
     for w in range(2):
-        expected = [i for e in range(4) for i in key_ids(s._chunk(e, w))]
+        expected = [i for e in range(4) for i in key_ids(raw(s, e, w))]
         got = [i for b in itertools.islice(s._batches(w), len(expected) // BATCH) for i in ids(b[0])]
         assert got == expected[:len(got)] and len(got) >= len(expected) - BATCH + 1
 
@@ -210,9 +215,9 @@ def test_resampled_streams_are_endless_seeded_per_slot_and_differ(tmp_path):
     assert batches[0] != batches[1]
     # Each slot draws its own shards: (seed, chunk, rank, worker) seeds the draws.
     many = Source([f"shard-{i}.tar" for i in range(50)], None)
-    plans = [data.chunk_plan(many, "resampled", 3, 0, r, w, 0, 4) for r in range(2) for w in range(2)]
+    plans = [data.draws(many, 3, 0, r, w) for r in range(2) for w in range(2)]
     assert all(len(p) == data.RESAMPLED_CHUNK for p in plans) and len({str(p) for p in plans}) == 4
-    assert plans[0] == data.chunk_plan(many, "resampled", 3, 0, 0, 0, 0, 4)
+    assert plans[0] == data.draws(many, 3, 0, 0, 0)
 
 
 def test_resampled_draws_cover_all_shards(source):
@@ -261,15 +266,74 @@ def test_resume_decodes_none_of_the_skipped_samples(monkeypatch, source):
     assert len(decoded) == n * BATCH
 
 
-def test_start_positions_on_a_different_world_size_restart_the_epoch():
+def test_start_positions_keep_their_own_layout_and_restart_what_they_cannot_continue():
     said = []
     saved = torch.tensor([[3, 5, 1], [3, 7, 0], [4, 1, 2], [3, 9, 0]])
-    assert start_positions(saved, "epoch", 1, 2, 2, 3, said.append) == [[4, 1, 2], [3, 9, 0]]
+    spans = {3: [(0, 20)]}
+    assert start_positions(saved, "epoch", 1, 2, 2, 3, said.append, spans=spans, total=TOTAL) == (
+        [[4, 1, 2], [3, 9, 0]], spans)
     assert not said
-    assert start_positions(saved, "epoch", 0, 1, 2, 3, said.append) == [[3, 0, 0]] * 2
-    assert start_positions(saved, "resampled", 0, 3, 1, 3, said.append) == [[5, 0, 0]]
-    assert len(said) == 2 and "Exact resume needs the same world size" in said[0]
-    assert start_positions(torch.empty(0, 3), "epoch", 0, 2, 2, 0, said.append) == [[0, 0, 0]] * 2
+    assert start_positions(saved, "resampled", 0, 3, 1, 3, said.append) == ([[5, 0, 0]], {})
+    assert start_positions(saved, "epoch", 0, 1, 2, 3, said.append, same_layout=False, total=TOTAL) == (
+        [[3, 0, 0]] * 2, {})
+    assert "restarting at the start of chunk 5 (draw)" in said[0] and "the other data path" in said[1]
+    assert start_positions(torch.empty(0, 3), "epoch", 0, 2, 2, 0, said.append) == ([[0, 0, 0]] * 2, {})
+
+
+def draw_slots(source, layout, saved, spans, amounts, drawn, said) -> tuple[torch.Tensor, dict]:
+    """Run `layout` (ranks, workers) from a checkpoint's rows `saved` (None: a fresh start) and `spans`: slot i
+    takes `amounts[i]` samples (None: all of epochs 0 and 1 it has left), appended to `drawn[epoch]`. Returns the
+    rows a checkpoint would then hold, and the spans the layout read."""
+    world, workers = layout
+    rows, used = [], {}
+    for rank in range(world):
+        positions, used = ([[0, 0, 0]] * workers, {}) if saved is None else start_positions(
+            saved, "epoch", rank, world, workers, 0, said.append, spans=spans, total=TOTAL)
+        s = stream(source, rank=rank, world=world, num_workers=workers, positions=positions, spans=used)
+        for w in range(workers):
+            want = amounts[len(rows)]
+            (chunk, place, _), got = positions[w], 0
+            while chunk < 2 and got != want:
+                for place, sample in s._chunk(chunk, w, place):
+                    drawn[chunk].append(key_ids([sample])[0])
+                    got += 1
+                    if got == want:
+                        break
+                else:
+                    chunk, place = chunk + 1, 0
+            rows.append([chunk, place, 0])
+    return torch.tensor(rows), used
+
+
+@pytest.mark.parametrize("layouts", [[(2, 2), (1, 1), (3, 1)], [(1, 1), (2, 2), (1, 3)], [(3, 1), (2, 1), (1, 2)]])
+def test_the_loader_continues_its_epochs_on_another_world_size(source, layouts):
+    """Three layouts (ranks, workers) in turn, each resumed from the last one's checkpoint rows with its slots at
+    uneven places, some already into epoch 1: epochs 0 and 1 each hold every sample exactly once."""
+    drawn, said = {0: [], 1: []}, []
+    first, second, third = layouts
+    amounts = [5, 12, 7, 0, 9, 3][:first[0] * first[1]]
+    saved, spans = draw_slots(source, first, None, {}, amounts, drawn, said)
+    done = len(drawn[0])
+    saved, spans = draw_slots(source, second, saved, spans, [6, 2, 9, 4][:second[0] * second[1]], drawn, said)
+    assert spans, "the second layout read what the first had left of its epochs"
+    draw_slots(source, third, saved, spans, [None] * (third[0] * third[1]), drawn, said)
+    assert sorted(drawn[0]) == list(range(TOTAL)) and sorted(drawn[1]) == list(range(TOTAL))
+    assert said[0] == (f"data: continuing at sample {done} of epoch 0 with world size {second[0]} "
+                       f"({second[0] * second[1]} rank x worker slots, the checkpoint's {first[0] * first[1]}): no "
+                       "sample of the epoch is drawn twice or skipped")
+    # The same slot count on another shape reads the same shares: the rows go on as they are, with nothing said.
+    assert len(said) == second[0] + (third[0] if third[0] * third[1] != second[0] * second[1] else 0)
+
+
+def test_the_loader_continues_an_epoch_after_a_slot_finished_it_exactly(source):
+    """Every slot at the very end of its share of epoch 0: the next layout starts epoch 1 whole."""
+    shares = [len(raw(stream(source, rank=r, world=2), 0, 0)) for r in range(2)]
+    said = []
+    positions, spans = start_positions(torch.tensor([[0, shares[0], 0], [0, shares[1], 3]]), "epoch", 0, 1, 1, 0,
+                                       said.append, total=TOTAL)
+    assert positions == [[1, 0, 3]] and spans == {}, "on to epoch 1, the skip count carried"
+    assert said == ["data: continuing at sample 0 of epoch 1 with world size 1 (1 rank x worker slots, the "
+                    "checkpoint's 2): no sample of the epoch is drawn twice or skipped"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -321,7 +385,7 @@ def test_truncated_shard_is_skipped_and_counted_once_across_resume(tmp_path, cap
     truncate(tmp_path / "train-00002.tar", 0.5)  # about 5 of its 10 samples survive
     src = Source(urls, [10] * 4)
     s = stream(src)
-    from_2 = [i for i in key_ids(s._chunk(0, 0)) if 20 <= i < 30]
+    from_2 = [i for i in key_ids(raw(s, 0, 0)) if 20 <= i < 30]
     assert 3 <= len(from_2) <= 6 and sorted(from_2) == list(range(20, 20 + len(from_2))), "the intact head is read"
     lost = 10 - len(from_2)
     assert s.skipped == lost
@@ -391,7 +455,7 @@ def test_indexed_reads_equal_streamed_reads_byte_for_byte(tmp_path, fmt):
     s = stream(Source(urls + copies, [12] * 8))
     assert s._indexed(urls[0]) is not None and s._indexed(copies[0]) is None
     for first, take in ((0, None), (3, 4), (11, None), (12, None)):
-        a, b = (list(s._read(u, first, take, 12)) for u in (urls[1], copies[1]))
+        a, b = (list(s._read(u, first, None if take is None else first + take, 12)) for u in (urls[1], copies[1]))
         assert len(a) == (take or 12 - first) and [x.pop("__url__") for x in a + b] == [urls[1]] * len(a) + [
             copies[1]] * len(b)
         assert a == b, "the same keys and member bytes"
@@ -407,9 +471,9 @@ def test_indexed_reads_equal_streamed_reads_byte_for_byte(tmp_path, fmt):
 def test_a_shard_cut_after_its_index_was_checked_is_skipped_not_read_past(tmp_path, capsys):
     urls, _ = indexed_shards(tmp_path, "png", count=1)
     s = stream(Source(urls, [12]))
-    assert len(list(s._read(urls[0], 0, None, 12))) == 12  # the index is checked here, once per run
+    assert len(list(s._shard(urls[0], 12))) == 12  # the index is checked here, once per run
     Path(urls[0]).write_bytes(Path(urls[0]).read_bytes()[:4096])
-    got = list(s._read(urls[0], 0, None, 12))
+    got = list(s._shard(urls[0], 12))
     assert 0 < len(got) < 12 and s.skipped == 12 - len(got)
     assert "is truncated (it ends before a member its index lists)" in capsys.readouterr().err
 
@@ -457,7 +521,7 @@ def test_sources_brace_patterns_lists_folders_pipes_and_manifest(tmp_path):
                                                                                          "manifest.json")))
     assert piped.counts == SIZES
     s = stream(piped)
-    assert sorted(key_ids(s._chunk(0, 0))) == list(range(TOTAL)), "pipe: shards read like local ones"
+    assert sorted(key_ids(raw(s, 0, 0))) == list(range(TOTAL)), "pipe: shards read like local ones"
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(UserError, match="make_shards.py --index"):
         open_source(cfg(shards=pattern))
@@ -473,7 +537,7 @@ def test_http_shards_and_manifest_from_a_loopback_server(tmp_path):
     try:
         src = open_source(cfg(shards=f"{base}/train-{{00000..00004}}.tar", manifest=f"{base}/manifest.json"))
         assert src.counts == SIZES
-        assert sorted(key_ids(stream(src)._chunk(0, 0))) == list(range(TOTAL))
+        assert sorted(key_ids(raw(stream(src), 0, 0))) == list(range(TOTAL))
         missing = shard_batches(Source([f"{base}/gone.tar"], None), cfg(mode="resampled"), BATCH, 0, 0, 1)
         with pytest.raises(UserError, match=r"shard http://127.0.0.1:\d+/gone.tar: cannot be opened \(HTTP Error 404"):
             next(missing)
@@ -515,9 +579,9 @@ def test_stalled_or_slow_http_shard_fails_within_the_timeout_naming_it(tmp_path,
         s = stream(Source([remote], [20]), mode="resampled", timeout_s=1.0, min_rate_kbs=0.1)
         if head == 0:  # nothing arrives: the run stops, naming the URL and the stall
             with pytest.raises(data.FatalDataError, match=f"shard {remote}: nothing could be read .*{message}"):
-                list(s._read(remote, 0, None, 20))
+                list(s._shard(remote, 20))
         else:  # a stall mid-shard: the samples before it are kept, the rest skipped and counted
-            got = list(s._read(remote, 0, None, 20))
+            got = list(s._shard(remote, 20))
             assert 0 < len(got) < 20 and s.skipped == 20 - len(got)
             assert f"shard {remote}: {message}" in capsys.readouterr().err
     finally:
@@ -539,7 +603,7 @@ def test_stalled_pipe_command_fails_within_the_timeout_and_is_killed(tmp_path):
     s = stream(Source(["pipe:sleep 30"], None), mode="resampled", timeout_s=1.0)
     start = time.monotonic()
     with pytest.raises(data.FatalDataError, match="shard pipe:sleep 30: nothing could be read .*stalled"):
-        list(s._read("pipe:sleep 30", 0, None, None))
+        list(s._shard("pipe:sleep 30", None))
     assert time.monotonic() - start < 5
     assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).stdout == b"", "the command was killed"
 
@@ -548,7 +612,7 @@ def test_shards_unlike_their_manifest_are_named_and_counted(tmp_path, capsys):
     urls = write_shards(tmp_path, sizes=[6, 6])
     # The manifest says 8 and 4: shard 0 is short by 2, shard 1 has 2 samples more than listed.
     src = Source(urls, [8, 4])
-    got = key_ids(stream(src)._chunk(0, 0))
+    got = key_ids(raw(stream(src), 0, 0))
     err = capsys.readouterr().err
     assert f"shard {urls[0]} holds 6 samples, its manifest lists 8; skipped 2 sample(s)" in err
     assert f"shard {urls[1]} holds 6 samples, its manifest lists 4; skipped 2 sample(s)" in err
@@ -710,24 +774,52 @@ def test_device_cache_continues_its_epoch_on_another_world_size(source, before, 
     assert drawn == [i for _ in range(6) for i in ids(next(unbroken)[0])], "the global stream of an unbroken run"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_resumed_on_another_world_size_draws_each_sample_of_its_epoch_once(tmp_path, shards, before, after):
-    """A real run on data.limit=640 (the device cache; 20 steps of 32 per epoch), stopped after 10 steps on `before`
-    processes and continued on `after`: counted by each sample's pixels, the epoch holds every sample once, as the
-    same steps of one unbroken run do."""
-    from runs import launch  # noqa: PLC0415
+@pytest.fixture(scope="module")
+def stamped(tmp_path_factory) -> Path:
+    """640 MNIST-sized npy samples in 8 indexed shards, each image stamped with its index (so all differ)."""
+    root = tmp_path_factory.mktemp("stamped")
+    entries = []
+    for s in range(8):
+        samples = []
+        for i in range(s * 80, (s + 1) * 80):
+            pixels = np.zeros((28, 28, 1), np.uint8)
+            pixels[0, :2, 0] = i % 256, i // 256
+            buf = io.BytesIO()
+            np.save(buf, pixels)
+            samples.append({"__key__": f"sample_{i:05d}", "npy": buf.getvalue(), "cls": str(i % 10).encode()})
+        count, digest = write_shard(root / f"train-{s:05d}.tar", samples)
+        entries.append(shard_entry(f"train-{s:05d}.tar", count, digest))
+    write_manifest(root, build_manifest("stamped", {"height": 28, "width": 28, "channels": 1}, {"train": entries}, 10))
+    return root
 
-    def run(name: str, *stages: tuple[int, int]) -> Counter:
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["device_cache", "loader"])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumed_on_another_world_size_draws_each_sample_of_its_epoch_once(tmp_path, shards, stamped, path,
+                                                                                 before, after):
+    """A real run on 640 samples (20 steps of 32 per epoch), stopped after 10 steps on `before` processes and
+    continued on `after`: counted by each sample's pixels, the epoch holds every sample once, as the same steps of
+    one unbroken run do. The device cache (data.limit=640 of MNIST) and the loader (2 workers per process)."""
+    from runs import launch  # noqa: PLC0415
+    data_args = ("data.limit=640",) if path == "device_cache" else (
+        "data.dataset=webdataset", f"data.shards={stamped}", "data.device_cache=false", "data.num_workers=2",
+        "data.shuffle_buffer=100")
+
+    def run(name: str, *stages: tuple[int, int]) -> tuple[Counter, str]:
         out = tmp_path / name
         out.mkdir()
+        said = ""
         for nproc, steps in stages:
-            launch(out / "run", shards, nproc, "data.limit=640", f"train.steps={steps}", "ckpt.every=10",
-                   "eval.every=0", "wandb.mode=disabled", script=("tests/record_batches.py", str(out)))
-        return Counter(line for f in out.glob("rank*.txt") for line in f.read_text().split())
+            said += launch(out / "run", shards, nproc, *data_args, f"train.steps={steps}", "ckpt.every=10",
+                           "eval.every=0", "wandb.mode=disabled", script=("tests/record_batches.py", str(out)))
+        return Counter(line for f in out.glob("rank*.txt") for line in f.read_text().split()), said
 
-    drawn = run("resized", (before, 10), (after, 20))
-    assert sum(drawn.values()) == 640 and drawn == run("unbroken", (1, 20))
+    (drawn, said), (unbroken, _) = run("resized", (before, 10), (after, 20)), run("unbroken", (1, 20))
+    assert sum(drawn.values()) == 640 and drawn == unbroken
+    assert "continuing at sample 320 of epoch 0 with world size" in said and "restarting" not in said
+    if path == "loader":
+        assert len(drawn) == 640, "every stamped sample once"
 
 
 def test_a_loader_checkpoint_restarts_the_device_cache_epoch(source):
