@@ -645,8 +645,12 @@ class DeviceBatches:
     `skipped` describe the batches handed out, not the one fetched ahead, so a checkpoint still resumes exactly."""
 
     def __init__(self, batches: PointBatches | ShardBatches | CachedBatches, device: torch.device,
-                 prefetch: bool = True, channels_last: bool = False) -> None:
+                 prefetch: bool = True, channels_last: bool = False, stand_in: Batch | None = None) -> None:
         self.batches, self.device, self.epoch_size = batches, device, batches.epoch_size
+        # With several ranks, a data fault here (a UserError from the loader) is kept in `failed` and `stand_in`
+        # (a blank batch) is handed out instead: the other ranks wait in the step's collectives, so this rank
+        # goes on with them until they all agree, at the next stop vote, to stop.
+        self.stand_in, self.failed = stand_in, None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.stream = torch.cuda.Stream(device) if prefetch and device.type == "cuda" else None
         self.prefetch = prefetch
@@ -656,7 +660,13 @@ class DeviceBatches:
             self.ahead = self._fetch(), batches.state()
 
     def _fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = next(self.batches)
+        try:
+            images, labels = next(self.batches) if self.failed is None else self.stand_in
+        except UserError as err:
+            if self.stand_in is None:
+                raise
+            self.failed = str(err)
+            images, labels = self.stand_in
         with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
             real = to_real(images, self.device)
             if real.ndim == 4:

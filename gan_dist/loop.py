@@ -126,13 +126,15 @@ def make_batches(cfg: Config, accelerator: Accelerator, batch: int, state: Train
         batches = CachedBatches(*held, cfg.data, batch, seed, rank, world, position, skipped)
         return DeviceBatches(batches, device, prefetch=held_on != device and cfg.perf.prefetch,
                              channels_last=cfg.perf.channels_last)
+    stand_in = (torch.zeros(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, dtype=torch.uint8),
+                torch.zeros(batch, dtype=torch.int64)) if world > 1 else None
     positions, spans = start_positions(state.data_pos, cfg.data.mode, rank, world, max(cfg.data.num_workers, 1),
                                        epoch, accelerator.print, same_layout=saved_layout != "cache",
                                        spans=spans_of(state.data_spans), total=sum(source.counts or []))
     state.data_spans = spans_tensor(spans)
     batches = shard_batches(source, cfg.data, batch, seed, rank, world, state.batches, positions, spans,
                             pin_memory=device.type == "cuda" and cfg.perf.prefetch)
-    return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last)
+    return DeviceBatches(batches, device, cfg.perf.prefetch, cfg.perf.channels_last, stand_in)
 
 
 ENDLESS_EPOCH = 50_000  # images that count as an epoch for top-k's decay when the data has no epochs (2-D, resampled)
@@ -153,8 +155,8 @@ def topk_select(cfg: Config, accelerator: Accelerator, batch: int, epochs: float
 
 
 class StopVote:
-    """Whether any rank was asked to stop (or to requeue), lost the run.dir lease or could not write a file there,
-    agreed by every rank.
+    """Whether any rank was asked to stop (or to requeue), lost the run.dir lease, could not write a file there or
+    met a fault in its data, agreed by every rank.
 
     With one process the answer is the local one: no collective, no tensor. With more, a vote is an all-reduce of
     a host tensor over a gloo group of its own, so it never waits for the GPU's queue. Between checkpoints a vote's
@@ -169,14 +171,14 @@ class StopVote:
     def poll(self, flag: StopFlag, lease: RunLease | None, run_dir: str, now: bool, failed: str | None) -> \
             tuple[bool, bool]:
         """(stop, requeue) as every rank agrees. A lease another run took over (seen by main) stops every rank, and
-        so does a file main `failed` to write (a full or read-only disk), with that line."""
+        so does a rank that `failed` (main could not write a file, or a rank's data stopped it), with its line."""
         stop, requeue_asked, lost, broken = self((flag.requested > 0, flag.requested == 2,
                                                   lease is not None and lease.lost, failed is not None), now)
         if lost:
             raise UserError(f"another run took over run.dir '{run_dir}' (its lease went stale); this one stops "
                             "without writing anything more", quiet=lease is None)
         if broken:
-            raise UserError(failed or "the main process could not write in run.dir", quiet=failed is None)
+            raise UserError(failed or "another rank could not go on (its message is above)", quiet=failed is None)
         return stop, requeue_asked
 
     def __call__(self, local: tuple[bool, ...], now: bool) -> tuple[bool, ...]:
@@ -444,10 +446,10 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                                  img_s=f"{row['perf/img_per_sec']:.0f}", refresh=False)
             bad = [k for k, v in row.items() if not math.isfinite(v)]
 
-        # Stop signals, a lost lease and files main could not write: all ranks agree in one vote, so all of them
-        # stop at the same step.
+        # Stop signals, a lost lease, files main could not write and a rank's data fault: all ranks agree in one
+        # vote, so all of them stop at the same step, and no checkpoint holds a step after a fault.
         if state.step % cfg.dist.stop_check_every == 0 or ckpt_due:
-            stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, ckpt_due, tracker.failed)
+            stop, requeue_asked = vote.poll(flag, lease, cfg.run.dir, ckpt_due, tracker.failed or batches.failed)
 
         # Nothing is written from non-finite weights: stop, or go back to the newest checkpoint (train.on_nonfinite).
         if not bad and (ckpt_due or stop or sample_due or eval_due):
@@ -470,7 +472,8 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
                           to_yaml(cfg))
         if stop:
             break
-    vote.poll(flag, lease, cfg.run.dir, True, tracker.failed)  # a grid or metrics line of the last step unwritten
+    # A grid or metrics line of the last step unwritten, or a data fault in its batches.
+    vote.poll(flag, lease, cfg.run.dir, True, tracker.failed or batches.failed)
     vote.close()
     progress.close()
 

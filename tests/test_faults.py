@@ -25,6 +25,7 @@ import http.server
 import io
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -166,6 +167,36 @@ def test_hostile_samples_are_skipped_named_and_counted(tmp_path, shards):
     assert "5000x4000 pixels is over the bound" in " ".join(warnings)
     assert jsonl(tmp_path / "run")[-1]["data/skipped"] == len(names)
     assert (tmp_path / "run" / "final" / "generator.safetensors").is_file()
+
+
+def test_a_data_fault_on_one_rank_of_two_stops_both_with_its_line(tmp_path, shards):
+    """One bad sample, met by one rank's loader with data.on_error=raise: that rank stands in blank batches until the
+    next stop vote, and both ranks stop there (before, the other rank ended in a traceback from its next collective)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    listed = []
+    for s in range(8):
+        path = folder / f"train-{s:05d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for i in range(20):
+                image = b"not a png" if (s, i) == (5, 7) else png(
+                    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+                writer.write({"__key__": f"s{s}_{i:02d}", "png": image, "cls": b"1"})
+        listed.append({"name": path.name, "num_samples": 20, "sha256": ""})
+    (folder / "manifest.json").write_text(json.dumps({"format": "gan-dist-shards/1", "dataset": "one-bad", "splits": {
+        "train": {"num_samples": 160, "shards": listed}}}))
+    start = time.time()
+    proc = launch(tmp_path / "run", shards, 2, "data.dataset=webdataset", f"data.shards={folder}", "train.steps=40",
+                  "train.batch_size=16", "data.device_cache=false", "data.num_workers=2", "data.on_error=raise",
+                  "dist.stop_check_every=2", "ckpt.every=4", "eval.every=0", "wandb.mode=disabled", check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in output and time.time() - start < 120, output
+    (line,) = errors(output)
+    assert re.fullmatch(r"error: sample 's5_07' of shard \S+/train-00005.tar: .*", line), line
+    assert not (tmp_path / "run" / "final").exists()
+    steps = [int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step_*")]
+    assert steps and max(steps) < 20, "stopped within the epoch that holds the bad sample"
 
 
 class Stalled(http.server.BaseHTTPRequestHandler):
