@@ -1,4 +1,5 @@
-"""Train a GAN: `accelerate launch train.py [--config configs/X.yaml] [key=value ...]` (or plain `python train.py`).
+"""Train a GAN: `accelerate launch train.py [--config configs/X.yaml] [key=value ...]` (or plain `python train.py`);
+overrides may also be `--key=value` or `--key value` (as `wandb agent` passes them), before or after --config.
 
 See README.md for the config keys and the run-directory layout.
 """

@@ -1,4 +1,5 @@
-"""The typed config tree and its loader: dataclass defaults, then a YAML file, then `key=value` overrides.
+"""The typed config tree and its loader: dataclass defaults, then a YAML file, then overrides (`key=value`,
+`--key=value` or `--key value`, in any order around `--config`).
 
 Every component receives only its own section (`cfg.model`, `cfg.data`, ...). `load_config` turns OmegaConf's
 errors into one-line `UserError`s that name the key and, for typos, the closest valid name.
@@ -6,7 +7,6 @@ errors into one-line `UserError`s that name the key and, for typos, the closest 
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 import os
@@ -512,18 +512,55 @@ def _keep_env_text(cfg, keys: dict[str, str | list]) -> None:
             OmegaConf.update(cfg, key, escaped(text), merge=False)
 
 
+USAGE = """usage: train.py [--config PATH] [key=value | --key=value | --key value ...]
+
+Train a GAN. Overrides name config keys (see README.md), e.g. train.steps=500 or --optim.lr_G=1e-3, in any order
+around --config; they apply over the YAML file, which applies over the defaults."""
+
+_KEY = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*")
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """train.py's arguments as (the --config path, the overrides as key=value): `key=value`, W&B's `--key=value`,
+    or `--key value` (the value being the next argument, unless that is a flag or an override itself), in any order
+    around `--config PATH` (or `--config=PATH`). UserError (exit status 2) for anything else."""
+    config, overrides, args = None, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and not _KEY.fullmatch(name):
+            raise UserError(f"{arg.partition('=')[0]} is neither --config nor a config key (e.g. --train.steps=500)",
+                            code=2)
+        if not arg.startswith("--"):
+            if not eq:
+                raise UserError(f"override '{arg}' is not key=value (e.g. train.steps=500)", code=2)
+            overrides.append(arg)
+            continue
+        if not eq:
+            if not args or args[0].startswith("--") or _KEY.fullmatch(args[0].partition("=")[0]) and "=" in args[0]:
+                raise UserError(f"{arg} has no value; write {arg}=VALUE", code=2)
+            value = args.pop(0)
+        if name == "config":
+            if config is not None:
+                raise UserError(f"--config is given twice ({config} and {value}); pass one YAML file", code=2)
+            config = value
+        else:
+            overrides.append(f"{name}={value}")
+    return config, overrides
+
+
 def load_config(argv: list[str], resolve_env: bool = True) -> Config:
-    """Parse `[--config PATH] [key=value ...]` into a validated Config. With `resolve_env` False, text values that
+    """Parse train.py's arguments (`parse_args`) into a validated Config. With `resolve_env` False, text values that
     read the environment stay as their `${oc.env:...}` text (for reading a finished run's config.yaml)."""
-    parser = argparse.ArgumentParser(prog="train.py", description="Train a GAN (see README for the config keys).")
-    parser.add_argument("--config", help="YAML file of overrides over the defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500")
-    args = parser.parse_args(argv)
+    config_path, overrides = parse_args(argv)
     schema = OmegaConf.structured(Config)
     try:
         cfg = schema.copy()
-        if args.config:
-            path = Path(args.config)
+        if config_path:
+            path = Path(config_path)
             if not path.is_file():
                 raise UserError(f"config file '{path}' {'is not a file' if path.exists() else 'not found'}; pass "
                                 "--config configs/<name>.yaml", code=2)
@@ -541,9 +578,7 @@ def load_config(argv: list[str], resolve_env: bool = True) -> Config:
                 raise UserError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{steps: 500}}')",
                                 code=2)
             cfg = _merge(cfg, OmegaConf.load(path), f"config file '{path}'")
-        for item in args.overrides:
-            if "=" not in item:
-                raise UserError(f"override '{item}' is not key=value (e.g. train.steps=500)", code=2)
+        for item in overrides:
             try:
                 override = OmegaConf.from_dotlist([item])
             except yaml.YAMLError as err:

@@ -362,7 +362,9 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     nets = {"G": G_raw, "D": D_raw} | ({"aug": ada} if ada is not None else {})
     exported = {"generator": G_raw, "generator_ema": ema.G_ema, "discriminator": D_raw}
     z_fixed = torch.randn(cfg.log.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
-    state = TrainState(z_fixed=z_fixed, wandb_id=secrets.token_hex(4), origin=resume.origin)
+    # A W&B sweep's agent names the run it started (WANDB_RUN_ID); the run must log to that one.
+    state = TrainState(z_fixed=z_fixed, wandb_id=os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4),
+                       origin=resume.origin)
 
     # Resume (the checkpoint main chose and verified; every rank's RNG exactly), or seed each rank's noise apart.
     set_seed(cfg.seed, device_specific=True)

@@ -47,6 +47,10 @@ def main(out: Path) -> None:
     if rank == 0:
         torch.manual_seed(0)
         torch.save(gradients(build_models(cfg.model)[1], torch.cat([real, fake])), out / "hook_reference.pt")
+    # Ended here, not by the interpreter's exit: a gloo thread still running then aborted a rank now and then
+    # ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

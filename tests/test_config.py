@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gan_dist.config import ABOVE_LOW, BELOW_HIGH, RANGES, Config, _all_keys, load_config
+from gan_dist.config import ABOVE_LOW, BELOW_HIGH, RANGES, Config, _all_keys, load_config, parse_args
 from gan_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +140,32 @@ def test_later_override_wins_and_types_are_converted():
     assert cfg.optim.lr_G == pytest.approx(1e-3) and isinstance(cfg.optim.lr_G, float)
     assert cfg.data.download is False
     assert cfg.wandb.tags == ["a", "b"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["wandb.mode=disabled", "--config", "configs/debug.yaml", "train.steps=7"],
+    ["--wandb.mode=disabled", "--train.steps=7", "--config=configs/debug.yaml"],
+    ["--wandb.mode", "disabled", "--config", "configs/debug.yaml", "--train.steps", "7"],
+    ["train.steps=3", "--config", "configs/debug.yaml", "--wandb.mode=disabled", "train.steps=7"]],
+    ids=["key=value around --config", "W&B's --key=value", "--key value", "the later value wins"])
+def test_overrides_in_any_form_and_order_around_config(argv):
+    cfg = load_config([a.replace("configs/", f"{REPO}/configs/") for a in argv])
+    assert (cfg.train.steps, cfg.wandb.mode) == (7, "disabled")
+    assert (cfg.model.width, cfg.train.batch_size) == (8, 32), "the YAML applies under every override"
+    assert parse_args(["--data.shards", "pipe:curl -s https://host/a.tar?sig=x"]) == (
+        None, ["data.shards=pipe:curl -s https://host/a.tar?sig=x"]), "a value holding '=' is still a value"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train.steps"], "--train.steps has no value; write --train.steps=VALUE"),
+    (["--train.steps", "model.width=8"], "--train.steps has no value"),
+    (["--train.steps", "--config", "x.yaml"], "--train.steps has no value"),
+    (["--config", "a.yaml", "--config=b.yaml"], "--config is given twice (a.yaml and b.yaml)"),
+    (["-v"], "override '-v' is not key=value"),
+    (["--9lives=1"], "--9lives is neither --config nor a config key")])
+def test_arguments_that_are_no_override_are_one_error(argv, message):
+    err = user_error(argv)
+    assert err.code == 2 and message in str(err)
 
 
 # ----------------------------------------------------------------------------------------------------------------
