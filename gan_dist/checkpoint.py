@@ -42,10 +42,10 @@ from safetensors.torch import load_file, save_file
 from gan_dist.config import ModelConfig, config_changes, may_change, run_config
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
-from gan_dist.export import export_metadata
+from gan_dist.export import checkpoint_path, export_metadata
 from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic, \
     write_failure
-from gan_dist.models import build_models, config_json
+from gan_dist.models import build_models, config_json, model_config
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
 META = "meta.json"
@@ -525,21 +525,21 @@ STEP_FILES = {"generator_ema": "ema.safetensors", "generator": "model.safetensor
 def network_weights(run_dir: str | Path, checkpoint: str = "final", name: str = "generator_ema") -> dict:
     """The state_dict of `name` (generator_ema, generator, discriminator) from `final`, `best`, or the checkpoint
     of a step number; UserError otherwise."""
-    run_dir = Path(run_dir)
+    run_dir, path = Path(run_dir), checkpoint_path(run_dir, checkpoint)
     if checkpoint in ("final", "best"):
-        path = run_dir / checkpoint / f"{name}.safetensors"
-        if not path.is_file():
-            raise UserError(f"{path} does not exist; is {run_dir} a finished run (final/), or one with eval.every "
-                            f"set (best/)? Or pass a step that has a checkpoint: "
+        if not (path / f"{name}.safetensors").is_file():
+            raise UserError(f"{path / f'{name}.safetensors'} does not exist; is {run_dir} a finished run (final/), or "
+                            f"one with eval.every set (best/)? Or pass a step that has a checkpoint: "
                             f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none saved'}")
-    else:
-        if not checkpoint.isdigit():
-            raise UserError(f"--checkpoint {checkpoint} is not final, best or a step number")
-        step_dir = run_dir / "checkpoints" / f"step_{int(checkpoint):08d}"
-        if not (step_dir / META).is_file():
-            raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
-                            f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
-        path = step_dir / STEP_FILES[name]
+        return _weights(path / f"{name}.safetensors")
+    if not (path / META).is_file():
+        raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
+                        f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
+    return _weights(path / STEP_FILES[name])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """A network's state_dict from its file in an export or a step checkpoint (G_ema's under its EMA wrapper)."""
     try:
         weights = load_file(str(path))
     except (OSError, SafetensorError) as err:
@@ -549,24 +549,19 @@ def network_weights(run_dir: str | Path, checkpoint: str = "final", name: str = 
         else weights
 
 
-def generator_weights(run_dir: str | Path, checkpoint: str = "final", ema: bool = True) -> dict[str, torch.Tensor]:
-    """G_ema's (or G's) state_dict from `final`, `best`, or the checkpoint of a step number."""
-    return network_weights(run_dir, checkpoint, "generator_ema" if ema else "generator")
-
-
-def load_run_generator(run_dir: str | Path, checkpoint: str = "final", ema: bool = True):
-    """(G in eval mode with the run's weights, the run's Config) for the review scripts."""
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass --run the run.dir of a training run")
-    cfg = run_config(config)
-    G = build_models(cfg.model)[0]
-    _load(G, generator_weights(run_dir, checkpoint, ema), run_dir, checkpoint)
-    return G.eval(), cfg
+def checkpoint_generator(path: Path, ema: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The ModelConfig a step checkpoint was written with (its own config.yaml, or its run's) and G_ema's (or G's)
+    weights in it, for `gan_dist.load_generator`."""
+    config = saved_config(path)
+    if config is None or not isinstance(config.get("model"), dict):
+        raise UserError(f"checkpoint {path} has no readable config.yaml, and neither has its run; load it from "
+                        "inside its run directory")
+    return model_config(config["model"], str(path / "config.yaml")), \
+        _weights(path / STEP_FILES["generator_ema" if ema else "generator"])
 
 
 def load_run_discriminator(run_dir: str | Path, cfg, checkpoint: str = "final") -> torch.nn.Module:
-    """The run's D in eval mode (for rejection sampling); `cfg` from `load_run_generator`."""
+    """The run's D in eval mode (for rejection sampling); `cfg` the run's Config."""
     D = build_models(cfg.model)[1]
     _load(D, network_weights(run_dir, checkpoint, "discriminator"), run_dir, checkpoint)
     return D.eval()

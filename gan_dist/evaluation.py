@@ -35,7 +35,7 @@ from gan_dist.config import DataConfig, EvalConfig
 from gan_dist.data import open_source, shard_batches
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
-from gan_dist.models import eval_mode
+from gan_dist.models import eval_mode, latents
 from gan_dist.points import mixture_centers
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -113,10 +113,12 @@ def _reference(net: torch.nn.Module, classifier: Path, mnist_dir: str, batch: in
 class Evaluator:
     """Loads what the metrics need once (call it on each node's main process first); `__call__` evaluates."""
 
-    def __init__(self, cfg: EvalConfig, data: DataConfig, z_dim: int, seed: int, classes: int = 0) -> None:
-        """`classes`: a conditional G's number of classes (0: unconditional)."""
+    def __init__(self, cfg: EvalConfig, data: DataConfig, z_dim: int, seed: int, classes: int = 0,
+                 truncation: float | None = None) -> None:
+        """`classes`: a conditional G's number of classes (0: unconditional); `truncation`: draw the samples' noise
+        from the normal truncated at that many standard deviations (`models.latents`), for review, never in training."""
         self.cfg, self.data, self.z_dim, self.classes = cfg, data, z_dim, classes
-        self.z = torch.randn(cfg.num_samples, z_dim, generator=torch.Generator().manual_seed(seed + NOISE_SEED))
+        self.z = latents(cfg.num_samples, z_dim, truncation, torch.Generator().manual_seed(seed + NOISE_SEED))
         self.net = self.ref = self.inception = self.real_stats = None
         names = [m.key for m in metric_names.of(metric_names.data_kind(data.dataset), conditional=classes > 0)]
         if best_metric(cfg, data) not in names:

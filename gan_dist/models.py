@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,6 +121,20 @@ def model_config(config: object, where: str) -> ModelConfig:
     return ModelConfig(**config)
 
 
+def latents(n: int, z_dim: int, truncation: float | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """n standard normal latents (n, z_dim). With `truncation` psi, each entry is drawn from the normal restricted
+    to [-psi, psi] (BigGAN's truncation trick: the tails are drawn again, not clipped; exactly so here, by the
+    inverse CDF), which trades variety for fidelity as psi shrinks."""
+    if truncation is None:
+        return torch.randn(n, z_dim, generator=generator)
+    if not 0 < truncation < math.inf:
+        raise UserError(f"truncation {truncation} must be a positive number of standard deviations (e.g. 0.7)")
+    low = torch.special.ndtr(torch.tensor(-truncation, dtype=torch.float64))
+    u = low + (1 - 2 * low) * torch.rand(n, z_dim, generator=generator, dtype=torch.float64)
+    return torch.special.ndtri(u).float()
+
+
 class Generator(nn.Module, PyTorchModelHubMixin, library_name="gan-dist", tags=["gan", "gan-dist"]):
     """Base of every generator: it keeps the ModelConfig it was built from (`cfg`), and `provenance`, the step,
     kimg and commit of the weights loaded into it (from a file's metadata), which `save_pretrained` writes again."""
@@ -128,6 +143,11 @@ class Generator(nn.Module, PyTorchModelHubMixin, library_name="gan-dist", tags=[
         super().__init__()
         self.cfg = cfg
         self.provenance: dict[str, str] = {}
+
+    def latents(self, n: int, truncation: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latents for this G, on the CPU: `latents` with its z_dim (`truncation` psi, or None for none)."""
+        return latents(n, self.cfg.z_dim, truncation, generator)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # config.json written here, so the mixin leaves it as it is: the flat ModelConfig, as in final/ and best/.

@@ -1,7 +1,8 @@
 """Every metric for one checkpoint of a run, printed as a table beside the real-data floors and written as JSON.
 
     python scripts/evaluate.py --run RUN [--checkpoint final|best|STEP] [--num N] [--out FILE.json] [--no-ema]
-                               [--inception PATH] [--shards SPEC] [--sampler plain|drs [--drs-percentile P]]
+                               [--truncation PSI] [--inception PATH] [--shards SPEC]
+                               [--sampler plain|drs [--drs-percentile P]]
     accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --run RUN    # same result, split
 
 A run directory may come from someone else, so nothing in it that could run code is used unless given here: the
@@ -14,7 +15,7 @@ holds flat keys (`fcd`, `kid`, `is`, `class_kl`, `precision`, `recall`, ... or `
 data) and each floor as `<name>_real`. MNIST metrics use the classifier of the run's `eval.classifier`; a
 conditional run is also scored per class (`class_acc`, `fcd_class<k>`). `--sampler drs` scores the samples that
 discriminator rejection sampling keeps (`gan_dist/drs.py`; `"sampler": "drs"` in the JSON): a row of its own, never
-the training-time numbers.
+the training-time numbers; so do `--truncation PSI`'s (`"truncation"` in the JSON; null without).
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from gan_dist.checkpoint import load_run_generator
 from gan_dist.drs import add_sampler_args, make_sampler
 from gan_dist.errors import UserError
 from gan_dist.evaluation import Evaluator
+from gan_dist.export import load_generator, review_source
 from gan_dist.loop import local_main_first
 from gan_dist.shards import expand_urls
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="the run.dir of a training run")
+    parser.add_argument("--run", required=True, help="the run.dir of a training run (or its export or checkpoint)")
     parser.add_argument("--checkpoint", default="final", help="final, best, or a step with a checkpoint")
     parser.add_argument("--num", type=int, help="generated samples (default: the run's eval.num_samples)")
     parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
@@ -47,11 +48,17 @@ def main() -> int:
                         "on RGB data (loading TorchScript runs its code: only give a file you trust)")
     parser.add_argument("--shards", help="the real images for FID (data.shards syntax), instead of the run's; "
                         "needed to run the run's pipe: commands")
+    parser.add_argument("--truncation", type=float, metavar="PSI", help="draw z from the normal truncated at PSI "
+                        "standard deviations (redrawn, not clipped), to measure fidelity against variety")
     add_sampler_args(parser)
     args = parser.parse_args()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
-        G, cfg = load_run_generator(args.run, args.checkpoint, ema=not args.no_ema)
+        source, cfg = review_source(args.run, args.checkpoint)
+        if cfg is None:
+            raise UserError(f"{args.run} is no run directory, nor an export or checkpoint in one; evaluate.py scores "
+                            "against a run's data and classifier: pass the run.dir of a training run")
+        G = load_generator(source, ema=not args.no_ema)
         eval_cfg = dataclasses.replace(cfg.eval, every=1, num_samples=args.num or cfg.eval.num_samples,
                                        inception=args.inception)
         data_cfg = dataclasses.replace(cfg.data, shards=args.shards) if args.shards else cfg.data
@@ -63,7 +70,7 @@ def main() -> int:
         # Each node's main process trains the classifier if it is missing; the others then load it.
         classes = cfg.model.classes if cfg.model.cond else 0
         evaluator = local_main_first(accelerator, lambda: Evaluator(eval_cfg, data_cfg, cfg.model.z_dim, cfg.seed,
-                                                                    classes))
+                                                                    classes, args.truncation))
         if not evaluator.active:
             raise UserError(f"nothing to evaluate for data.dataset={cfg.data.dataset} without --inception")
         G = G.to(accelerator.device)
@@ -78,7 +85,8 @@ def main() -> int:
                        accelerator.gather, accelerator.device)
     if accelerator.is_main_process:
         print(f"{args.run}, checkpoint {args.checkpoint}, {'G' if args.no_ema else 'G_ema'}, "
-              f"{eval_cfg.num_samples} samples on {accelerator.num_processes} process(es), sampler {args.sampler}")
+              f"{eval_cfg.num_samples} samples on {accelerator.num_processes} process(es), sampler {args.sampler}"
+              f"{'' if args.truncation is None else f', truncation {args.truncation:g}'}")
         print(f"{'metric':<12}{'value':>12}{'real data':>12}")
         for name, value in scores.items():
             if not name.endswith("_real"):
@@ -87,7 +95,8 @@ def main() -> int:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(scores | {"checkpoint": args.checkpoint, "sampler": args.sampler,
-                                                     "num_samples": eval_cfg.num_samples}, indent=1) + "\n")
+                                                     "num_samples": eval_cfg.num_samples,
+                                                     "truncation": args.truncation}, indent=1) + "\n")
     accelerator.end_training()
     return 0
 

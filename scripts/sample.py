@@ -1,15 +1,21 @@
 """Draw samples from a trained run: a grid, a folder of PNGs, an .npz array, or a latent interpolation strip.
 
     python scripts/sample.py --run RUN [--checkpoint final|best|STEP] --num N --out PATH [--seed S] [--interpolate]
-                             [--class K] [--sampler plain|drs [--drs-percentile P] [--calib-steps N]]
+                             [--class K] [--truncation PSI]
+                             [--sampler plain|drs [--drs-percentile P] [--calib-steps N]]
+
+RUN is a run directory (with --checkpoint), or anything `gan_dist.load_generator` takes: an export or step
+checkpoint folder, a save_pretrained folder, a Hub repo id.
 
 - `--out grid.png`: one grid of N samples (a scatter plot with the mode centres for 2-D data);
 - `--out DIR` (no suffix): N PNG files, `DIR/000000.png` ...;
 - `--out samples.npz`: array `samples`, images as uint8 N x H x W x C, 2-D points as float32 N x 2; for a
   conditional run also `labels` (int64 N), the class each sample was drawn for;
 - `--interpolate --out strip.png`: N rows of 10 images along spherical paths between random latents.
-Samples come from G_ema unless `--no-ema`. The same --seed gives the same samples. A conditional run's labels are
-drawn at the training data's class frequencies (a grid: column k is class k), or all `--class K`.
+Samples come from G_ema unless `--no-ema`. The same --seed gives the same samples. `--truncation PSI` draws z from
+the normal truncated at PSI standard deviations (the truncation trick: fewer odd samples, less variety). A
+conditional run's labels are drawn at the training data's class frequencies (a grid: column k is class k), or all
+`--class K`.
 `--sampler drs` keeps samples by discriminator rejection sampling (Azadi et al. 2019; `gan_dist/drs.py`): the run's
 D is calibrated on its real data against G first, so this reads the training data.
 """
@@ -24,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gan_dist.checkpoint import load_run_generator
 from gan_dist.drs import add_sampler_args, make_sampler
 from gan_dist.errors import UserError
+from gan_dist.export import load_generator, review_source
 from gan_dist.points import mixture_centers
 from gan_dist.viz import as_uint8, image_grid, scatter_plot
 
@@ -42,21 +48,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="the run.dir of a training run")
-    parser.add_argument("--checkpoint", default="final", help="final, best, or a step with a checkpoint")
+    parser.add_argument("--run", required=True, help="a training run's run.dir, or anything gan_dist.load_generator "
+                        "takes: an export or step checkpoint folder, a save_pretrained folder, a Hub repo id")
+    parser.add_argument("--checkpoint", default="final", help="of a run.dir: final, best, or a step with a checkpoint")
     parser.add_argument("--num", type=int, required=True, help="samples (rows with --interpolate)")
     parser.add_argument("--out", type=Path, required=True, help=".png grid, .npz array, or a folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interpolate", action="store_true", help="latent interpolation strip (.png)")
     parser.add_argument("--no-ema", action="store_true", help="sample the raw G instead of G_ema")
     parser.add_argument("--class", dest="label", type=int, help="a conditional run: draw class K only")
+    parser.add_argument("--truncation", type=float, metavar="PSI", help="draw z from the normal truncated at PSI "
+                        "standard deviations (redrawn, not clipped): lower is more faithful and less varied")
     add_sampler_args(parser)
     args = parser.parse_args()
     try:
         if args.num < 1:
             raise UserError("--num must be at least 1")
-        G, cfg = load_run_generator(args.run, args.checkpoint, ema=not args.no_ema)
-        classes = cfg.model.classes if cfg.model.cond else 0
+        source, cfg = review_source(args.run, args.checkpoint)
+        G = load_generator(source, ema=not args.no_ema)
+        classes = G.cfg.classes if G.cfg.cond else 0
         if args.label is not None and not 0 <= args.label < classes:
             raise UserError(f"--class {args.label}: {args.run} is not class-conditional (model.cond=false)"
                             if not classes else f"--class {args.label} is not a class of {args.run} (0 to "
@@ -65,15 +75,17 @@ def main() -> int:
         if args.interpolate:
             if args.out.suffix != ".png":
                 raise UserError("--interpolate writes a .png strip; give --out NAME.png")
-            ends = torch.randn(args.num, 2, cfg.model.z_dim, generator=rng)
+            ends = G.latents(2 * args.num, args.truncation, rng).view(args.num, 2, -1)
             t = torch.linspace(0, 1, STRIP)[:, None]
             z = torch.cat([slerp(a, b, t) for a, b in ends])
         else:
-            z = torch.randn(args.num, cfg.model.z_dim, generator=rng)
+            z = G.latents(args.num, args.truncation, rng)
         grid = args.out.suffix == ".png" and not args.interpolate
         c = labels(G, len(z), classes, args.label, grid, rng)
         if args.interpolate and c is not None:  # one class along each strip
             c = c[::STRIP].repeat_interleave(STRIP) if args.label is None else c
+        if cfg is None and args.sampler == "drs":
+            raise UserError(f"--sampler drs calibrates the run's D on its data: pass a run directory, not {args.run}")
         sampler = make_sampler(args, G, cfg, torch.device('cpu')) if args.sampler == "drs" else G
         out = sampler(z) if c is None else sampler(z, c)
         points = out.ndim == 2
@@ -83,6 +95,9 @@ def main() -> int:
             np.savez(args.out, **arrays, **({} if c is None else {"labels": c.numpy()}))
         elif args.out.suffix == ".png":
             if points:
+                if cfg is None:
+                    raise UserError(f"a plot of 2-D points needs the run's mode centres, which {args.run} lacks: "
+                                    "pass a run directory, or --out NAME.npz")
                 picture = scatter_plot(out, mixture_centers(cfg.data))
             else:
                 cols = STRIP if args.interpolate else min(classes, len(out)) if grid and classes and \
@@ -102,7 +117,8 @@ def main() -> int:
         return err.code if err.code != 1 else 2
     print(f"wrote {args.out} ({len(out)} {'points' if points else 'images'} from {args.run}, {args.checkpoint}, "
           f"{'G' if args.no_ema else 'G_ema'}, seed {args.seed}"
-          f"{'' if args.label is None else f', class {args.label}'}{', DRS' if args.sampler == 'drs' else ''})")
+          f"{'' if args.label is None else f', class {args.label}'}{', DRS' if args.sampler == 'drs' else ''}"
+          f"{'' if args.truncation is None else f', truncation {args.truncation:g}'})")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gan_dist.config import ModelConfig
+from gan_dist.errors import UserError
 from gan_dist.models import (
     ClassBatchNorm,
     DCGANDiscriminator,
@@ -441,3 +442,22 @@ def test_mlp_d_with_fourier_features_reads_sines_and_cosines_of_fixed_projection
     assert torch.allclose(D(x), D.net(torch.cat([h.sin(), h.cos()], 1)).squeeze(1))
     # Features of scale 10 vary over a few hundredths: a shift of 0.05 (one std of grid25's modes) is seen.
     assert not torch.allclose(D(x), D(x + 0.05), atol=1e-3)
+
+
+def test_truncated_latents_are_the_normal_within_psi_redrawn_not_clipped():
+    from gan_dist.models import latents
+
+    psi = 0.7
+    z = latents(200_000, 2, psi, torch.Generator().manual_seed(0)).double()
+    assert z.abs().max() < psi and (z.abs() > 0.99 * psi).double().mean() < 0.01, "no mass piled up at +-psi"
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    mass = 2 * phi(psi) - 1
+    var = 1 - 2 * psi * math.exp(-psi ** 2 / 2) / math.sqrt(2 * math.pi) / mass  # the truncated normal's variance
+    assert abs(float(z.mean())) < 0.005 and abs(float(z.var()) - var) < 0.005
+    inner = (2 * phi(psi / 2) - 1) / mass  # the share within psi / 2
+    assert abs(float((z.abs() < psi / 2).double().mean()) - inner) < 0.005
+    assert torch.equal(latents(5, 3, None, torch.Generator().manual_seed(1)),
+                       torch.randn(5, 3, generator=torch.Generator().manual_seed(1))), "no truncation: plain randn"
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(UserError, match="must be a positive number of standard deviations"):
+            latents(2, 2, bad)

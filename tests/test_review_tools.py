@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from runs import MNIST, REPO
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
@@ -83,6 +84,53 @@ def test_sample_writes_grids_folders_arrays_and_strips(mnist_run, tmp_path):
                           np.asarray(Image.open(tmp_path / "pngs" / "000000.png")))
     run("scripts/sample.py", "--run", str(mnist_run), "--num", "2", "--interpolate", "--out", str(tmp_path / "s.png"))
     assert np.asarray(Image.open(tmp_path / "s.png")).shape == (2 * 30 + 2, 10 * 30 + 2, 3)
+
+
+def test_one_loader_takes_every_place_a_generator_is_kept(mnist_run, tmp_path):
+    """gan_dist.load_generator on a run directory, final/, best/, a step checkpoint (G_ema and G), and what
+    save_pretrained writes of it: the weights each holds; the scripts load through it."""
+    from safetensors.torch import load_file
+
+    from gan_dist import load_generator
+
+    final, step = mnist_run / "final", mnist_run / "checkpoints" / "step_00000020"  # the last step: final's weights
+    ema = {k.removeprefix("averaged.module."): v for k, v in load_file(step / "ema.safetensors").items()}
+    for place in (mnist_run, final, mnist_run / "best", step):
+        G = load_generator(place)
+        assert G.cfg.z_dim == 32 and not G.training
+        if place != mnist_run / "best":
+            assert all(v.equal(ema[k]) for k, v in G.state_dict().items()), place
+    G_raw = load_generator(step, ema=False)
+    assert all(v.equal(load_file(step / "model.safetensors")[k]) for k, v in G_raw.state_dict().items())
+    assert all(v.equal(load_file(final / "generator.safetensors")[k]) for k, v in G_raw.state_dict().items())
+    load_generator(final).save_pretrained(tmp_path / "hub")
+    z = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_generator(tmp_path / "hub")(z), load_generator(step)(z))
+    # The scripts take any of them as --run; a checkpoint of a step is the one --checkpoint STEP names.
+    places = (["--run", str(step)], ["--run", str(mnist_run), "--checkpoint", "20"], ["--run", str(tmp_path / "hub")])
+    for i, where in enumerate(places):
+        run("scripts/sample.py", *where, "--num", "4", "--out", str(tmp_path / f"{i}.npz"))
+    drawn = [np.load(tmp_path / f"{i}.npz")["samples"] for i in range(len(places))]
+    assert all(np.array_equal(drawn[0], d) for d in drawn[1:]), "the same weights, the same samples"
+    err = run("scripts/evaluate.py", "--run", str(tmp_path / "hub"), ok=False).stderr
+    assert err.startswith(f"error: {tmp_path / 'hub'} is no run directory") and err.count("\n") == 1
+
+
+def test_truncation_draws_closer_latents_in_sample_and_evaluate(mnist_run, tmp_path):
+    """--truncation PSI: sample.py's images move toward G's typical one as PSI shrinks, and evaluate.py records it."""
+    for psi in ("0.2", "1", None):
+        run("scripts/sample.py", "--run", str(mnist_run), "--num", "64", "--out", str(tmp_path / f"{psi}.npz"),
+            *(["--truncation", psi] if psi else []))
+    spread = {psi: np.load(tmp_path / f"{psi}.npz")["samples"].astype(float).std(0).mean()
+              for psi in ("0.2", "1", None)}
+    assert spread["0.2"] < spread["1"] < spread[None], spread
+    err = run("scripts/sample.py", "--run", str(mnist_run), "--num", "4", "--truncation", "0", "--out",
+              str(tmp_path / "x.npz"), ok=False).stderr
+    assert err == "error: truncation 0.0 must be a positive number of standard deviations (e.g. 0.7)\n"
+    run("scripts/evaluate.py", "--run", str(mnist_run), "--num", "300", "--truncation", "0.5", "--out",
+        str(tmp_path / "t.json"))
+    scores = json.loads((tmp_path / "t.json").read_text())
+    assert scores["truncation"] == 0.5 and 0 <= scores["precision"] <= 1 and scores["num_samples"] == 300
 
 
 def test_sample_writes_2d_points_as_float32(ring_run, tmp_path):
