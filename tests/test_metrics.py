@@ -144,3 +144,52 @@ def test_inception_fid_on_rgb_shards_with_a_torchscript_feature_network(tmp_path
     assert Evaluator(EvalConfig(every=1, inception=""), data, 8, seed=0).active is False
     with pytest.raises(UserError, match="eval.inception=.*does not exist"):
         Evaluator(EvalConfig(every=1, inception=str(tmp_path / "missing.pt")), data, 8, seed=0)
+
+
+class _Features(torch.nn.Module):
+    """The MNIST classifier's penultimate features, in float64, as torchmetrics' custom feature extractor."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.num_features = net.eval(), 128
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x).double()
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+def test_fcd_and_kid_agree_with_torchmetrics_on_the_same_features_and_samples(classifier):
+    """FID's formula and KID's estimator against torchmetrics (the `test` extra; its FID and KID take a
+    custom feature network), on the classifier's features of 1,000 real MNIST training images and 1,000 test
+    images with noise added as the "generated" set. KID: torchmetrics averages over random subsets drawn with the
+    global RNG and ours over subsets of a fixed seed, so the two agree where both take every sample (one subset
+    of all of them): the unbiased MMD^2 of the whole sets."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from gan_dist import mnist
+    from gan_dist.classifier import ensure_classifier
+    from runs import MNIST
+
+    data = mnist.load_mnist(MNIST)
+    real = torch.from_numpy(data["train"][0][:1000]).float()[:, None] / 127.5 - 1
+    test = torch.from_numpy(data["test"][0][:1000]).float()[:, None] / 127.5 - 1
+    fake = (test + 0.3 * torch.randn(test.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    features = _Features(ensure_classifier(classifier, MNIST, train_if_missing=False)[0])
+    f_real, f_fake = features(real), features(fake)
+
+    fid = FrechetInceptionDistance(feature=features)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    ours = metrics.frechet_distance(*metrics.gaussian_stats(f_fake), *metrics.gaussian_stats(f_real))
+    assert ours > 1, "the noisy set is far from the real one: the comparison means something"
+    assert ours == pytest.approx(float(fid.compute()), rel=1e-6)
+
+    kid = KernelInceptionDistance(feature=features, subsets=1, subset_size=len(real))
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    ours = metrics.kernel_inception_distance(f_real, f_fake, subsets=1, size=len(real))
+    assert ours > 0.01 and ours == pytest.approx(float(kid.compute()[0]), rel=1e-6)
+    # Our default (10 subsets of 1,000 of a fixed seed) takes every sample here too: the same number.
+    assert metrics.kernel_inception_distance(f_real, f_fake) == pytest.approx(ours, rel=1e-9)
