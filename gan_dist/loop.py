@@ -222,10 +222,11 @@ def build_networks(cfg: Config, accelerator: Accelerator) -> tuple:
 def start_tracking(cfg: Config, accelerator: Accelerator, state: TrainState, batch: int) -> Tracker:
     """The run's config.yaml, its tracker (W&B, metrics.jsonl, grids) and the startup line."""
     world, device = accelerator.num_processes, accelerator.device
+    info = run_info(world)
     on_main(accelerator, lambda: (write_atomic(Path(cfg.run.dir) / "config.yaml", to_yaml(cfg).encode()),
-                                  prepare_run_dir(Path(cfg.run.dir), state.step)))
-    tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, to_dict(cfg) | run_info(
-        world) | {"micro_batch": batch, "mixed_precision": accelerator.mixed_precision},
+                                  prepare_run_dir(Path(cfg.run.dir), state.step, info["command"])))
+    tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, to_dict(cfg) | info | {
+        "micro_batch": batch, "mixed_precision": accelerator.mixed_precision},
                       mixture_centers(cfg.data), cfg.model.classes if cfg.model.cond else 0)
     accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type.value}), "
                       f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "

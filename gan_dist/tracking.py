@@ -63,11 +63,14 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
         write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
-def prepare_run_dir(run_dir: Path, step: int) -> None:
+def prepare_run_dir(run_dir: Path, step: int, command: dict | None = None) -> None:
     """Main process, at the start and after a rollback to `step`: `samples/` exists, and metrics.jsonl reads as the
-    run up to `step` (W&B keeps the rows it has, and gets the steps after `step` again)."""
+    run up to `step` (W&B keeps the rows it has, and gets the steps after `step` again). At the start, `command`
+    (`launch_command`'s) goes to command.json unless the run has one: the command that started it."""
     _trim_jsonl(run_dir / "metrics.jsonl", step)
     (run_dir / "samples").mkdir(exist_ok=True)
+    if command is not None and not (run_dir / "command.json").exists():
+        write_atomic(run_dir / "command.json", (json.dumps(command, indent=1) + "\n").encode())
 
 
 def _append(path: Path, line: str) -> None:
@@ -102,15 +105,35 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
     return run
 
 
+# A parent process whose program (or `python -m` module) starts so is a launcher: accelerate, accelerate.commands.launch,
+# torchrun, torch.distributed.run.
+LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run")
+
+
+def launch_command() -> dict:
+    """The command that started this process: its own arguments (train.py's), the launcher's when its parent is
+    `accelerate launch` or torchrun (read from /proc; None elsewhere, e.g. `python train.py` or SLURM's one process),
+    and the folder it ran in, so that a model card can say how to train it again."""
+    launcher = None
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        parent = []
+    if any(Path(arg).name.startswith(LAUNCHERS) for arg in parent[:3]):
+        launcher = parent
+    return {"cwd": os.getcwd(), "launcher": launcher, "train": list(sys.argv)}
+
+
 def run_info(world_size: int) -> dict:
-    """What a reviewer needs beside the config: the code's commit and the versions it ran with."""
+    """What a reviewer needs beside the config: the code's commit, the versions it ran with, and its command."""
     import accelerate
     import wandb
     import webdataset
 
     return {"git_commit": git_commit(), "world_size": world_size, "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__,
-                         "webdataset": getattr(webdataset, "__version__", "?"), "wandb": wandb.__version__}}
+                         "webdataset": getattr(webdataset, "__version__", "?"), "wandb": wandb.__version__},
+            "command": launch_command()}
 
 
 @torch.no_grad()

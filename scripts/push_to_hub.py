@@ -5,8 +5,10 @@
 The folder it uploads holds G_ema in save_pretrained's layout (`model.safetensors`, `config.json`), which
 `gan_dist.load_generator(NAME)` and `gan_dist.models.Generator.from_pretrained(NAME)` load; `README.md`, the model
 card (what was trained on what, the export's scores beside their real-data floors, a sample grid, and the command
-and config that train the run again); `samples.png`, G_ema's samples on the run's fixed noise (its training grids'
-noise); `training_config.yaml`, the run's config.yaml; and the export's `metrics.json` when it was evaluated.
+and config that train the run again: the run's command.json, as it was started); `samples.png`, G_ema's samples on
+the run's fixed noise (its training grids' noise); `training_config.yaml`, the run's config.yaml; and the export's
+`metrics.json` when it was evaluated. No absolute path of the machine the run was on leaves it: in the card and the
+config, a path inside the folder the run started in is made relative to it, and any other reads /path/to/NAME.
 `--dry-run OUT` writes that folder to OUT and uploads nothing. An upload needs a token with write access (`hf auth
 login`, or HF_TOKEN) and creates the repo when it does not exist; a failure is one `error:` line.
 """
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -84,7 +89,10 @@ def build(run: Path, export: str, repo: str, out: Path) -> None:
     G = load_generator(run / export)
     G.save_pretrained(out)  # model.safetensors and config.json; its generic README.md is replaced below
     Image.fromarray(sample_picture(G, cfg)).save(out / "samples.png")
-    shutil.copyfile(run / "config.yaml", out / "training_config.yaml")
+    command = started_by(run)
+    cwd = command.get("cwd") if command else None
+    config_text = portable((run / "config.yaml").read_text(), cwd)
+    (out / "training_config.yaml").write_text(config_text)
     scores, metrics = None, run / export / "metrics.json"
     if metrics.is_file():
         try:
@@ -92,8 +100,45 @@ def build(run: Path, export: str, repo: str, out: Path) -> None:
         except (OSError, ValueError) as err:
             raise UserError(f"{metrics} is unreadable ({err}); move it away to publish without scores") from None
         shutil.copyfile(metrics, out / "metrics.json")
-    (out / "README.md").write_text(model_card(repo, export, cfg, G, scores, world_size(run),
-                                              (run / "config.yaml").read_text()))
+    (out / "README.md").write_text(model_card(repo, export, cfg, G, scores, world_size(run), config_text,
+                                              train_command(command)))
+
+
+# An absolute path: a slash at the start of a line or after a space, '=', ':' (file:/...), a quote or a bracket, and
+# not a URL's '//'.
+ABSOLUTE = re.compile(r"(?:^|(?<=[\s=:'\"\[(,]))/(?!/)[^\s'\",\])]+", re.MULTILINE)
+
+
+def portable(text: str, cwd: str | None) -> str:
+    """`text` with no absolute path of the machine the run was on: a path inside `cwd` (the folder the run started
+    in) relative to it, any other as /path/to/<its last part>."""
+    def swap(match: re.Match) -> str:
+        path = match.group(0)
+        if cwd and (path == cwd or path.startswith(cwd.rstrip("/") + "/")):
+            return os.path.relpath(path, cwd)
+        return f"/path/to/{Path(path).name}"
+
+    return ABSOLUTE.sub(swap, text)
+
+
+def started_by(run: Path) -> dict | None:
+    """The run's command.json (the command that started it), or None for a run of an older gan-dist."""
+    try:
+        command = json.loads((run / "command.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(command, dict) and isinstance(command.get("train"), list) and all(
+        isinstance(a, str) for a in command["train"] + (command.get("launcher") or []))
+    return command if ok and isinstance(command.get("cwd", ""), str) else None
+
+
+def train_command(command: dict | None) -> str | None:
+    """The command line that started the run, its absolute paths made portable; programs by their own name."""
+    if command is None:
+        return None
+    argv = command.get("launcher") or ["python", *command["train"]]
+    argv = [Path(argv[0]).name, *(portable(a, command.get("cwd")) for a in argv[1:])]
+    return shlex.join(argv)
 
 
 def upload(folder: Path, repo: str, private: bool, token: str, what: str) -> str:
@@ -132,7 +177,7 @@ def world_size(run: Path) -> int | None:
 
 
 def model_card(repo: str, export: str, cfg: Config, G: Generator, scores: dict | None, world: int | None,
-               config_text: str) -> str:
+               config_text: str, command: str | None = None) -> str:
     m = G.cfg
     images = m.arch != "mlp"
     front = ModelCardData(
@@ -167,9 +212,12 @@ def model_card(repo: str, export: str, cfg: Config, G: Generator, scores: dict |
         "PyTorchModelHubMixin).", "",
         "## Evaluation", "", *evaluation(scores), "",
         "## Training", "",
-        "gan-dist records no command line; the run's config.yaml, `training_config.yaml` here, holds every value the "
-        "run resolved, so this trains the same model again (with the data at the paths it names):", "",
-        "```bash", f"{launch} train.py --config training_config.yaml run.dir=runs/{repo.split('/')[-1]}", "```", "",
+        *(["The command that started the run (paths inside the folder it ran in are relative to it, others shown as "
+           "/path/to/NAME):", "", "```bash", command, "```", "", "Or, with every value the run resolved "
+           "(`training_config.yaml` here, the run's config.yaml):"] if command else [
+            "The run predates gan-dist's record of its command; its config.yaml, `training_config.yaml` here, holds "
+            "every value it resolved, so this trains the same model again (with the data at the paths it names):"]),
+        "", "```bash", f"{launch} train.py --config training_config.yaml run.dir=runs/{repo.split('/')[-1]}", "```", "",
         "<details><summary>training_config.yaml</summary>", "", "```yaml", config_text.rstrip(), "```", "",
         "</details>", ""]
     return "\n".join(lines)

@@ -220,3 +220,37 @@ def test_a_failed_upload_is_one_error_line(token, tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
     assert ("hf auth login" if token is None else "could not upload to the Hub repo someone/tiny-gan") in err
+
+
+def test_a_card_of_a_real_run_has_its_command_and_no_path_of_the_machine(tmp_path, shards, capsys):
+    """A 2-process run started with absolute paths (run.dir, the MNIST files, the shard cache): its command.json
+    records train.py's and the launcher's arguments, and nothing push_to_hub writes holds a path of this machine."""
+    from runs import MNIST, launch
+
+    run = tmp_path / "run"
+    launch(run, shards, 2, "train.steps=4", "ckpt.every=4", "log.sample_every=4", "eval.every=0",
+           "wandb.mode=disabled")
+    command = json.loads((run / "command.json").read_text())
+    assert command["cwd"] == str(REPO) and command["train"][0].endswith("train.py")
+    assert "accelerate.commands.launch" in command["launcher"] and f"run.dir={run}" in command["launcher"]
+    out = tmp_path / "upload"
+    assert push_to_hub.main([str(run), "--repo", "someone/tiny-gan", "--dry-run", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "python -m accelerate.commands.launch --quiet --num_machines 1" in card
+    assert "--num_processes 2 --multi_gpu train.py --config configs/debug.yaml run.dir=/path/to/run" in card
+    private = {str(tmp_path), str(REPO), str(MNIST.resolve()), str(shards), str(Path.home())} - {"/"}
+    for file in out.iterdir():
+        if file.suffix in (".md", ".yaml", ".json"):
+            text = file.read_text()
+            assert not [p for p in private if p in text], file.name
+            assert all(path.startswith("/path/to/") for path in push_to_hub.ABSOLUTE.findall(text)), file.name
+    assert "dir: /path/to/run" in (out / "training_config.yaml").read_text()
+
+
+def test_portable_paths_keep_urls_and_make_the_run_folder_relative():
+    cwd = "/home/me/gan-dist"
+    text = ("dir: /home/me/gan-dist/runs/a\nshards: pipe:curl -s https://host/x/{0..3}.tar::file:/data/y.tar\n"
+            "mnist_dir: /mnt/data/mnist\nnote: a/b and http://h/p\n")
+    assert push_to_hub.portable(text, cwd) == (
+        "dir: runs/a\nshards: pipe:curl -s https://host/x/{0..3}.tar::file:/path/to/y.tar\n"
+        "mnist_dir: /path/to/mnist\nnote: a/b and http://h/p\n")
