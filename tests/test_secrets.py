@@ -65,5 +65,5 @@ def test_a_secret_in_the_environment_reaches_no_file_and_no_wandb_run(tmp_path, 
     assert f"shards: {command}" in (run / "config.yaml").read_text()
     (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
     assert config(wandb_file)["data"]["shards"] == command
-    # The card's copy has the shard folder, a path of this machine, as /path/to/NAME.
-    assert command.replace(str(shards), f"/path/to/{shards.name}") in (card / "README.md").read_text()
+    # The card's copy has the shards' path, one of this machine, as /path/to/NAME.
+    assert command.replace(f"{shards}/", "/path/to/") in (card / "README.md").read_text()
