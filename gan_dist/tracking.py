@@ -105,8 +105,8 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
     return run
 
 
-# A parent process whose program (or `python -m` module) starts so is a launcher: accelerate, accelerate.commands.launch,
-# torchrun, torch.distributed.run.
+# A parent process whose program (or `python -m` module) starts so is a launcher: accelerate,
+# accelerate.commands.launch, torchrun, torch.distributed.run.
 LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run")
 
 
