@@ -100,7 +100,7 @@ def checkpoint_path(run: str | Path, checkpoint: str) -> Path:
 
 
 def owning_run(path: str | Path) -> Path | None:
-    """The run directory `path` is, or holds as its export or step checkpoint; None for anything else."""
+    """The run directory that `path` is, or that holds `path` as its export or step checkpoint; None otherwise."""
     from gan_dist.checkpoint import META  # checkpoint.py imports this module
 
     path = Path(path)
