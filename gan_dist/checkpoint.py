@@ -45,7 +45,7 @@ from gan_dist.errors import UserError
 from gan_dist.export import checkpoint_path, export_metadata
 from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic, \
     write_failure
-from gan_dist.models import build_models, config_json, model_config
+from gan_dist.models import build_generator, build_models, config_json, model_config
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
 META = "meta.json"
@@ -549,15 +549,16 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         else weights
 
 
-def checkpoint_generator(path: Path, ema: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The ModelConfig a step checkpoint was written with (its own config.yaml, or its run's) and G_ema's (or G's)
-    weights in it, for `gan_dist.load_generator`."""
+def checkpoint_generator(path: Path, ema: bool = True) -> torch.nn.Module:
+    """G_ema (or G) of a step checkpoint, built as the config it was written with says (its own config.yaml, or
+    its run's), for `gan_dist.load_generator`."""
     config = saved_config(path)
     if config is None or not isinstance(config.get("model"), dict):
         raise UserError(f"checkpoint {path} has no readable config.yaml, and neither has its run; load it from "
                         "inside its run directory")
-    return model_config(config["model"], str(path / "config.yaml")), \
-        _weights(path / STEP_FILES["generator_ema" if ema else "generator"])
+    G = build_generator(model_config(config["model"], str(path / "config.yaml")))
+    _load(G, _weights(path / STEP_FILES["generator_ema" if ema else "generator"]), path.parent.parent, path.name)
+    return G
 
 
 def load_run_discriminator(run_dir: str | Path, cfg, checkpoint: str = "final") -> torch.nn.Module:

@@ -188,6 +188,29 @@ def collect(reading: Generator[dict, None, Read]) -> tuple[list[dict], Read]:
             return samples, stop.value
 
 
+class _Forward:
+    """A shard without an offset index, streamed once and forward across the windows of one chunk that need it
+    (it cannot be read at an offset): `take` hands out the samples at rising indices as the windows ask."""
+
+    def __init__(self, reading: Generator[dict, None, Read]) -> None:
+        self.reading, self.at, self.read = reading, 0, None  # `at`: the index of the next sample the stream yields
+
+    def take(self, keep: list[int], to_end: bool) -> tuple[list[dict], Read]:
+        """The samples at the sorted indices `keep` (none before `at`), the first of them up to a fault; with
+        `to_end`, the stream is read through, so that samples beyond the manifest's count are found."""
+        wanted, out = set(keep), []
+        while self.read is None and (self.at <= keep[-1] or to_end):
+            try:
+                sample = next(self.reading)
+            except StopIteration as stop:
+                self.read = stop.value
+                break
+            if self.at in wanted:
+                out.append(sample)
+            self.at += 1
+        return out, self.read or Read(len(out), None, 0)
+
+
 def _say(msg: str) -> None:
     print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
 
@@ -289,20 +312,31 @@ class ShardStream(IterableDataset):
         if read.fault and loud():
             self._skip(read.fault, max(lost, 1))
 
-    def _gather(self, order: list[int], ends: np.ndarray, wanted: list[int]) -> tuple[dict[int, dict], dict[int, int]]:
+    def _gather(self, order: list[int], ends: np.ndarray, wanted: list[int],
+                streams: dict[int, _Forward]) -> tuple[dict[int, dict], dict[int, int]]:
         """The samples at places `wanted` of an epoch whose shards are laid end to end in `order` (ending at
         `ends`), by place; and the samples lost at each place (a fault, or a shard's samples beyond its manifest,
-        counted at its last listed place), warned about here and counted as the stream passes them."""
+        counted at its last listed place), warned about here and counted as the stream passes them. Shards without
+        an offset index go on from their open stream in `streams` (by place in `order`); those the windows have
+        passed are closed."""
         counts = self.source.counts
         by_shard: dict[int, list[int]] = {}
         for place, laid in zip(wanted, np.searchsorted(ends, wanted, side="right").tolist()):
             by_shard.setdefault(laid, []).append(place)
+        for passed in [laid for laid in streams if laid < min(by_shard)]:
+            streams.pop(passed).reading.close()
         got, lost = {}, {}
         for laid, places in sorted(by_shard.items()):
             i = order[laid]
             base = int(ends[laid]) - counts[i]
             keep = sorted(p - base for p in places)
-            samples, read = collect(self._read(self.source.urls[i], keep[0], keep[-1] + 1, counts[i], keep))
+            url = self.source.urls[i]
+            if self._indexed(url) is not None:
+                samples, read = collect(self._read(url, keep[0], keep[-1] + 1, counts[i], keep))
+            else:
+                if laid not in streams or streams[laid].at > keep[0]:
+                    streams[laid] = _Forward(self._read(url, 0, counts[i], counts[i]))
+                samples, read = streams[laid].take(keep, keep[-1] == counts[i] - 1)
             got.update((base + j, sample) for j, sample in zip(keep, samples))
             missing = [base + j for j in keep[len(samples):]]
             lost.update((place, 1) for place in missing)
@@ -321,18 +355,22 @@ class ShardStream(IterableDataset):
         total, order = sum(counts), shard_order(self.source, self.seed, chunk)
         ends = np.cumsum([counts[i] for i in order])
         spans = drop(share(self.spans.get(chunk, [(0, total)]), slot, slots), start)
-        k = start
-        for a, b in spans:
-            for w in range(a // size, (b - 1) // size + 1):
-                lo = w * size
-                perm = window_order(self.seed, chunk, w, min(size, total - lo))
-                wanted = (lo + perm[max(a, lo) - lo:min(b, lo + size) - lo]).tolist()
-                got, lost = self._gather(order, ends, wanted)
-                for place in wanted:
-                    k += 1
-                    self.skipped += lost.get(place, 0)
-                    if place in got:
-                        yield k, got[place]
+        k, streams = start, {}
+        try:
+            for a, b in spans:
+                for w in range(a // size, (b - 1) // size + 1):
+                    lo = w * size
+                    perm = window_order(self.seed, chunk, w, min(size, total - lo))
+                    wanted = (lo + perm[max(a, lo) - lo:min(b, lo + size) - lo]).tolist()
+                    got, lost = self._gather(order, ends, wanted, streams)
+                    for place in wanted:
+                        k += 1
+                        self.skipped += lost.get(place, 0)
+                        if place in got:
+                            yield k, got[place]
+        finally:
+            for stream in streams.values():
+                stream.reading.close()
 
     def _drawn(self, chunk: int, worker: int, start: int) -> Iterator[tuple[int, dict]]:
         """A resampled chunk from its place `start` on, as (place, 1-based; raw sample): its shards' samples in

@@ -62,8 +62,7 @@ def load_generator(path_or_repo: str | Path, ema: bool = True, device: str | tor
     if not path.exists():
         path = _download(str(path_or_repo), revision)
     if (path / META).is_file():  # before save_pretrained's file: a step checkpoint's G is also model.safetensors
-        model, weights = checkpoint_generator(path, ema)
-        return _loaded(build_generator(model), weights, path).to(device).eval()
+        return checkpoint_generator(path, ema).to(device).eval()
     if (path / WEIGHTS).is_file():
         return Generator.from_pretrained(path, map_location=device)
     if (path / "config.yaml").is_file():
@@ -78,15 +77,6 @@ def load_generator(path_or_repo: str | Path, ema: bool = True, device: str | tor
                         f"{WEIGHTS}), or a Hub repo id")
     G = build_generator(_export_config(path))
     return load_weights(G, file).to(device).eval()
-
-
-def _loaded(G: Generator, weights: dict[str, torch.Tensor], path: Path) -> Generator:
-    try:
-        G.load_state_dict(weights)
-    except RuntimeError as err:
-        raise UserError(f"the generator weights of {path} do not fit its config "
-                        f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
-    return G
 
 
 def checkpoint_path(run: str | Path, checkpoint: str) -> Path:

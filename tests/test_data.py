@@ -169,6 +169,25 @@ def test_epoch_mode_reads_every_sample_exactly_once_per_epoch(source, world, wor
     assert epochs[0] != epochs[1] != epochs[2], "each epoch is shuffled anew"
 
 
+def test_a_shard_without_an_index_is_streamed_once_per_chunk(source, monkeypatch):
+    """Its samples fall into several shuffle windows (8 samples each here): the windows go on from one open stream
+    rather than read the shard again from its start for each."""
+    opened = []
+
+    def counting(url, *args):
+        opened.append(url)
+        return open_shard(url, *args)
+
+    monkeypatch.setattr(data, "open_shard", counting)
+    for world in (1, 2):
+        seen = []
+        for rank in range(world):
+            opened.clear()
+            seen += key_ids(raw(stream(source, rank=rank, world=world), 0, 0))
+            assert opened and len(opened) == len(set(opened)), "each shard opened once by the slot that reads it"
+        assert sorted(seen) == list(range(TOTAL))
+
+
 def test_epoch_batches_carry_over_the_remainder_without_dropping_or_repeating(source):
     # Rank 1 of 2, two workers: each slot's batches are its epoch shares back to back, cut into batches of 4.
     s = stream(source, rank=1, world=2, num_workers=2)
