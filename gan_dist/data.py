@@ -251,12 +251,12 @@ class ShardStream(IterableDataset):
 
     def _read(self, url: str, first: int, end: int | None, expected: int | None,
               keep: list[int] | None = None) -> Generator[dict, None, Read]:
-        """Raw samples [first, end) of one shard in order (to its end when `end` is None), or only those at the
-        sorted indices `keep` among them. A fault ends the read early, so what it yields is always the first of
-        the samples asked for. A local shard with an offset index is read at its members' offsets (only the
-        samples asked for), without parsing a tar header; others are streamed. A range that ends where the
-        manifest says the shard ends reads on to its real end, so a shard holding more samples than its
-        manifest lists is found."""
+        """Raw samples [first, end) of one shard in order (to its end when `end` is None). A fault ends the read
+        early, so what it yields is always the first of the samples asked for. A local shard with an offset index
+        is read at its members' offsets, without parsing a tar header, and only at the sorted indices `keep` when
+        given; others are streamed whole (`_gather` takes what it needs from them through `_Forward`). A range
+        that ends where the manifest says the shard ends reads on to its real end, so a shard holding more samples
+        than its manifest lists is found."""
         cap = 4 * pixel_bound(self.cfg.resolution)  # no image this run decodes has a bigger member
         indexed = self._indexed(url)
         if indexed is not None:
@@ -275,11 +275,10 @@ class ShardStream(IterableDataset):
             stream = open_shard(url, self.cfg.timeout_s, self.cfg.min_rate_kbs)
         except ShardError as err:
             raise FatalDataError(f"{err}; check data.shards") from None
-        wanted = None if keep is None else set(keep)
         seen = got = 0
         try:
             for seen, sample in enumerate(tar_samples(stream, url, cap), start=1):
-                if first < seen and (end is None or seen <= end) and (wanted is None or seen - 1 in wanted):
+                if first < seen and (end is None or seen <= end):
                     yield sample
                     got += 1
                 if end is not None and seen >= end and end != expected:
