@@ -33,7 +33,7 @@ from gan_dist.drs import add_sampler_args, make_sampler
 from gan_dist.errors import UserError
 from gan_dist.evaluation import Evaluator
 from gan_dist.export import load_generator, review_source
-from gan_dist.loop import local_main_first
+from gan_dist.distributed import local_main_first
 from gan_dist.shards import expand_urls
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from gan_dist.config import load_config, resolve_launch
-from gan_dist.loop import make_accelerator
+from gan_dist.distributed import make_accelerator
 from gan_dist.losses import d_loss
 from gan_dist.models import build_models
 

@@ -12,7 +12,7 @@ from runs import launch, weights
 
 from gan_dist.config import PerfConfig, TrainConfig, load_config, resolve_launch
 from gan_dist.errors import UserError
-from gan_dist.loop import thread_warning
+from gan_dist.distributed import thread_warning
 
 LAUNCHED_BF16 = {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "NO"}
 
