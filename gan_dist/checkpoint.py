@@ -34,13 +34,13 @@ from typing import Callable
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 from accelerate.utils import load as safe_torch_load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gan_dist.config import ModelConfig, config_changes, may_change, run_config
+from gan_dist.config import ModelConfig, config_changes, may_change
 from gan_dist.ema import EMA
+from gan_dist.distributed import sync_buffers
 from gan_dist.errors import UserError
 from gan_dist.export import checkpoint_path, export_metadata
 from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic, \
@@ -388,14 +388,6 @@ def training_tensors(modules: dict[str, torch.nn.Module], optimizers: dict[str, 
     return {name: [*m.parameters(), *m.buffers()] for name, m in modules.items()} | {
         name: [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
         for name, opt in optimizers.items()}
-
-
-def sync_buffers(*modules: torch.nn.Module) -> None:
-    """Make every rank's buffers of `modules` rank 0's. BatchNorm statistics are each rank's own
-    (dist.broadcast_buffers=false), or drift between DDP's broadcasts; rank 0's copy is the one grids, evaluations,
-    exports and the checkpoint's model files hold."""
-    for b in (b for m in modules for b in m.buffers()):
-        b.copy_(broadcast(b, from_process=0))
 
 
 @torch.no_grad()

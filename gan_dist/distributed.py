@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, GradientAccumulationPlugin, \
-    InitProcessGroupKwargs, TorchDynamoPlugin, broadcast_object_list
+    InitProcessGroupKwargs, TorchDynamoPlugin, broadcast, broadcast_object_list
 
 from gan_dist.config import Config, Launch
 from gan_dist.errors import UserError
@@ -149,3 +149,11 @@ def step_marker(accelerator: Accelerator) -> Callable[[], None]:
     dynamo = accelerator.state.dynamo_plugin
     return torch.compiler.cudagraph_mark_step_begin if dynamo.backend != "NO" and dynamo.mode == "reduce-overhead" \
         else lambda: None
+
+
+def sync_buffers(*modules: torch.nn.Module) -> None:
+    """Make every rank's buffers of `modules` rank 0's. BatchNorm statistics are each rank's own
+    (dist.broadcast_buffers=false), or drift between DDP's broadcasts; rank 0's copy is the one grids, evaluations,
+    exports and the checkpoint's model files hold."""
+    for b in (b for m in modules for b in m.buffers()):
+        b.copy_(broadcast(b, from_process=0))

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from gan_dist.augment import ADA, build_augment
 from gan_dist.checkpoint import Resume, TrainState, choose_resume, export_final, nonfinite, resume_training, \
-    save_training, sync_buffers, training_tensors
+    save_training, training_tensors
 from gan_dist.config import Config, TrainConfig, resolve_launch, to_dict, to_yaml
 from gan_dist.distributed import StopVote, describe_launch, local_main_first, make_accelerator, on_main, step_marker, \
-    thread_warning
+    sync_buffers, thread_warning
 from gan_dist.data import CachedBatches, DeviceBatches, cache_position, decode_dataset, open_source, shard_batches, \
     spans_of, spans_tensor, start_positions, wants_device_cache
 from gan_dist.ema import EMA

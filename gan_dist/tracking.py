@@ -24,8 +24,8 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from gan_dist.checkpoint import sync_buffers
 from gan_dist.config import WandbConfig
+from gan_dist.distributed import sync_buffers
 from gan_dist.export import git_commit
 from gan_dist.files import write_atomic, write_failure
 from gan_dist.metric_names import METRICS
