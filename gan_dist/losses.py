@@ -1,5 +1,5 @@
-"""The GAN math of one training step: D step, G step and their losses. Pure torch: the loop passes in
-`backward` (accelerator.backward), so nothing here knows about processes or precision.
+"""The GAN math as small pure functions: D's and G's losses, the penalties, top-k's weights, the mode-seeking term
+and ADA's heuristic; `objective.GANObjective` puts them together into the phases of a step.
 
 Seed 000's losses: D is trained on one concatenated batch with binary cross-entropy against targets 1 (real) and
 0 (fake); G minimises the cross-entropy of D(G(z)) against 1 (non-saturating), with D frozen as Keras freezes it.
@@ -10,8 +10,7 @@ the other class (real 1 - U(0, n), fake U(0, n)), so targets stay probabilities.
 Beyond the seeds (`loss.kind`): minimax, least squares, hinge and WGAN-GP losses, and R3GAN's relativistic pairing
 loss (rpgan: D and G judge each fake against the real sample paired with it); the lazy R1 (real) and R2 (fake)
 penalties; top-k G updates (Sinha et al. 2020), chosen over every process's samples; the mode-seeking term (Mao
-et al. 2019), which keeps G from mapping different z (of one class) to one image. Penalties join D's loss in the
-same backward as the loss itself, so DDP reduces D's gradients once per micro-step. A conditional run passes labels
+et al. 2019), which keeps G from mapping different z (of one class) to one image. A conditional run passes labels
 `c` to G and D; D's BatchNorm-free paths keep every sample's logit its own, which R1 / R2 per sample rely on.
 """
 
@@ -25,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_dist.config import LossConfig
-from gan_dist.models import conditioned
 
 Backward = Callable[[torch.Tensor], None]
 Select = Callable[[torch.Tensor], torch.Tensor]  # D's scores of G's samples -> each sample's weight in G's loss
@@ -132,48 +129,6 @@ def gradient_penalty(logits_mix: torch.Tensor, mix: torch.Tensor) -> torch.Tenso
     return (input_gradient(logits_mix, mix).norm(dim=1) - 1).square().mean()
 
 
-def d_step(G: nn.Module, D: nn.Module, opt_D: torch.optim.Optimizer, real: torch.Tensor, z: torch.Tensor,
-           cfg: LossConfig, backward: Backward, r1_due: bool = False, set_to_none: bool = True,
-           c: torch.Tensor | None = None, gamma_scale: float = 1.0,
-           augment: Augment | None = None) -> dict[str, torch.Tensor]:
-    """One D step (or one accumulation micro-step of it). `r1_due` marks the lazy R1 / R2 steps: the penalties are
-    then scaled by r1_every, so that on average they weigh gamma / 2 per step (StyleGAN2's lazy regularization);
-    `gamma_scale` is the gamma schedule's factor. `c`: the real samples' labels, given to G's samples too (a
-    conditional run). `set_to_none` is zero_grad's: free the gradients, or keep their memory and fill it with zeros.
-    `augment` transforms everything D sees; R1 / R2 are then taken with respect to the images before it, through it
-    (StyleGAN2-ADA). `rt` is ADA's overfitting heuristic: the mean sign of D's real logits, or for the losses blind
-    to a constant added to every logit (rpgan, wgan_gp) of each real logit less its paired fake one."""
-    with torch.no_grad():
-        fake = conditioned(G, z, c)
-    r2_due = r1_due and cfg.r2_gamma > 0
-    parts = [real.detach().requires_grad_(r1_due and cfg.r1_gamma > 0), fake.requires_grad_(r2_due)]
-    if cfg.kind == "wgan_gp":
-        alpha = torch.rand(len(real), *[1] * (real.ndim - 1), device=real.device, dtype=real.dtype)
-        parts.append(torch.lerp(real.detach(), fake, alpha).requires_grad_(True))
-    # One forward over all parts: BatchNorm sees the mixed batch as in the seed, DDP syncs buffers once, and
-    # every D parameter's gradient is reduced in a single backward (penalties included).
-    labels = None if c is None else torch.cat([c, c] + ([c] if len(parts) == 3 else []))
-    x = torch.cat(parts)
-    logits = conditioned(D, x if augment is None else augment(x), labels).split([len(p) for p in parts])
-    loss = d_loss(logits[0], logits[1], cfg.kind, cfg.label_noise)
-    out = {"loss_d": loss.detach(), "d_real": torch.sigmoid(logits[0].detach()).mean(),
-           "d_fake": torch.sigmoid(logits[1].detach()).mean(), "rt": overfitting(logits[0], logits[1], cfg.kind)}
-    if cfg.kind == "wgan_gp":
-        gp = gradient_penalty(logits[2], parts[2])
-        loss = loss + cfg.gp_weight * gp
-        out["gp"] = gp.detach()
-    # Logged on every step (0 between lazy ones), so their means over steps are the unscaled penalties.
-    for name, gamma, i in (("r1", cfg.r1_gamma, 0), ("r2", cfg.r2_gamma, 1)):
-        if gamma > 0:
-            r = r1_penalty(logits[i], parts[i]) * cfg.r1_every if r1_due else torch.zeros((), device=real.device)
-            loss = loss + gamma * gamma_scale / 2 * r
-            out[name] = r.detach()
-    backward(loss)
-    opt_D.step()
-    opt_D.zero_grad(set_to_none=set_to_none)
-    return out
-
-
 @contextmanager
 def frozen(D: nn.Module) -> Iterator[None]:
     """D as a Keras model with `trainable=False` runs: no gradients, BatchNorm on its running statistics.
@@ -191,35 +146,3 @@ def frozen(D: nn.Module) -> Iterator[None]:
         D.requires_grad_(True)
         for m in norms:
             m.train()
-
-
-def g_step(G: nn.Module, D: nn.Module, opt_G: torch.optim.Optimizer, z: torch.Tensor, kind: str,
-           backward: Backward, set_to_none: bool = True, real: torch.Tensor | None = None,
-           c: torch.Tensor | None = None, select: Select | None = None, ms_weight: float = 0.0,
-           z_pair: torch.Tensor | None = None, augment: Augment | None = None) -> dict[str, torch.Tensor]:
-    """One G step (or micro-step). rpgan needs `real`, the real batch G's samples are paired with; `c` labels both
-    (a conditional run); `select` turns D's scores of the samples into loss weights (top-k). With `ms_weight`, G
-    also draws each label from `z_pair` (in the same forward, so BatchNorm sees one batch) and pays the
-    mode-seeking term for pairs that look alike; only the first half meets D. `augment`: as in `d_step`."""
-    out = {}
-    with frozen(D):
-        if ms_weight > 0:
-            fakes = conditioned(G, torch.cat([z, z_pair]), None if c is None else torch.cat([c, c]))
-            fake, fake_pair = fakes.split([len(z), len(z_pair)])
-        else:
-            fake = conditioned(G, z, c)
-        x = fake if real is None else torch.cat([fake, real.detach()])
-        labels = c if c is None or real is None else torch.cat([c, c])
-        logits = conditioned(D, x if augment is None else augment(x), labels)
-        logits_fake, logits_real = (logits, None) if real is None else logits.split([len(fake), len(real)])
-        weights = None if select is None else select(logits_fake)
-        loss = g_loss(logits_fake, kind, logits_real, weights)
-        out["loss_g"] = loss.detach()
-        if ms_weight > 0:
-            ms = mode_seeking(fake, fake_pair, z, z_pair)
-            loss = loss + ms_weight * ms
-            out["ms"] = ms.detach()
-        backward(loss)
-    opt_G.step()
-    opt_G.zero_grad(set_to_none=set_to_none)
-    return out

@@ -21,8 +21,8 @@ from accelerate import Accelerator
 
 from gan_dist.augment import ADA
 from gan_dist.config import AugConfig, LossConfig, ModelConfig
-from gan_dist.losses import d_step, g_step, topk_weights
 from gan_dist.models import build_models
+from gan_dist.objective import GANObjective, Schedule
 
 CASES = {
     "ns": LossConfig(kind="ns", label_noise=0.0),
@@ -38,10 +38,12 @@ CASES = {
     "cond_norm_ns": LossConfig(kind="ns", label_noise=0.0),
     "cond_norm_ms_rpgan": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0, ms_weight=0.5),
     "mbstd_rpgan": LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=1.0, r2_gamma=2.0),
-    "topk_ns": LossConfig(kind="ns", label_noise=0.0),
-    "topk_rpgan": LossConfig(kind="rpgan", label_noise=0.0),
+    # k = 3 of each micro-step's 4 samples over both ranks: top-k's floor once its decay has run (TOPK_LATE)
+    "topk_ns": LossConfig(kind="ns", label_noise=0.0, topk_gamma=0.5, topk_min=0.75),
+    "topk_rpgan": LossConfig(kind="rpgan", label_noise=0.0, topk_gamma=0.5, topk_min=0.75),
 }
-GLOBAL, ACCUM, LR, CLASSES, TOPK = 8, 2, 0.1, 3, 3  # TOPK of each micro-step's 4 samples over both ranks
+GLOBAL, ACCUM, LR, CLASSES = 8, 2, 0.1, 3
+TOPK_LATE = Schedule(epochs=100.0)
 
 
 class Summing:
@@ -72,8 +74,22 @@ def data(name: str, real: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return images if name.startswith(("cond_norm", "mbstd")) else real
 
 
-def alone(x: torch.Tensor) -> torch.Tensor:
-    return x
+def d_step(G, D, opt_D, real, z, cfg: LossConfig, backward, c=None, augment=None) -> dict:
+    """One D step with the R1 / R2 pass, as the loop takes it: the objective's phase, then the optimizer's step."""
+    out = GANObjective(cfg, G, D, backward=backward, augment=augment).d_phase(real, c, z, regularize=True)
+    opt_D.step()
+    opt_D.zero_grad(set_to_none=True)
+    return out
+
+
+def g_step(G, D, opt_G, z, cfg: LossConfig, backward, real, c=None, rank: int = 0, world: int = 1,
+           gather=lambda x: x) -> dict:
+    """One G step as the loop takes it; top-k ranks the samples of every rank that `gather` brings together."""
+    objective = GANObjective(cfg, G, D, backward=backward, gather=gather, rank=rank, world=world)
+    out = objective.g_phase(real, c, z, TOPK_LATE)
+    opt_G.step()
+    opt_G.zero_grad(set_to_none=True)
+    return out
 
 
 def chunks(ranks: list[int], world: int) -> dict[tuple[int, int], slice]:
@@ -83,17 +99,18 @@ def chunks(ranks: list[int], world: int) -> dict[tuple[int, int], slice]:
 
 
 def seeded(rank: int, micro: int) -> None:
-    torch.manual_seed(1000 + 10 * rank + micro)  # WGAN-GP's interpolation weights, the same in the reference
+    # WGAN-GP's interpolation weights and the mode-seeking pair's noise, the same in the reference
+    torch.manual_seed(1000 + 10 * rank + micro)
 
 
-def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, z_pair, world: int) -> dict:
+def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, world: int) -> dict:
     G, D = nets(sn, name)
     c = c if name.startswith("cond") else None
     cut = chunks(list(range(world)), world)
     parts = world * ACCUM
     for (r, m), rows in cut.items():
         seeded(r, m)
-        d_step(G, D, Summing(), real[rows], z_d[rows], cfg, lambda loss: (loss / parts).backward(), r1_due=True,
+        d_step(G, D, Summing(), real[rows], z_d[rows], cfg, lambda loss: (loss / parts).backward(),
                c=None if c is None else c[rows])
     with torch.no_grad():
         for p in D.parameters():
@@ -102,13 +119,11 @@ def reference(name: str, cfg: LossConfig, sn: bool, real, c, z_d, z_g, z_pair, w
     if name.startswith("topk"):  # micro-step m: the m-th micro-batch of every rank, top-k chosen among them all
         for m in range(ACCUM):
             rows = torch.cat([torch.arange(GLOBAL)[cut[r, m]] for r in range(world)])
-            g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / ACCUM).backward(),
-                   real=real[rows] if cfg.kind == "rpgan" else None,
-                   select=lambda s: topk_weights(s, TOPK, alone, 0, 1))
+            g_step(G, D, Summing(), z_g[rows], cfg, lambda loss: (loss / ACCUM).backward(), real[rows])
     for (r, m), rows in cut.items() if not name.startswith("topk") else ():
-        g_step(G, D, Summing(), z_g[rows], cfg.kind, lambda loss: (loss / parts).backward(),
-               real=real[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
-               ms_weight=cfg.ms_weight, z_pair=z_pair[rows])
+        seeded(r, m)
+        g_step(G, D, Summing(), z_g[rows], cfg, lambda loss: (loss / parts).backward(), real[rows],
+               c=None if c is None else c[rows])
     with torch.no_grad():
         for p in G.parameters():
             p -= LR * p.grad
@@ -134,8 +149,7 @@ def ada_interval(G, D, opt_D, rows: list[slice], images, z_d, backward, accumula
     ada = ADA(ADA_CFG)
     for part in rows:
         with accumulate(D):
-            metrics = d_step(G, D, opt_D, images[part], z_d[part], ADA_LOSS, backward, augment=ada)
-        ada.observe(metrics["rt"])
+            d_step(G, D, opt_D, images[part], z_d[part], ADA_LOSS, backward, augment=ada)  # observes r_t
     local = ada.sums[0] / ada.sums[1]
     ada.adjust(reduce(ada.sums), GLOBAL)
     return {"rt": ada.rt.clone(), "p": ada.p.clone(), "local_rt": local}
@@ -146,13 +160,11 @@ def main(out: Path) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(7)
     real, z_d, z_g = torch.randn(GLOBAL, 2), torch.randn(GLOBAL, 4), torch.randn(GLOBAL, 4)
-    labels, images, z_pair = torch.randint(0, CLASSES, (GLOBAL,)), torch.randn(GLOBAL, 1, 8, 8), torch.randn(GLOBAL, 4)
+    labels, images = torch.randint(0, CLASSES, (GLOBAL,)), torch.randn(GLOBAL, 1, 8, 8)
     results, refs = {}, {}
     for name, cfg in CASES.items():
         c = labels if name.startswith("cond") else None
         x = data(name, real, images)
-        select = (lambda s: topk_weights(s, TOPK, accelerator.gather, rank, world)) if name.startswith("topk") \
-            else None
         for sn in (False, True):
             G, D = nets(sn, name)
             opt_G, opt_D = torch.optim.SGD(G.parameters(), lr=LR), torch.optim.SGD(D.parameters(), lr=LR)
@@ -161,18 +173,18 @@ def main(out: Path) -> None:
             for (r, m), rows in cut.items():
                 seeded(r, m)
                 with accelerator.accumulate(D):
-                    d_step(G, D, opt_D, x[rows], z_d[rows], cfg, accelerator.backward, r1_due=True,
+                    d_step(G, D, opt_D, x[rows], z_d[rows], cfg, accelerator.backward,
                            c=None if c is None else c[rows])
             for (r, m), rows in cut.items():
+                seeded(r, m)
                 with accelerator.accumulate(G):
-                    g_step(G, D, opt_G, z_g[rows], cfg.kind, accelerator.backward,
-                           real=x[rows] if cfg.kind == "rpgan" else None, c=None if c is None else c[rows],
-                           select=select, ms_weight=cfg.ms_weight, z_pair=z_pair[rows])
+                    g_step(G, D, opt_G, z_g[rows], cfg, accelerator.backward, x[rows],
+                           c=None if c is None else c[rows], rank=rank, world=world, gather=accelerator.gather)
             key = f"{name}{'_sn' if sn else ''}"
             results[key] = {"G": accelerator.unwrap_model(G).state_dict(),
                             "D": accelerator.unwrap_model(D).state_dict()}
             if rank == 0:
-                refs[key] = reference(name, cfg, sn, x, labels, z_d, z_g, z_pair, world)
+                refs[key] = reference(name, cfg, sn, x, labels, z_d, z_g, world)
     G, D = ada_nets()
     opt_D = torch.optim.SGD(D.parameters(), lr=LR)
     G, D, opt_D = accelerator.prepare(G, D, opt_D)

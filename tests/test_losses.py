@@ -1,4 +1,5 @@
-"""Tests for gan_dist.losses: the GAN losses of seed 000 and one D step / one G step.
+"""Tests for gan_dist.losses and gan_dist.objective: the GAN losses of seed 000, and one D step / one G step (the
+objective's phase, then its optimizer's step, as the loop takes them).
 
 Covers: d_loss and g_loss values (binary cross-entropy with logits, computed here independently from the
 definition), their signs and gradient directions; the label noise U(0, label_noise) added to D's 1/0 targets
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 from gan_dist.config import LossConfig, ModelConfig
-from gan_dist.losses import d_loss, d_step, g_loss, g_step, gradient_penalty, mode_seeking, overfitting, r1_penalty, \
-    topk_count, topk_weights
+from gan_dist.losses import d_loss, g_loss, gradient_penalty, mode_seeking, overfitting, r1_penalty, topk_count, \
+    topk_weights
+from gan_dist.objective import GANObjective, Schedule
 from gan_dist.models import MLPDiscriminator, MLPGenerator
 
 
@@ -133,11 +135,28 @@ def test_label_noise_draws_from_the_global_rng():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# d_step / g_step
+# The objective's phases, each followed by its optimizer's step as the loop takes it
 
 
 def backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+def d_step(G, D, opt_D, real, z, cfg: LossConfig, backward=backward, regularize: bool = False,
+           schedule: Schedule = Schedule()) -> dict[str, torch.Tensor]:
+    out = GANObjective(cfg, G, D, backward=backward).d_phase(real, None, z, schedule, regularize)
+    opt_D.step()
+    opt_D.zero_grad(set_to_none=True)
+    return out
+
+
+def g_step(G, D, opt_G, z, cfg: LossConfig, backward=backward, real: torch.Tensor | None = None,
+           schedule: Schedule = Schedule()) -> dict[str, torch.Tensor]:
+    real = torch.zeros(len(z), 2) if real is None else real
+    out = GANObjective(cfg, G, D, backward=backward).g_phase(real, None, z, schedule)
+    opt_G.step()
+    opt_G.zero_grad(set_to_none=True)
+    return out
 
 
 def nets() -> tuple[nn.Module, nn.Module]:
@@ -192,7 +211,7 @@ def test_g_step_updates_only_g_and_lowers_g_loss():
     g0, d0 = snapshot(G), snapshot(D)
     with torch.no_grad():
         before = g_loss(D(G(z)))
-    out = g_step(G, D, opt_G, z, "ns", backward)
+    out = g_step(G, D, opt_G, z, LossConfig(), backward)
     assert same(D, d0), "g_step must not change D"
     assert all(p.grad is None for p in D.parameters()), "g_step must not leave gradients on D"
     assert all(p.requires_grad for p in D.parameters()), "D is trainable again after the G step"
@@ -211,7 +230,7 @@ def test_g_step_gradient_reaches_g_through_frozen_d():
     G_ref.load_state_dict(G.state_dict())
     g_loss(D(G_ref(z))).backward()
     expected = [p.detach() - 0.01 * p.grad for p in G_ref.parameters()]
-    g_step(G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, "ns", backward)
+    g_step(G, D, torch.optim.SGD(G.parameters(), lr=0.01), z, LossConfig(), backward)
     for p, e in zip(G.parameters(), expected):
         assert torch.allclose(p, e, atol=1e-6)
 
@@ -226,7 +245,7 @@ def test_g_step_restores_d_requires_grad_when_backward_raises():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        g_step(G, D, opt_G, torch.randn(4, 8), "ns", failing_backward)
+        g_step(G, D, opt_G, torch.randn(4, 8), LossConfig(), failing_backward)
     assert all(p.requires_grad for p in D.parameters())
     assert same(G, g0), "no optimizer step after a failed backward"
 
@@ -237,7 +256,7 @@ def test_d_step_then_g_step_leave_no_stale_gradients():
     opt_D = torch.optim.SGD(D.parameters(), lr=0.1)
     for _ in range(2):
         d_step(G, D, opt_D, torch.randn(8, 2), torch.randn(8, 8), LossConfig(), backward)
-        g_step(G, D, opt_G, torch.randn(8, 8), "ns", backward)
+        g_step(G, D, opt_G, torch.randn(8, 8), LossConfig(), backward)
         assert all(p.grad is None for p in list(G.parameters()) + list(D.parameters()))
         assert all(p.requires_grad for p in list(G.parameters()) + list(D.parameters()))
 
@@ -259,7 +278,7 @@ def test_g_step_runs_d_batchnorm_on_running_statistics():
     before = {k: v.clone() for k, v in D.state_dict().items() if "running" in k}
     seen = []
     hook = D.net[2].register_forward_hook(lambda m, i, o: seen.append(m.training))
-    g_step(G, D, opt_G, torch.randn(6, 8), "ns", backward)
+    g_step(G, D, opt_G, torch.randn(6, 8), LossConfig(), backward)
     hook.remove()
     assert seen == [False]
     assert all(torch.equal(D.state_dict()[k], v) for k, v in before.items())
@@ -364,7 +383,7 @@ def test_lazy_r1_in_d_step_is_scaled_by_its_interval():
     for due, want in ((True, expected), (False, D_ref[0].weight.grad)):
         D = linear_d([0.3, -0.2])
         seen = {}
-        out = d_step(G, D, _Keep(seen, D), real, z, cfg, backward, r1_due=due)
+        out = d_step(G, D, _Keep(seen, D), real, z, cfg, backward, regularize=due)
         assert torch.allclose(seen["weight"], want, atol=1e-6)
         assert out["r1"].item() == pytest.approx(0.13 * cfg.r1_every if due else 0.0, rel=1e-5)
 
@@ -429,7 +448,7 @@ def test_d_steps_r2_is_the_input_gradient_norm_at_g_samples_from_autograd():
     expected = torch.stack([torch.autograd.functional.jacobian(lambda p: D(p[None])[0], row).square().sum()
                             for row in fake]).mean()
     cfg = LossConfig(kind="rpgan", label_noise=0.0, r2_gamma=1.0, r1_every=3)
-    out = d_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), torch.randn(5, 2), z, cfg, backward, r1_due=True)
+    out = d_step(G, D, torch.optim.SGD(D.parameters(), lr=0.0), torch.randn(5, 2), z, cfg, backward, regularize=True)
     assert out["r2"].item() == pytest.approx(3 * expected.item(), rel=1e-5) and "r1" not in out
 
 
@@ -437,7 +456,7 @@ def test_lazy_r1_and_r2_in_d_step_add_both_penalties_scaled_by_the_gamma_schedul
     # D(x) = w.x: R1 = R2 = |w|^2 on every sample, each adding gamma * scale / 2 * r1_every * 2w to D's gradient.
     G, _ = nets()
     real, z = torch.randn(8, 2), torch.randn(8, 8)
-    cfg = LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=0.5, r2_gamma=2.0, r1_every=4)
+    cfg = LossConfig(kind="rpgan", label_noise=0.0, r1_gamma=0.5, r2_gamma=2.0, r1_every=4, gamma_end=0.25)
     D_ref = linear_d([0.3, -0.2])
     with torch.no_grad():
         fake = G(z)
@@ -445,21 +464,22 @@ def test_lazy_r1_and_r2_in_d_step_add_both_penalties_scaled_by_the_gamma_schedul
     w = D_ref[0].weight.detach()
     for due in (True, False):
         D, seen = linear_d([0.3, -0.2]), {}
-        out = d_step(G, D, _Keep(seen, D), real, z, cfg, backward, r1_due=due, gamma_scale=0.25)
+        out = d_step(G, D, _Keep(seen, D), real, z, cfg, backward, regularize=due, schedule=Schedule(progress=1.0))
         extra = (cfg.r1_gamma + cfg.r2_gamma) * 0.25 / 2 * cfg.r1_every * 2 * w if due else 0
         assert torch.allclose(seen["weight"], D_ref[0].weight.grad + extra, atol=1e-6)
         assert out["r1"].item() == out["r2"].item() == pytest.approx(0.13 * cfg.r1_every if due else 0, rel=1e-5)
 
 
-def test_rpgan_g_step_needs_and_uses_the_real_batch():
+def test_rpgan_g_step_uses_the_real_batch_and_the_others_ignore_it():
     G, D = nets()
     opt_G = torch.optim.SGD(G.parameters(), lr=0.0)
     z, real = torch.randn(6, 8), torch.randn(6, 2)
     with torch.no_grad():
         want = g_loss(D(G(z)), "rpgan", D(real))
-    assert g_step(G, D, opt_G, z, "rpgan", backward, real=real)["loss_g"].item() == pytest.approx(want.item())
-    with pytest.raises(TypeError):
-        g_step(G, D, opt_G, z, "rpgan", backward)
+    rpgan = LossConfig(kind="rpgan")
+    assert g_step(G, D, opt_G, z, rpgan, backward, real=real)["loss_g"].item() == pytest.approx(want.item())
+    assert g_step(G, D, opt_G, z, LossConfig(), backward, real=real)["loss_g"].item() == \
+        g_step(G, D, opt_G, z, LossConfig(), backward, real=real + 5)["loss_g"].item()
 
 
 def test_topk_weights_keep_the_k_best_scored_of_all_ranks():
@@ -490,7 +510,8 @@ def test_topk_g_step_moves_g_only_through_the_chosen_samples():
         scores = D(G(z))
     best = int(scores.argmax())
     opt_G = torch.optim.SGD(G.parameters(), lr=0.0)
-    out = g_step(G, D, opt_G, z, "ns", backward, select=lambda s: topk_weights(s, 1, lambda t: t, 0, 1))
+    # k shrinks to 1 of 6 after this many epochs; one process, so the global batch is the local one
+    out = g_step(G, D, opt_G, z, LossConfig(topk_gamma=0.5, topk_min=0.0), backward, schedule=Schedule(epochs=100))
     assert out["loss_g"].item() == pytest.approx(g_loss(scores[best:best + 1], "ns").item(), rel=1e-5)
 
 
@@ -510,20 +531,23 @@ def test_mode_seeking_is_the_inverse_ratio_of_image_to_noise_distance_per_pair()
 
 def test_g_step_with_mode_seeking_pushes_images_of_different_noise_apart():
     G, D = nets()
-    z, z_pair = torch.randn(16, 8), torch.randn(16, 8)
+    z = torch.randn(16, 8)
+    torch.manual_seed(1)  # the pair's noise the objective draws
+    z_pair = torch.randn_like(z)
     with torch.no_grad():  # D blind: the loss' gradient is the mode-seeking term's alone
         for p in D.parameters():
             p.zero_()
     with torch.no_grad():
         before = mode_seeking(G(z), G(z_pair), z, z_pair)
     opt_G = torch.optim.SGD(G.parameters(), lr=1e-2)
-    out = g_step(G, D, opt_G, z, "ns", backward, ms_weight=1.0, z_pair=z_pair)
+    torch.manual_seed(1)
+    out = g_step(G, D, opt_G, z, LossConfig(ms_weight=1.0), backward)
     assert out["ms"].item() == pytest.approx(before.item(), rel=1e-5)
     assert out["loss_g"].item() == pytest.approx(math.log(2), rel=1e-5)  # D's 0 logit: the ns loss alone is logged
     with torch.no_grad():
         assert mode_seeking(G(z), G(z_pair), z, z_pair) < before
     G2, D2 = nets()
-    assert set(g_step(G2, D2, torch.optim.SGD(G2.parameters(), lr=1e-2), z, "ns", backward)) == {"loss_g"}
+    assert set(g_step(G2, D2, torch.optim.SGD(G2.parameters(), lr=1e-2), z, LossConfig(), backward)) == {"loss_g"}
 
 
 def test_ada_heuristic_is_the_sign_of_real_logits_or_of_each_pairs_margin():
