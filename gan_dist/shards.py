@@ -7,6 +7,13 @@ list; `location` makes a shard's URL comparable with a manifest's.
 
 Reading here yields raw bytes only: nothing is decoded, and no member is ever unpickled. Remote shards (http(s),
 `pipe:`) are read with a stall watchdog (`data.timeout_s`, `data.min_rate_kbs`), so none can hang a rank.
+
+`ShardReader` reads a run's shards for the loader: a local shard with an offset index at its members' offsets
+(`read_indexed`), any other streamed (`tar_samples`), each checked against its manifest's count. It keeps the fault
+accounting: a truncated or unreadable shard, or one unlike its manifest, is warned about naming it and the samples
+it loses are counted (`data.on_error=raise` stops the run instead, `FatalDataError`). `Laid` reads the samples at
+given places of shards laid end to end (an epoch's order, see `order.py`), streaming a shard without an index once
+and forward across the places asked for.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Generator, Iterator, NamedTuple
 
 import braceexpand
+import numpy as np
 
 from gan_dist.errors import UserError
 
@@ -270,6 +279,199 @@ def read_indexed(path: str, url: str, samples: list[tuple[str, list[tuple[str, i
             yield sample
     finally:
         os.close(fd)
+
+
+class FatalDataError(Exception):
+    """A data fault that stops the run: a shard that cannot be opened, or any fault with data.on_error=raise."""
+
+
+class Read(NamedTuple):
+    """How a shard's read ended: samples yielded, the fault that ended it early (or the manifest count it does not
+    match), and samples it holds beyond that count."""
+
+    got: int
+    fault: str | None
+    extra: int
+
+
+def collect(reading: Generator[dict, None, Read]) -> tuple[list[dict], Read]:
+    samples = []
+    while True:
+        try:
+            samples.append(next(reading))
+        except StopIteration as stop:
+            return samples, stop.value
+
+
+class _Forward:
+    """A shard without an offset index, streamed once and forward across the windows of one chunk that need it
+    (it cannot be read at an offset): `take` hands out the samples at rising indices as the windows ask."""
+
+    def __init__(self, reading: Generator[dict, None, Read]) -> None:
+        self.reading, self.at, self.read = reading, 0, None  # `at`: the index of the next sample the stream yields
+
+    def take(self, keep: list[int], to_end: bool) -> tuple[list[dict], Read]:
+        """The samples at the sorted indices `keep` (none before `at`), the first of them up to a fault; with
+        `to_end`, the stream is read through, so that samples beyond the manifest's count are found."""
+        wanted, out = set(keep), []
+        while self.read is None and (self.at <= keep[-1] or to_end):
+            try:
+                sample = next(self.reading)
+            except StopIteration as stop:
+                self.read = stop.value
+                break
+            if self.at in wanted:
+                out.append(sample)
+            self.at += 1
+        return out, self.read or Read(len(out), None, 0)
+
+
+def _say(msg: str) -> None:
+    print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
+
+
+def _mismatch(url: str, seen: int, expected: int | None, end: int | None) -> tuple[str | None, int]:
+    """For a shard read through `end` that holds `seen` samples where its manifest lists `expected`: what is wrong,
+    when the read wanted samples it lacks or read on past the manifest's count; and how many samples it holds beyond
+    that count."""
+    if expected is None or end is None or not (seen < min(expected, end) or seen > expected == end):
+        return None, 0
+    return f"shard {url} holds {seen} samples, its manifest lists {expected}", max(seen - expected, 0)
+
+
+class ShardReader:
+    """A run's shards (`urls`, with each one's manifest sample count in `counts`, or None) read as raw samples for
+    rank `rank`, and what faults cost: each is warned about, naming the shard (with `on_error`="raise" it stops the
+    run instead: FatalDataError), and the samples it loses are counted in `skipped`. No member over `cap` bytes is
+    read; `timeout_s` and `min_rate_kbs` watch remote shards (`open_shard`). `index` reads a local shard's offset
+    index from its path (`shardformat.read_index`, handed in because shardformat imports this module)."""
+
+    def __init__(self, urls: list[str], counts: list[int] | None, *, rank: int, on_error: str, cap: int,
+                 timeout_s: float, min_rate_kbs: float, index: Callable[[str], list[list] | None]) -> None:
+        self.urls, self.counts, self.rank, self.on_error, self.cap = urls, counts, rank, on_error, cap
+        self.timeout_s, self.min_rate_kbs, self.index = timeout_s, min_rate_kbs, index
+        self.skipped = 0
+        self.indexes: dict[str, list | None] = {}  # url -> its samples' offsets (None: no index, streamed)
+
+    def warn(self, what: str, lost: int) -> None:
+        if self.on_error == "raise":
+            raise FatalDataError(what)
+        _say(f"warning: rank {self.rank}: {what}; skipped {lost} sample(s) (data.on_error=raise stops instead)")
+
+    def skip(self, what: str, lost: int) -> None:
+        self.warn(what, lost)
+        self.skipped += lost
+
+    def indexed(self, url: str) -> list | None:
+        """A local shard's samples from its offset index (checked against the shard once per run), or None."""
+        if is_remote(url):
+            return None
+        if url not in self.indexes:
+            try:
+                members = self.index(url.removeprefix("file:"))
+            except ShardError as err:
+                raise FatalDataError(str(err)) from None
+            self.indexes[url] = None if members is None else index_samples(members)
+        return self.indexes[url]
+
+    def read(self, url: str, first: int, end: int | None, expected: int | None,
+             keep: list[int] | None = None) -> Generator[dict, None, Read]:
+        """Raw samples [first, end) of one shard in order (to its end when `end` is None). A fault ends the read
+        early, so what it yields is always the first of the samples asked for. A local shard with an offset index
+        is read at its members' offsets, without parsing a tar header, and only at the sorted indices `keep` when
+        given; others are streamed whole (`Laid` takes what it needs from them through `_Forward`). A range that
+        ends where the manifest says the shard ends reads on to its real end, so a shard holding more samples than
+        its manifest lists is found."""
+        indexed = self.indexed(url)
+        if indexed is not None:
+            seen = len(indexed)
+            stop = min(seen, end if end is not None else seen)
+            picked = range(first, stop) if keep is None else [j for j in keep if j < stop]
+            got = 0
+            try:
+                for sample in read_indexed(url.removeprefix("file:"), url, [indexed[j] for j in picked], self.cap):
+                    yield sample
+                    got += 1
+            except (ShardError, OSError) as err:
+                return Read(got, str(err), 0)
+            return Read(got, *_mismatch(url, seen, expected, end))
+        try:
+            stream = open_shard(url, self.timeout_s, self.min_rate_kbs)
+        except ShardError as err:
+            raise FatalDataError(f"{err}; check data.shards") from None
+        seen = got = 0
+        try:
+            for seen, sample in enumerate(tar_samples(stream, url, self.cap), start=1):
+                if first < seen and (end is None or seen <= end):
+                    yield sample
+                    got += 1
+                if end is not None and seen >= end and end != expected:
+                    break
+        except ShardError as err:
+            if err.key is None and is_remote(url) and first == 0:
+                raise FatalDataError(f"shard {url}: nothing could be read ({err.reason}); check data.shards "
+                                     f"(and data.timeout_s for a slow source)") from None
+            return Read(got, str(err), 0)
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass  # a pipe: command closed early by us exits on SIGPIPE
+        return Read(got, *_mismatch(url, seen, expected, end))
+
+    def shard(self, url: str, expected: int | None, loud: Callable[[], bool] = lambda: True) -> Iterator[dict]:
+        """Every sample of one shard in order; the samples a fault loses are skipped and counted when `loud()`."""
+        read = yield from self.read(url, 0, expected, expected)
+        lost = (max(expected - read.got, 0) if expected is not None else 0) + read.extra
+        if read.fault and loud():
+            self.skip(read.fault, max(lost, 1))
+
+
+class Laid:
+    """The shards of `reader` laid end to end in `order` (an epoch's, each with its manifest count), read at places
+    in that laying. Shards without an offset index go on from one open stream across the calls to `gather`; `close`
+    closes those still open."""
+
+    def __init__(self, reader: ShardReader, order: list[int]) -> None:
+        self.reader, self.order = reader, order
+        self.ends = np.cumsum([reader.counts[i] for i in order])
+        self.streams: dict[int, _Forward] = {}  # by place in `order`
+
+    def gather(self, wanted: list[int]) -> tuple[dict[int, dict], dict[int, int]]:
+        """The samples at places `wanted`, by place; and the samples lost at each place (a fault, or a shard's
+        samples beyond its manifest, counted at its last listed place), warned about here and counted by the
+        caller as its stream passes them. The open streams of shards that the places have passed are closed."""
+        reader, counts, streams = self.reader, self.reader.counts, self.streams
+        by_shard: dict[int, list[int]] = {}
+        for place, laid in zip(wanted, np.searchsorted(self.ends, wanted, side="right").tolist()):
+            by_shard.setdefault(laid, []).append(place)
+        for passed in [laid for laid in streams if laid < min(by_shard)]:
+            streams.pop(passed).reading.close()
+        got, lost = {}, {}
+        for laid, places in sorted(by_shard.items()):
+            i = self.order[laid]
+            base = int(self.ends[laid]) - counts[i]
+            keep = sorted(p - base for p in places)
+            url = reader.urls[i]
+            if reader.indexed(url) is not None:
+                samples, read = collect(reader.read(url, keep[0], keep[-1] + 1, counts[i], keep))
+            else:
+                if laid not in streams or streams[laid].at > keep[0]:
+                    streams[laid] = _Forward(reader.read(url, 0, counts[i], counts[i]))
+                samples, read = streams[laid].take(keep, keep[-1] == counts[i] - 1)
+            got.update((base + j, sample) for j, sample in zip(keep, samples))
+            missing = [base + j for j in keep[len(samples):]]
+            lost.update((place, 1) for place in missing)
+            extra = read.extra if keep[-1] == counts[i] - 1 else 0
+            if extra:
+                lost[base + keep[-1]] = lost.get(base + keep[-1], 0) + extra
+            if missing or extra:
+                reader.warn(read.fault, len(missing) + extra)
+        return got, lost
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.reading.close()
 
 
 def location(url: str) -> str:

@@ -1,5 +1,5 @@
-"""Tests for gan_dist.data (exact epochs and resampled streams over uneven shards, resume, faults) and
-gan_dist.points (2-D mixtures).
+"""Tests for gan_dist.data (exact epochs and resampled streams over uneven shards, resume, faults), the shard reading
+of gan_dist.shards behind it, and gan_dist.points (2-D mixtures). The order alone (no shards) is tests/test_order.py's.
 
 The shards are written here: 5 shards of uneven sizes (7, 13, 10, 4, 9 samples, 43 in all) with a manifest, each
 sample a 4x4 grayscale PNG whose every pixel equals the sample's global index, keyed `sample_{index}`. A batch's
@@ -31,12 +31,13 @@ import webdataset as wds
 from PIL import Image
 
 from gan_dist import data
-from gan_dist.config import DataConfig
-from gan_dist.data import ShardStream, Source, open_source, shard_batches, start_positions, to_real
+from gan_dist.config import DataConfig, PerfConfig
+from gan_dist.data import ShardStream, Source, open_source, shard_batches, to_real
 from gan_dist.errors import UserError
+from gan_dist.order import RESAMPLED_CHUNK, cache_position, draws, start_positions
 from gan_dist.points import PointBatches, mixture_centers
 from gan_dist.shardformat import build_manifest, index_file, shard_entry, write_manifest, write_shard
-from gan_dist.shards import open_shard, tar_samples
+from gan_dist.shards import FatalDataError, open_shard, tar_samples
 
 SIZES = [7, 13, 10, 4, 9]
 TOTAL = sum(SIZES)
@@ -178,7 +179,7 @@ def test_a_shard_without_an_index_is_streamed_once_per_chunk(source, monkeypatch
         opened.append(url)
         return open_shard(url, *args)
 
-    monkeypatch.setattr(data, "open_shard", counting)
+    monkeypatch.setattr("gan_dist.shards.open_shard", counting)
     for world in (1, 2):
         seen = []
         for rank in range(world):
@@ -233,10 +234,9 @@ def test_resampled_streams_are_endless_seeded_per_slot_and_differ(tmp_path):
         assert batches[rank] == rank_batches(stream(one, rank=rank, world=2, num_workers=2, mode="resampled"), 40)
     assert batches[0] != batches[1]
     # Each slot draws its own shards: (seed, chunk, rank, worker) seeds the draws.
-    many = Source([f"shard-{i}.tar" for i in range(50)], None)
-    plans = [data.draws(many, 3, 0, r, w) for r in range(2) for w in range(2)]
-    assert all(len(p) == data.RESAMPLED_CHUNK for p in plans) and len({str(p) for p in plans}) == 4
-    assert plans[0] == data.draws(many, 3, 0, 0, 0)
+    plans = [draws(50, 3, 0, r, w) for r in range(2) for w in range(2)]  # 50 shards
+    assert all(len(p) == RESAMPLED_CHUNK for p in plans) and len({str(p) for p in plans}) == 4
+    assert plans[0] == draws(50, 3, 0, 0, 0)
 
 
 def test_resampled_draws_cover_all_shards(source):
@@ -283,20 +283,6 @@ def test_resume_decodes_none_of_the_skipped_samples(monkeypatch, source):
     yielded = [i for _ in range(n) for i in ids(next(resumed)[0])]
     assert decoded == yielded, "only the samples of the batches handed out are decoded"
     assert len(decoded) == n * BATCH
-
-
-def test_start_positions_keep_their_own_layout_and_restart_what_they_cannot_continue():
-    said = []
-    saved = torch.tensor([[3, 5, 1], [3, 7, 0], [4, 1, 2], [3, 9, 0]])
-    spans = {3: [(0, 20)]}
-    assert start_positions(saved, "epoch", 1, 2, 2, 3, said.append, spans=spans, total=TOTAL) == (
-        [[4, 1, 2], [3, 9, 0]], spans)
-    assert not said
-    assert start_positions(saved, "resampled", 0, 3, 1, 3, said.append) == ([[5, 0, 0]], {})
-    assert start_positions(saved, "epoch", 0, 1, 2, 3, said.append, same_layout=False, total=TOTAL) == (
-        [[3, 0, 0]] * 2, {})
-    assert "restarting at the start of chunk 5 (draw)" in said[0] and "the other data path" in said[1]
-    assert start_positions(torch.empty(0, 3), "epoch", 0, 2, 2, 0, said.append) == ([[0, 0, 0]] * 2, {})
 
 
 def draw_slots(source, layout, saved, spans, amounts, drawn, said) -> tuple[torch.Tensor, dict]:
@@ -407,7 +393,7 @@ def test_truncated_shard_is_skipped_and_counted_once_across_resume(tmp_path, cap
     from_2 = [i for i in key_ids(raw(s, 0, 0)) if 20 <= i < 30]
     assert 3 <= len(from_2) <= 6 and sorted(from_2) == list(range(20, 20 + len(from_2))), "the intact head is read"
     lost = 10 - len(from_2)
-    assert s.skipped == lost
+    assert s.reader.skipped == lost
     assert "train-00002.tar: is truncated or corrupt" in capsys.readouterr().err
     b = shard_batches(src, cfg(), BATCH, seed=0, rank=0, world=1)
     first = [i for _ in range(10) for i in ids(next(b)[0])]  # epoch 0 (40 - lost samples) and into epoch 1
@@ -472,9 +458,9 @@ def indexed_shards(root: Path, fmt: str, count: int = 4, size: int = 12) -> tupl
 def test_indexed_reads_equal_streamed_reads_byte_for_byte(tmp_path, fmt):
     urls, copies = indexed_shards(tmp_path, fmt)
     s = stream(Source(urls + copies, [12] * 8))
-    assert s._indexed(urls[0]) is not None and s._indexed(copies[0]) is None
+    assert s.reader.indexed(urls[0]) is not None and s.reader.indexed(copies[0]) is None
     for first, take in ((0, None), (3, 4), (11, None), (12, None)):
-        a, b = (list(s._read(u, first, None if take is None else first + take, 12)) for u in (urls[1], copies[1]))
+        a, b = (list(s.reader.read(u, first, None if take is None else first + take, 12)) for u in (urls[1], copies[1]))
         assert len(a) == (take or 12 - first) and [x.pop("__url__") for x in a + b] == [urls[1]] * len(a) + [
             copies[1]] * len(b)
         assert a == b, "the same keys and member bytes"
@@ -490,10 +476,10 @@ def test_indexed_reads_equal_streamed_reads_byte_for_byte(tmp_path, fmt):
 def test_a_shard_cut_after_its_index_was_checked_is_skipped_not_read_past(tmp_path, capsys):
     urls, _ = indexed_shards(tmp_path, "png", count=1)
     s = stream(Source(urls, [12]))
-    assert len(list(s._shard(urls[0], 12))) == 12  # the index is checked here, once per run
+    assert len(list(s.reader.shard(urls[0], 12))) == 12  # the index is checked here, once per run
     Path(urls[0]).write_bytes(Path(urls[0]).read_bytes()[:4096])
-    got = list(s._shard(urls[0], 12))
-    assert 0 < len(got) < 12 and s.skipped == 12 - len(got)
+    got = list(s.reader.shard(urls[0], 12))
+    assert 0 < len(got) < 12 and s.reader.skipped == 12 - len(got)
     assert "is truncated (it ends before a member its index lists)" in capsys.readouterr().err
 
 
@@ -597,11 +583,11 @@ def test_stalled_or_slow_http_shard_fails_within_the_timeout_naming_it(tmp_path,
     try:
         s = stream(Source([remote], [20]), mode="resampled", timeout_s=1.0, min_rate_kbs=0.1)
         if head == 0:  # nothing arrives: the run stops, naming the URL and the stall
-            with pytest.raises(data.FatalDataError, match=f"shard {remote}: nothing could be read .*{message}"):
-                list(s._shard(remote, 20))
+            with pytest.raises(FatalDataError, match=f"shard {remote}: nothing could be read .*{message}"):
+                list(s.reader.shard(remote, 20))
         else:  # a stall mid-shard: the samples before it are kept, the rest skipped and counted
-            got = list(s._shard(remote, 20))
-            assert 0 < len(got) < 20 and s.skipped == 20 - len(got)
+            got = list(s.reader.shard(remote, 20))
+            assert 0 < len(got) < 20 and s.reader.skipped == 20 - len(got)
             assert f"shard {remote}: {message}" in capsys.readouterr().err
     finally:
         server.shutdown()
@@ -621,8 +607,8 @@ def test_a_reader_that_pauses_is_not_taken_for_a_slow_source(tmp_path):
 def test_stalled_pipe_command_fails_within_the_timeout_and_is_killed(tmp_path):
     s = stream(Source(["pipe:sleep 30"], None), mode="resampled", timeout_s=1.0)
     start = time.monotonic()
-    with pytest.raises(data.FatalDataError, match="shard pipe:sleep 30: nothing could be read .*stalled"):
-        list(s._shard("pipe:sleep 30", None))
+    with pytest.raises(FatalDataError, match="shard pipe:sleep 30: nothing could be read .*stalled"):
+        list(s.reader.shard("pipe:sleep 30", None))
     assert time.monotonic() - start < 5
     assert subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True).stdout == b"", "the command was killed"
 
@@ -636,7 +622,7 @@ def test_shards_unlike_their_manifest_are_named_and_counted(tmp_path, capsys):
     assert f"shard {urls[0]} holds 6 samples, its manifest lists 8; skipped 2 sample(s)" in err
     assert f"shard {urls[1]} holds 6 samples, its manifest lists 4; skipped 2 sample(s)" in err
     assert sorted(got) == list(range(10)), "every listed sample that exists is read once, the extra ones are not"
-    with pytest.raises(data.FatalDataError, match="holds 6 samples, its manifest lists 8"):
+    with pytest.raises(FatalDataError, match="holds 6 samples, its manifest lists 8"):
         list(stream(src, on_error="raise")._chunk(0, 0))
 
 
@@ -783,7 +769,7 @@ def test_device_cache_continues_its_epoch_on_another_world_size(source, before, 
     drawn = [i for _ in range(2) for b in ranks for i in ids(next(b)[0])]
     saved = torch.cat([b.state() for b in ranks])  # what a checkpoint gathers: one row per rank
     said = []
-    position = data.cache_position(saved, "cache", after, 0, said.append)
+    position = cache_position(saved, "cache", after, 0, said.append)
     assert said == [f"data: continuing at sample 24 of epoch 0 with world size {after} (the checkpoint's was "
                     f"{before}): no sample of the epoch is drawn twice or skipped"]
     ranks = [cached(source, rank=r, world=after, batch=batch // after, position=position) for r in range(after)]
@@ -837,13 +823,6 @@ def test_a_run_resumed_on_another_world_size_draws_each_sample_of_its_epoch_once
     (drawn, said), (unbroken, _) = run("resized", (before, 10), (after, 20)), run("unbroken", (1, 20))
     assert sum(drawn.values()) == 640 and len(drawn) == 640 and drawn == unbroken, "every sample once"
     assert "continuing at sample 320 of epoch 0 with world size" in said and "restarting" not in said
-
-
-def test_a_loader_checkpoint_restarts_the_device_cache_epoch(source):
-    said = []
-    saved = torch.tensor([[3, 5, 1], [3, 7, 0]])  # two loader slots' positions: not the cache's stream
-    assert data.cache_position(saved, "stream", 2, 3, said.append) == [3, 0, 0]
-    assert "the positions of the other data path" in said[0]
 
 
 def test_device_cache_flips_per_sample_and_epoch_deterministically(tmp_path):
@@ -932,3 +911,55 @@ def test_data_limit_takes_the_same_mnist_images_from_idx_files_and_shards(shards
 def test_data_limit_above_the_dataset_is_one_error_naming_both_counts(source):
     with pytest.raises(UserError, match=f"data.limit=100 is more than the {TOTAL} samples the dataset holds"):
         data.decode_dataset(source, cfg(limit=100))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop's side: open_batches and the DataState a checkpoint keeps
+
+
+def real_ids(real: torch.Tensor) -> list[int]:
+    """The global sample indices of a batch on the device, read back from its pixels scaled to [-1, 1]."""
+    return ((real[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_open_batches_counts_its_batches_and_goes_on_from_its_state(source, cache):
+    """A rank's batches count themselves; their state opened again goes on as the unbroken batches do; on another
+    world size it continues the epoch, and on the other data path it restarts the epoch."""
+    c = cfg(shards=str(Path(source.urls[0]).parent), device_cache=cache)
+    said = []
+
+    def opened(saved: data.DataState, world: int = 1, rank: int = 0) -> data.DeviceBatches:
+        return data.open_batches(c, PerfConfig(), batch=4, seed=0, rank=rank, world=world, device=torch.device("cpu"),
+                                 saved=saved, nimg=20, first=lambda fn: fn(), say=said.append)
+
+    unbroken = opened(data.DataState.fresh())
+    [next(unbroken) for _ in range(5)]
+    state = unbroken.state()
+    assert (state.layout, state.batches, state.spans.shape) == ("cache" if cache else "stream", 5, (0, 3))
+    assert state.pos.tolist() == [[0, 20, 0]], "one row: the cache's global position, or the one loader slot's"
+    resumed = opened(state)
+    assert [real_ids(next(resumed)[0]) for _ in range(6)] == [real_ids(next(unbroken)[0]) for _ in range(6)]
+    assert resumed.state().batches == unbroken.state().batches == 11
+    assert not [line for line in said if "checkpoint" in line], "the same world size goes on with nothing said"
+    assert torch.equal(resumed.state().pos, unbroken.state().pos)
+    two = [opened(state, world=2, rank=r) for r in range(2)]
+    assert said[-1].startswith("data: continuing at sample 20 of epoch 0 with world size 2")
+    # The loader's slots share what the checkpoint's one slot had left of epoch 0, kept until it is read.
+    assert all(b.state().spans.tolist() == ([] if cache else [[0, 20, TOTAL]]) and b.state().batches == 5
+               for b in two)
+    other = opened(data.DataState(state.pos, state.spans, "stream" if cache else "cache", 5))
+    assert "the positions of the other data path" in said[-1] and other.state().layout == state.layout
+    assert other.state().pos.tolist() == [[0, 0, 0]], "the start of epoch 0 (nimg=20 is within it)"
+
+
+def test_open_batches_of_points_keep_the_state_they_were_opened_with():
+    saved = data.DataState(torch.tensor([[5, 0, 0]]), torch.tensor([[0, 3, 9]]), "stream", 5)
+    batches = data.open_batches(DataConfig(dataset="ring8"), PerfConfig(), batch=8, seed=0, rank=0, world=1,
+                                device=torch.device("cpu"), saved=saved, nimg=80, first=lambda fn: fn(),
+                                say=print)
+    first = next(batches)[0]
+    assert torch.equal(first, next(iter(PointBatches(DataConfig(dataset="ring8"), 8, 0, 0, 5)))[0])
+    state = batches.state()
+    assert state.pos.tolist() == [[6, 0, 0]] and state.batches == 6
+    assert state.spans.tolist() == [[0, 3, 9]] and state.layout == "stream", "a 2-D run leaves them as they were"
