@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_dist import mnist
-from gan_dist.checkpoint import load_run_discriminator
 from gan_dist.config import DataConfig
 from gan_dist.data import open_source, shard_batches, to_real
 from gan_dist.errors import UserError
-from gan_dist.models import conditioned, eval_mode
+from gan_dist.export import load_run_discriminator
+from gan_dist.models import conditioned, eval_mode, label_count
 from gan_dist.points import PointBatches
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor | None]]  # real samples in D's range, labels or None
@@ -171,7 +171,7 @@ def make_sampler(args: argparse.Namespace, G: torch.nn.Module, cfg, device: torc
     if not 0 <= args.drs_percentile < 100 or args.calib_steps < 0:
         raise UserError("--drs-percentile must be from 0 to below 100 and --calib-steps at least 0")
     D = load_run_discriminator(args.run, cfg, args.checkpoint).to(device)
-    classes = cfg.model.classes if cfg.model.cond else 0
+    classes = label_count(cfg.model)
     seed = getattr(args, "seed", 0)
     real = real_batches(cfg.data, device, seed=seed, labels=bool(classes))
     return rejection_sampler(G, D, real, cfg.model.z_dim, classes, args.calib_steps, args.drs_percentile, seed, say)

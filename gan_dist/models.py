@@ -99,7 +99,12 @@ def describe(cfg: ModelConfig) -> dict[str, str]:
     """safetensors metadata naming the network a weights file belongs to, readable without gan-dist (the Hub's
     file viewer and `safe_open(...).metadata()` show it)."""
     return {"format": "pt", "library": "gan-dist", "arch": cfg.arch, "resolution": str(cfg.resolution),
-            "channels": str(cfg.channels), "z_dim": str(cfg.z_dim), "classes": str(cfg.classes if cfg.cond else 0)}
+            "channels": str(cfg.channels), "z_dim": str(cfg.z_dim), "classes": str(label_count(cfg))}
+
+
+def label_count(cfg: ModelConfig) -> int:
+    """The classes whose labels G and D take: `model.classes` for a conditional run, 0 for an unconditional one."""
+    return cfg.classes if cfg.cond else 0
 
 
 def config_json(cfg: ModelConfig) -> str:

@@ -1,5 +1,6 @@
 """Run tracking on the main process: W&B (online, offline or disabled), `metrics.jsonl`, sample grids and D's
-histograms; and the `Meter` that sums each log interval's metrics on every rank.
+histograms; and the `Meter` that sums each log interval's metrics on every rank. Where those files lie, and the
+metrics rows' format, are rundir.py's.
 
 Other ranks get a tracker whose calls do nothing, so the loop calls it unconditionally. W&B never crashes a run:
 without an API key or a network it falls back to offline and says how to sync later. A resumed run reuses the
@@ -10,9 +11,7 @@ metrics line or grid that cannot be written (a full or read-only disk) is not ra
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -26,56 +25,18 @@ from PIL import Image
 
 from gan_dist.config import WandbConfig
 from gan_dist.distributed import sync_buffers
-from gan_dist.export import git_commit
-from gan_dist.files import write_atomic, write_failure
+from gan_dist.files import write_failure
 from gan_dist.metric_names import METRICS
 from gan_dist.models import conditioned, eval_mode
-from gan_dist.viz import image_grid, scatter_plot
+from gan_dist.rundir import append_metrics
+from gan_dist.rundir import metrics_file, sample_file, wandb_dir
+from gan_dist.viz import fixed_noise_grid
 
 T = TypeVar("T")
 
 
 def _say(msg: str) -> None:
     print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
-
-
-def _row_step(line: str) -> int | None:
-    try:
-        step = json.loads(line)["train/step"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return step if isinstance(step, int) else None
-
-
-def _trim_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines logged after `last_step` by a run that died before its next checkpoint, and a line torn by a
-    kill mid-write (it can only be the last one)."""
-    if not path.exists():
-        return
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    lines = [line for line in text.splitlines() if line.strip()]
-    steps = [_row_step(line) for line in lines]
-    kept = [line for line, step in zip(lines, steps) if step is not None and step <= last_step]
-    torn = steps.count(None)
-    if torn:
-        _say(f"metrics.jsonl: dropped {torn} unreadable line(s) (a kill mid-write)")
-    if len(kept) != len(lines) or (text and not text.endswith("\n")):
-        write_atomic(path, "".join(line + "\n" for line in kept).encode())
-
-
-def prepare_run_dir(run_dir: Path, step: int, command: dict | None = None) -> None:
-    """Main process, at the start and after a rollback to `step`: `samples/` exists, and metrics.jsonl reads as the
-    run up to `step` (W&B keeps the rows it has, and gets the steps after `step` again). At the start, `command`
-    (`launch_command`'s) goes to command.json unless the run has one: the command that started it."""
-    _trim_jsonl(run_dir / "metrics.jsonl", step)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    if command is not None and not (run_dir / "command.json").exists():
-        write_atomic(run_dir / "command.json", (json.dumps(command, indent=1) + "\n").encode())
-
-
-def _append(path: Path, line: str) -> None:
-    with path.open("a") as f:
-        f.write(line)
 
 
 def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
@@ -96,44 +57,13 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
         run = wandb.init(mode="offline", settings=wandb.Settings(console="off", quiet=True,
                                                                  finish_timeout=cfg.finish_timeout_s), **kwargs)
     if run.settings.mode == "offline" or mode == "offline":
-        _say(f"W&B is offline; upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*")
+        _say(f"W&B is offline; upload later with: wandb sync {wandb_dir(run_dir)}/offline-run-*")
     # Every metric is plotted against train/step; train/kimg rides in every row, so the x axis can switch to it.
     run.define_metric("train/step")
     run.define_metric("*", step_metric="train/step")
     for m in METRICS:  # W&B's summary keeps each one's best value
         run.define_metric(f"eval/{m.key}", step_metric="train/step", summary="min" if m.lower_is_better else "max")
     return run
-
-
-# A parent process whose program (or `python -m` module) starts so is a launcher: accelerate,
-# accelerate.commands.launch, torchrun, torch.distributed.run.
-LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run")
-
-
-def launch_command() -> dict:
-    """The command that started this process: its own arguments (train.py's), the launcher's when its parent is
-    `accelerate launch` or torchrun (read from /proc; None elsewhere, e.g. `python train.py` or SLURM's one process),
-    and the folder it ran in, so that a model card can say how to train it again."""
-    launcher = None
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        parent = []
-    if any(Path(arg).name.startswith(LAUNCHERS) for arg in parent[:3]):
-        launcher = parent
-    return {"cwd": os.getcwd(), "launcher": launcher, "train": list(sys.argv)}
-
-
-def run_info(world_size: int) -> dict:
-    """What a reviewer needs beside the config: the code's commit, the versions it ran with, and its command."""
-    import accelerate
-    import wandb
-    import webdataset
-
-    return {"git_commit": git_commit(), "world_size": world_size, "python": platform.python_version(),
-            "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__,
-                         "webdataset": getattr(webdataset, "__version__", "?"), "wandb": wandb.__version__},
-            "command": launch_command()}
 
 
 @torch.no_grad()
@@ -159,7 +89,7 @@ class Tracker:
         self.failed: str | None = None  # main: why a metrics line or grid could not be written
         if not is_main:
             return
-        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.jsonl = metrics_file(self.run_dir)
         if cfg.mode != "disabled":
             self.run = _init_wandb(cfg, self.run_dir, run_id, config)
 
@@ -167,7 +97,7 @@ class Tracker:
         """One row; `metrics` must hold 'train/step'."""
         if not self.is_main:
             return
-        self._write(self.jsonl, lambda: _append(self.jsonl, json.dumps(metrics) + "\n"))
+        self._write(self.jsonl, lambda: append_metrics(self.run_dir, metrics))
         if self.run is not None:
             self.run.log(metrics)
 
@@ -185,7 +115,7 @@ class Tracker:
         """Log an HxWx3 uint8 picture under `key` and keep it as samples/<key>_<step>.png."""
         if not self.is_main:
             return
-        path = self.run_dir / "samples" / f"{key.replace('/', '_')}_{step:08d}.png"
+        path = sample_file(self.run_dir, key, step)
         self._write(path, lambda: Image.fromarray(image).save(path))
         if self.run is not None:
             import wandb
@@ -207,17 +137,9 @@ class Tracker:
         sync_buffers(G_ema)
         if not self.is_main:
             return
-        self.log_image("samples/ema", self._picture(G_ema, z, c), step)
-        self.log_image("samples/G", self._picture(G, z, c), step)
+        self.log_image("samples/ema", fixed_noise_grid(G_ema, z, self.classes, self.centers), step)
+        self.log_image("samples/G", fixed_noise_grid(G, z, self.classes, self.centers), step)
         self.log_histograms(d_histograms(G, D, real, z, c_real, c), step)
-
-    @torch.no_grad()
-    def _picture(self, G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None) -> np.ndarray:
-        with eval_mode(G):
-            out = conditioned(G, z, c)
-        if out.ndim == 2:
-            return scatter_plot(out, self.centers)
-        return image_grid(out, cols=min(self.classes, len(out)) if c is not None else None)
 
     def finish(self) -> None:
         """Close the W&B run within wandb.finish_timeout_s (a preempted job must requeue within its grace period).
@@ -231,7 +153,7 @@ class Tracker:
         if done.is_alive():
             self.stalled = True
             _say(f"W&B did not finish within wandb.finish_timeout_s={self.finish_timeout_s:g} s; the run's data is "
-                 f"in {self.run_dir / 'wandb'}: upload the rest with `wandb sync` on that folder")
+                 f"in {wandb_dir(self.run_dir)}: upload the rest with `wandb sync` on that folder")
 
 
 class Meter:

@@ -1,6 +1,7 @@
-"""Pictures of samples for W&B and the run directory: image grids and 2-D scatter plots, as uint8 HxWxC arrays.
+"""Pictures of samples for W&B, the run directory and the model card: image grids and 2-D scatter plots, as uint8
+HxWxC arrays; and a run's fixed-noise grid, the one picture its training logs and its model card shows.
 
-Pure numpy and PIL (no matplotlib, no torchvision).
+Drawn with numpy and PIL (no matplotlib, no torchvision).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from gan_dist.models import conditioned, eval_mode
 
 
 def as_uint8(images: torch.Tensor) -> np.ndarray:
@@ -50,3 +53,25 @@ def scatter_plot(points: torch.Tensor, centers: np.ndarray, size: int = 384) -> 
     for x, y in px(centers):
         draw.ellipse((x - 4, y - 4, x + 4, y + 4), outline=(220, 30, 30), width=2)
     return np.asarray(image)
+
+
+def fixed_noise(n: int, z_dim: int, seed: int) -> torch.Tensor:
+    """The noise behind every sample grid of a run with `seed`: the same `n` latents at every step and on the card."""
+    return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_labels(n: int, classes: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """The labels of `n` fixed-noise samples of a G with `classes` (None when unconditional): sample i is of class
+    i % classes, so column k of a grid with a column per class is class k."""
+    return torch.arange(n, device=device) % classes if classes else None
+
+
+@torch.no_grad()
+def fixed_noise_grid(G: torch.nn.Module, z: torch.Tensor, classes: int, centers: np.ndarray) -> np.ndarray:
+    """G's samples (in eval mode) on the fixed noise `z` as a run's grids show them: a column per class when G has
+    `classes`, a scatter plot over the mixture's mode `centers` for 2-D points."""
+    with eval_mode(G):
+        out = conditioned(G, z, fixed_labels(len(z), classes, z.device))
+    if out.ndim == 2:
+        return scatter_plot(out, centers)
+    return image_grid(out, cols=min(classes, len(out)) if classes else None)

@@ -4,13 +4,13 @@
                                 [--threads 1] [--syncs 20] [--switches all|NAME,...] [--out FILE.json] [key=value ...]
 
 For each process count P in --processes, one launch (`accelerate launch`, CPU gloo without CUDA, NCCL with it) trains
---batch images per process and step, a global batch of P x batch:
-first a bare PyTorch loop with the same G, D, Adam (optim.impl), batch, memory format, autocast, compile and loss
-functions, on one batch already in memory: no accelerate, logging, EMA or data loading; with P > 1, G and D in
-torch's DDP with its default options and the config's `dist.comm_hook`. Then the trainer (`gan_dist.loop.train`: data loading, EMA, metrics, checkpoint
-and stop-signal logic, DDP as configured), then (P = 1) the bare loop again: the two bare timings bracket the
-trainer's. The headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over
-P times the 1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
+--batch images per process and step, a global batch of P x batch: first a bare PyTorch loop (`gan_dist.bench.bare_loop`)
+with the same G, D, Adam (optim.impl), batch, memory format, autocast, compile and loss functions, on one batch already
+in memory: no accelerate, logging, EMA or data loading; with P > 1, G and D in torch's DDP with its default options and
+the config's `dist.comm_hook`. Then the trainer (`gan_dist.loop.train`: data loading, EMA, metrics, checkpoint and
+stop-signal logic, DDP as configured), then (P = 1) the bare loop again: the two bare timings bracket the trainer's. The
+headline is the trainer / bare time ratio. The weak-scaling efficiency is the P-process images/s over P times the
+1-process one, for the trainer and for the bare loop (what DDP itself scales on this machine).
 The bare loop is timed over --steps steps after --warmup (default --steps); the trainer over its second log interval
 of --steps steps (the first, which pays worker start-up, first-call allocations and compilation, is not counted).
 Also reported: peak memory (CUDA: the most allocated in the phase; CPU: the process's peak RSS when the phase ends),
@@ -26,27 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from accelerate import PartialState
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 
-from gan_dist.config import Config, load_config
+from gan_dist.bench import bare_loop, hardware, peak_mb, reset_peak
+from gan_dist.config import load_config
 from gan_dist.errors import UserError
-from gan_dist.losses import d_loss, frozen, g_loss
-from gan_dist.models import build_models
-from gan_dist.optim import make_optimizers
-from quality import hardware  # scripts/ is on the path of a script run from it
+from gan_dist.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # Each speed switch as overrides of the baseline, and the process count it is measured at (0: the largest given).
@@ -77,75 +71,6 @@ def device_of_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def bare_loop(cfg: Config, batch: int, steps: int, warmup: int, device: torch.device, ddp: bool) -> dict:
-    """The D and G steps as one would write them by hand, timed over `steps` after `warmup`."""
-    torch.manual_seed(cfg.seed)
-    G, D = build_models(cfg.model)
-    memory_format = torch.channels_last if cfg.perf.channels_last else torch.preserve_format
-    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
-    if ddp:
-        ids = [device.index] if device.type == "cuda" else None
-        with warnings.catch_warnings():  # torch 2.13 renames the option; the old name's False is the trainer's
-            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-            G, D = [DistributedDataParallel(m, device_ids=ids, broadcast_buffers=cfg.dist.broadcast_buffers)
-                    for m in (G, D)]
-        if cfg.dist.comm_hook != "none":  # the trainer's hook (accelerate registers torch's), for a fair comparison
-            hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
-            for m in (G, D):
-                m.register_comm_hook(None, hook[cfg.dist.comm_hook])
-    opt_G, opt_D = make_optimizers(G, D, cfg.optim)
-    if cfg.perf.compile:
-        G, D = torch.compile(G, mode=cfg.perf.compile_mode), torch.compile(D, mode=cfg.perf.compile_mode)
-    shape = (batch, 2) if cfg.model.arch == "mlp" else (batch, cfg.model.channels, cfg.model.resolution,
-                                                          cfg.model.resolution)
-    real = (torch.rand(shape, device=device) * 2 - 1).contiguous(
-        memory_format=torch.channels_last if cfg.perf.channels_last and len(shape) == 4 else torch.contiguous_format)
-    bf16 = cfg.train.mixed_precision == "bf16"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def step() -> None:
-        with torch.no_grad(), autocast:
-            fake = G(torch.randn(batch, cfg.model.z_dim, device=device))
-        with autocast:
-            logits = D(torch.cat([real, fake])).float()
-        d_loss(logits[:batch], logits[batch:], cfg.loss.kind, cfg.loss.label_noise).backward()
-        opt_D.step()
-        opt_D.zero_grad(set_to_none=cfg.optim.set_to_none)
-        with frozen(D):
-            with autocast:
-                logits = D(G(torch.randn(batch, cfg.model.z_dim, device=device))).float()
-            g_loss(logits, cfg.loss.kind).backward()
-        opt_G.step()
-        opt_G.zero_grad(set_to_none=cfg.optim.set_to_none)
-
-    for _ in range(warmup):
-        step()
-    reset_peak(device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"img_per_sec": steps * batch / seconds, "seconds": seconds, "peak_mb": peak_mb(device)}
-
-
 def trainer(argv: list[str], processes: int, batch: int, steps: int, run_dir: str, device: torch.device) -> dict:
     """`train()` for 2 x `steps` steps, logged every `steps`: the second interval is the measurement."""
     from gan_dist.loop import train  # noqa: PLC0415 - the Accelerator is created inside
@@ -155,7 +80,7 @@ def trainer(argv: list[str], processes: int, batch: int, steps: int, run_dir: st
                               f"ckpt.every={2 * steps}", "ckpt.resume=none", "eval.every=0", "wandb.mode=disabled"])
     reset_peak(device)
     train(cfg)
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     (row,) = [r for r in rows if r.get("train/step") == 2 * steps and "perf/img_per_sec" in r]
     compiled = torch._dynamo.utils.counters  # graphs torch.compile built, recompiles included
     return {"img_per_sec": row["perf/img_per_sec"], "seconds": steps * processes * batch / row["perf/img_per_sec"],

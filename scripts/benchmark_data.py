@@ -33,14 +33,15 @@ from pathlib import Path
 
 import torch
 
+from gan_dist.bench import bare_loop
 from gan_dist.config import Config, load_config
 from gan_dist.data import Source, decode_dataset, open_source, shard_batches
 from gan_dist.errors import UserError
 from gan_dist.images import decode_image
+from gan_dist.rundir import read_metrics
 from gan_dist.shardformat import write_shard
 from gan_dist.shards import open_shard, tar_samples
 from gan_dist.writer import as_npy, index_shards
-from benchmark import bare_loop  # scripts/ is on the path of a script run from it
 
 
 def loader_rate(cfg: Config, workers: int, batches: int) -> dict:
@@ -109,7 +110,7 @@ def run_wait(argv: list[str], workers: int, steps: int, log_every: int) -> dict:
         start = time.perf_counter()
         train(cfg)
         wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(tmp)
     waits = [r["perf/data_wait_frac"] for r in rows]
     rates = [r["perf/img_per_sec"] for r in rows]
     steady = waits[1:] or waits

@@ -34,6 +34,7 @@ from gan_dist.errors import UserError
 from gan_dist.evaluation import Evaluator
 from gan_dist.export import load_generator, review_source
 from gan_dist.distributed import local_main_first
+from gan_dist.models import label_count
 from gan_dist.shards import expand_urls
 
 
@@ -68,7 +69,7 @@ def main() -> int:
             raise UserError(f"the run's data.shards has pipe: commands, which this script runs only when you give "
                             f"them: pass --shards '{data_cfg.shards}' if you trust them")
         # Each node's main process trains the classifier if it is missing; the others then load it.
-        classes = cfg.model.classes if cfg.model.cond else 0
+        classes = label_count(cfg.model)
         evaluator = local_main_first(accelerator, lambda: Evaluator(eval_cfg, data_cfg, cfg.model.z_dim, cfg.seed,
                                                                     classes, args.truncation))
         if not evaluator.active:

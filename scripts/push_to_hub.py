@@ -26,19 +26,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from huggingface_hub import HfApi, ModelCardData, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
-from gan_dist.checkpoint import CheckpointError, checkpoints, read_meta
-from gan_dist.config import Config, run_config
+from gan_dist.config import Config
 from gan_dist.errors import UserError
 from gan_dist.export import load_generator
-from gan_dist.models import Generator, conditioned
+from gan_dist.models import Generator, label_count
 from gan_dist.points import mixture_centers
-from gan_dist.viz import image_grid, scatter_plot
+from gan_dist.rundir import CheckpointError, checkpoints, config_text, read_command, read_config, read_meta
+from gan_dist.viz import fixed_noise, fixed_noise_grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,20 +78,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def build(run: Path, export: str, repo: str, out: Path) -> None:
     """Write the upload folder of `run`'s `export` (final or best) to `out`."""
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a run directory (no config.yaml); pass the run.dir of a training run")
+    cfg = read_config(run)
     if not (run / export).is_dir():
         why = "the run has not finished" if export == "final" else "no evaluation has been exported (eval.every=0?)"
         other = "best" if export == "final" else "final"
         raise UserError(f"{run / export} does not exist: {why}; pass --export {other} or another run")
-    cfg = run_config(run / "config.yaml")
     G = load_generator(run / export)
     G.save_pretrained(out)  # model.safetensors and config.json; its generic README.md is replaced below
     Image.fromarray(sample_picture(G, cfg)).save(out / "samples.png")
-    command = started_by(run)
+    command = read_command(run)
     cwd = command.get("cwd") if command else None
-    config_text = portable((run / "config.yaml").read_text(), cwd)
-    (out / "training_config.yaml").write_text(config_text)
+    text = portable(config_text(run), cwd)
+    (out / "training_config.yaml").write_text(text)
     scores, metrics = None, run / export / "metrics.json"
     if metrics.is_file():
         try:
@@ -100,7 +97,7 @@ def build(run: Path, export: str, repo: str, out: Path) -> None:
         except (OSError, ValueError) as err:
             raise UserError(f"{metrics} is unreadable ({err}); move it away to publish without scores") from None
         shutil.copyfile(metrics, out / "metrics.json")
-    (out / "README.md").write_text(model_card(repo, export, cfg, G, scores, world_size(run), config_text,
+    (out / "README.md").write_text(model_card(repo, export, cfg, G, scores, world_size(run), text,
                                               train_command(command)))
 
 
@@ -119,17 +116,6 @@ def portable(text: str, cwd: str | None) -> str:
         return f"/path/to/{Path(path).name}"
 
     return ABSOLUTE.sub(swap, text)
-
-
-def started_by(run: Path) -> dict | None:
-    """The run's command.json (the command that started it), or None for a run of an older gan-dist."""
-    try:
-        command = json.loads((run / "command.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(command, dict) and isinstance(command.get("train"), list) and all(
-        isinstance(a, str) for a in command["train"] + (command.get("launcher") or []))
-    return command if ok and isinstance(command.get("cwd", ""), str) else None
 
 
 def train_command(command: dict | None) -> str | None:
@@ -153,17 +139,10 @@ def upload(folder: Path, repo: str, private: bool, token: str, what: str) -> str
                         "network and that your token may write there, or write the folder with --dry-run OUT") from None
 
 
-@torch.no_grad()
 def sample_picture(G: Generator, cfg: Config) -> np.ndarray:
-    """G's samples on the run's fixed noise, as its training grids drew them: a column per class when conditional,
-    a scatter plot over the mode centres for 2-D points."""
-    n = cfg.log.num_samples
-    z = torch.randn(n, G.cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
-    c = torch.arange(n) % G.cfg.classes if G.cfg.cond else None
-    out = conditioned(G, z, c)
-    if out.ndim == 2:
-        return scatter_plot(out, mixture_centers(cfg.data))
-    return image_grid(out, cols=min(G.cfg.classes, n) if c is not None else None)
+    """G's samples on the run's fixed noise, as its training grids drew them."""
+    z = fixed_noise(cfg.log.num_samples, G.cfg.z_dim, cfg.seed)
+    return fixed_noise_grid(G, z, label_count(G.cfg), mixture_centers(cfg.data))
 
 
 def world_size(run: Path) -> int | None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -40,9 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
+from gan_dist.bench import hardware
 from gan_dist.errors import UserError
+from gan_dist.provenance import changed_files, git_commit
+from gan_dist.rundir import metrics_file, metrics_since, read_config
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("2d", "mnist", "limited")
@@ -105,17 +106,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def _read_rows(path: Path, offset: int) -> tuple[list[dict], int]:
-    """The complete rows written after `offset`, and the offset after them."""
-    if not path.is_file():
-        return [], offset
-    with path.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    done = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written is read on the next poll
-    return [json.loads(line) for line in done.decode().splitlines()], offset + len(done)
-
-
 def _is_eval(row: dict) -> bool:
     return any(k.startswith("eval/") for k in row)
 
@@ -139,7 +129,7 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job
                 if stop.is_set():
                     proc.terminate()
             # Read after the wait, so that the rows written before the exit are all read.
-            rows, offset = _read_rows(job.dir / "metrics.jsonl", offset)
+            rows, offset = metrics_since(job.dir, offset)
             job.rows += [r | {"wall_s": time.monotonic() - start} for r in rows if _is_eval(r)]
             job.aug_p += [r["aug/p"] for r in rows if "aug/p" in r]
     job.wall = time.monotonic() - start
@@ -207,28 +197,14 @@ def picture(path: Path, out: Path, what: str) -> str:
     return f"![{what}]({os.path.relpath(path, out.parent)})"
 
 
-def hardware(cuda: bool) -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-             if line.startswith("model name")]
-    cpu = (names[0] if names else platform.processor()) or "unknown CPU"
-    gpu = torch.cuda.get_device_name(0) if cuda else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores; {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def commit(out: Path) -> str:
     """HEAD's short hash, `dirty` if anything but the results file and its pictures differs from it."""
-    git = ["git", "-C", str(REPO)]
-    try:
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], capture_output=True,
-                                text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
+    head, status = git_commit(short=True, repo=REPO), changed_files(REPO)
+    if head == "unknown" or status is None:
         return "unknown (not a git checkout)"
     ours = os.path.relpath(out.resolve(), REPO), os.path.relpath(images_of(out.resolve()), REPO) + os.sep
-    changed = [line[3:] for line in status.stdout.splitlines()
-               if line[3:] != ours[0] and not line[3:].startswith(ours[1])]
-    return head.stdout.strip() + (" (dirty)" if changed else "")
+    changed = [path for path in status if path != ours[0] and not path.startswith(ours[1])]
+    return head + (" (dirty)" if changed else "")
 
 
 def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall: float,
@@ -254,13 +230,13 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
 
 
 def _dataset(job: Job) -> str:
-    return yaml.safe_load((job.dir / "config.yaml").read_text())["data"]["dataset"]
+    return read_config(job.dir).data.dataset
 
 
 def _last(job: Job, key: str) -> dict:
     rows = [r for r in job.rows if key in r]
     if not rows:
-        raise UserError(f"{job.dir / 'metrics.jsonl'} holds no '{key}' evaluation; keep eval.every above 0")
+        raise UserError(f"{metrics_file(job.dir)} holds no '{key}' evaluation; keep eval.every above 0")
     return rows[-1]
 
 

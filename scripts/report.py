@@ -22,7 +22,6 @@ import datetime
 import html
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from gan_dist.metric_names import BY_KEY, METRICS
+from gan_dist.rundir import config_text, metrics_file, read_metrics, sample_grids
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 MAX_GRIDS = 12  # sample grids shown per run, evenly spaced over the run
@@ -38,7 +38,6 @@ TRAIN = ["train/loss_d", "train/loss_g", "train/d_real", "train/d_fake"]  # one 
 PERF = ["perf/img_per_sec", "perf/data_wait_frac"]
 AXES = ("train/step", "train/kimg")
 METRIC_RANK = {m.key: i for i, m in enumerate(METRICS)}  # evaluation plots and summary rows in the list's order
-SAMPLE_RE = re.compile(r"samples_(.+)_(\d{8})\.png$")
 
 
 class ReportError(Exception):
@@ -68,28 +67,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 def load_run(path: Path) -> Run:
-    if not (path / "metrics.jsonl").is_file():
+    if not metrics_file(path).is_file():
         raise ReportError(f"{path}: not a run directory (no metrics.jsonl)")
-    rows = []
-    for line in (path / "metrics.jsonl").read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn last line of a run killed mid-write, or a blank line
-        if isinstance(row, dict):
-            rows.append(row)
-    run = Run(path, path.resolve().name, rows, final=_read_json(path / "final" / "metrics.json"),
-              best=_read_json(path / "best" / "metrics.json"))
-    if (path / "config.yaml").is_file():
-        run.config_text = (path / "config.yaml").read_text(errors="replace")
+    run = Run(path, path.resolve().name, read_metrics(path), config_text(path), samples=sample_grids(path),
+              final=_read_json(path / "final" / "metrics.json"), best=_read_json(path / "best" / "metrics.json"))
+    if run.config_text is not None:
         try:
             cfg = yaml.safe_load(run.config_text)
         except yaml.YAMLError:
             cfg = None  # still shown verbatim below; only the summary fields go missing
         run.config = cfg if isinstance(cfg, dict) else {}
-    for png in sorted((path / "samples").glob("samples_*.png")):
-        if m := SAMPLE_RE.match(png.name):
-            run.samples.setdefault(m.group(1), {})[int(m.group(2))] = png
     return run
 
 
@@ -281,7 +268,7 @@ def summary_table(runs: list[Run]) -> str:
     rows = [("folder", lambda r: str(r.path)), ("W&B name", lambda r: cfg_get(r.config, "wandb.name")),
             ("git commit", lambda r: cfg_get(r.config, "git_commit")),
             ("last logged", lambda r: datetime.datetime.fromtimestamp(
-                (r.path / "metrics.jsonl").stat().st_mtime).strftime("%Y-%m-%d %H:%M")),
+                metrics_file(r.path).stat().st_mtime).strftime("%Y-%m-%d %H:%M")),
             ("steps (done / planned)", steps), ("kimg", lambda r: last(r, "train/kimg")), ("world size", world),
             ("batch size", lambda r: cfg_get(r.config, "train.batch_size")), ("model", model), ("data", data)]
     rows += [(f"last {k.split('/')[-1]}", lambda r, k=k: last(r, k))

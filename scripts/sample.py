@@ -33,8 +33,9 @@ from PIL import Image
 from gan_dist.drs import add_sampler_args, make_sampler
 from gan_dist.errors import UserError
 from gan_dist.export import load_generator, review_source
+from gan_dist.models import label_count
 from gan_dist.points import mixture_centers
-from gan_dist.viz import as_uint8, image_grid, scatter_plot
+from gan_dist.viz import as_uint8, fixed_labels, image_grid, scatter_plot
 
 STRIP = 10  # images per interpolation row
 
@@ -66,7 +67,7 @@ def main() -> int:
             raise UserError("--num must be at least 1")
         source, cfg = review_source(args.run, args.checkpoint)
         G = load_generator(source, ema=not args.no_ema)
-        classes = G.cfg.classes if G.cfg.cond else 0
+        classes = label_count(G.cfg)
         if args.label is not None and not 0 <= args.label < classes:
             raise UserError(f"--class {args.label}: {args.run} is not class-conditional (model.cond=false)"
                             if not classes else f"--class {args.label} is not a class of {args.run} (0 to "
@@ -130,7 +131,7 @@ def labels(G: torch.nn.Module, n: int, classes: int, label: int | None, grid: bo
     if label is not None:
         return torch.full((n,), label, dtype=torch.int64)
     if grid:
-        return torch.arange(n) % classes
+        return fixed_labels(n, classes)
     return torch.multinomial(G.class_freqs(), n, replacement=True, generator=rng)
 
 

@@ -132,11 +132,13 @@ def run_suite(pytest_args: list[str]) -> int:
         print(f"error: the suite failed (exit {done.returncode}); nothing recorded", file=sys.stderr)
         return done.returncode
     summary = [line.strip("= ") for line in done.stdout.splitlines() if re.search(r"\d+ passed", line)][-1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    # Imported only here: `lowest` runs before gan-dist and its dependencies are installed.
+    from gan_dist.provenance import git_commit
+
     record = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
     kind = "oldest" if oldest else "latest"
     record[kind] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                    "commit": commit.stdout.strip() or "unknown", "result": summary + (
+                    "commit": git_commit(short=True, repo=REPO), "result": summary + (
                         f" with `{' '.join(pytest_args)}`" if pytest_args else ""),
                     "platform": f"{platform.system()} {platform.machine()}", "versions": versions}
     RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

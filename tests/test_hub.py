@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gan_dist import load_generator
-from gan_dist.checkpoint import export_final
 from gan_dist.config import ModelConfig, load_config, to_yaml
 from gan_dist.errors import UserError
+from gan_dist.export import export_final
 from gan_dist.models import ConditionalGenerator, Generator, MLPGenerator, build_models, conditioned
 
 REPO = Path(__file__).resolve().parents[1]

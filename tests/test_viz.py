@@ -2,7 +2,8 @@
 
 Covers: grid size (ceil(sqrt(N)) columns, `pad` pixels around and between tiles); pixel values mapped from [-1, 1]
 to [0, 255] (clamped, never wrapping) at the right grid location; grayscale repeated over RGB; the scatter plot
-drawing red rings at the mode centres and blue dots at the points, with y pointing up.
+drawing red rings at the mode centres and blue dots at the points, with y pointing up; a run's fixed-noise grid,
+the same noise for every grid of a seed and a column per class of a conditional G, drawn in eval mode.
 
 Run from the repo root:
 
@@ -16,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from gan_dist.viz import image_grid, scatter_plot
+from gan_dist.viz import fixed_noise, fixed_noise_grid, image_grid, scatter_plot
 
 
 def tile_origin(i: int, cols: int, h: int, w: int, pad: int = 2) -> tuple[int, int]:
@@ -141,3 +142,30 @@ def test_scatter_axes_hold_far_modes():
     assert reddish(window(img, to_pixel((4.0, 4.0), lim), 6)).any()
     assert reddish(window(img, to_pixel((-4.0, -4.0), lim), 6)).any()
     assert blueish(window(img, to_pixel((4.0, 4.0), lim), 2)).any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fixed_noise_grid
+
+
+class LabelPainter(torch.nn.Module):
+    """A conditional G whose 1x1 image is its label's grey (class k of 10 at k / 10), and black in train mode."""
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        value = c.float() / 10 if not self.training else torch.full((len(z),), -1.0)
+        return value.view(-1, 1, 1, 1)
+
+
+def test_the_fixed_noise_is_the_seeds_own():
+    assert torch.equal(fixed_noise(6, 3, seed=1), fixed_noise(6, 3, seed=1))
+    assert not torch.equal(fixed_noise(6, 3, seed=1), fixed_noise(6, 3, seed=2))
+
+
+def test_a_conditional_grid_has_a_column_per_class_drawn_in_eval_mode():
+    G = LabelPainter().train()
+    grid = fixed_noise_grid(G, fixed_noise(12, 4, seed=0), classes=5, centers=np.zeros((1, 2)))
+    assert G.training, "G's mode is restored"
+    assert grid.shape == (3 * 3 + 2, 5 * 3 + 2, 3), "12 samples of 5 classes: 5 columns, 3 rows"
+    for i in range(12):
+        y, x = tile_origin(i, 5, 1, 1, pad=2)
+        assert abs(int(grid[y, x, 0]) - (i % 5 / 10 + 1) * 127.5) <= 1, f"sample {i} is of class {i % 5}"
