@@ -1,11 +1,15 @@
-"""Checkpoints for exact resume, verified before they are trusted, and the final exports.
+"""Checkpoints for exact resume, verified before they are trusted: `Checkpointer` holds the run's stateful parts
+once (the trained networks, optimizers, EMA and augmentation, `TrainState`, the config) and offers save, resume,
+roll back and the non-finite check that guards every write. Exports (`final/`, `best/`) are export.py's, which
+sits above this module; where checkpoints lie and how they are listed is rundir.py's.
 
 A checkpoint is `{run.dir}/checkpoints/step_{step:08d}/`:
 
 - accelerate's state: both models (safetensors), both optimizers, the fp16 scaler and every rank's RNG (torch
   files, only ever loaded with `weights_only=True`, which cannot run code);
-- gan-dist's own state, never pickled: `ema.safetensors` (G_ema) and TrainState as `train_state.safetensors`
-  (tensors) plus `train_state.json` (everything else);
+- gan-dist's own state, never pickled: `ema.safetensors` (G_ema) and TrainState with the data's state
+  (`data.DataState`: every rank's positions) as `train_state.safetensors` (tensors) plus `train_state.json`
+  (everything else);
 - `config.yaml`, the config it was written with, so that a resume with other values names the keys that changed;
 - `meta.json`, written last: the step, the world size, and every file with its size and sha256.
 
@@ -27,28 +31,28 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import load as safe_torch_load
+from accelerate.utils import set_seed
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gan_dist.config import ModelConfig, config_changes, may_change
-from gan_dist.ema import EMA
-from gan_dist.distributed import sync_buffers
+from gan_dist.config import Config, config_changes, may_change, to_dict, to_yaml
+from gan_dist.data import DataState
+from gan_dist.distributed import on_main, sync_buffers
 from gan_dist.errors import UserError
-from gan_dist.export import checkpoint_path, export_metadata
-from gan_dist.files import fsync_dir, fsync_file, publish_dir, sha256_file, versioned_dir, write_atomic, \
-    write_failure
-from gan_dist.models import build_generator, build_models, config_json, model_config
+from gan_dist.files import fsync_dir, fsync_file, sha256_file, write_atomic, write_failure
+from gan_dist.rundir import META, CheckpointError, checkpoints, config_file, prepare_run_dir, read_meta, step_dir, \
+    step_of
+from gan_dist.trained import Trained
 
-STEP_DIR = re.compile(r"^step_(\d{8,})$")  # {step:08d} grows past 8 digits at step 1e8
-META = "meta.json"
 OWN_FILES = ("ema.safetensors", "train_state.safetensors", "train_state.json")
 ACCELERATE_FILES = ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin")
 TORCH_FILE = re.compile(r".*\.(bin|pkl|pt)$")
@@ -59,19 +63,14 @@ def rng_file(rank: int) -> str:
     return f"random_states_{rank}.pkl"
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is incomplete, damaged or unsafe; the message names the checkpoint and the file."""
-
-
 @dataclass
 class TrainState:
-    """Loop state saved with every checkpoint."""
+    """Loop state saved with every checkpoint (the data's own state is the data's: `data.DataState`, saved beside
+    it in the same two files)."""
 
     step: int = 0
     nimg: int = 0  # real images seen, over all ranks
-    batches: int = 0  # micro-batches this rank has taken from its data stream: the data position
     z_fixed: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # noise behind every sample grid
-    data_pos: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))  # see data.py
     log_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> (world,) sums of the cut interval
     log_steps: int = 0  # micro-steps in those sums
     # G's and D's buffers on every rank, name -> (world, ...): without DDP's buffer broadcasts each rank's
@@ -82,23 +81,22 @@ class TrainState:
     wandb_id: str = ""
     origin: str = ""  # the ckpt.resume=PATH these checkpoints continue from; "" for a run started in its run.dir
     rollbacks: int = 0  # times the run went back to a checkpoint after non-finite losses or weights
-    data_layout: str = ""  # what data_pos holds: "cache" (one global position) or "stream" (one per loader slot)
-    # The parts of epochs left to the loader's slots after a resume on another world size (data.spans_tensor).
-    data_spans: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3, dtype=torch.int64))
 
-    def save(self, folder: Path) -> None:
-        tensors = {"z_fixed": self.z_fixed, "data_pos": self.data_pos, "data_spans": self.data_spans} | {
+    def save(self, folder: Path, data: DataState) -> None:
+        """Write this state and `data` (every rank's positions gathered) as train_state.safetensors and .json."""
+        tensors = {"z_fixed": self.z_fixed, "data_pos": data.pos, "data_spans": data.spans} | {
             f"log_sums/{k}": v for k, v in self.log_sums.items()} | {
             f"rank_buffers/{k}": v for k, v in self.rank_buffers.items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(folder / "train_state.safetensors"))
-        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("z_fixed", "data_pos",
-                                                                                       "data_spans", "log_sums",
-                                                                                       "rank_buffers")}
+        scalars = {"step": self.step, "nimg": self.nimg, "batches": data.batches, "log_steps": self.log_steps,
+                   "best": self.best, "scores": self.scores, "wandb_id": self.wandb_id, "origin": self.origin,
+                   "rollbacks": self.rollbacks, "data_layout": data.layout}
         (folder / "train_state.json").write_text(json.dumps(scalars, indent=1) + "\n")
 
-    def load(self, folder: Path) -> None:
-        """Restore from `folder`; CheckpointError if a value has the wrong type (nothing is changed then)."""
+    def load(self, folder: Path) -> DataState:
+        """Restore from `folder` and return the data's state saved with it; CheckpointError if a value has the
+        wrong type (nothing is changed then)."""
         try:
             tensors = load_file(str(folder / "train_state.safetensors"))
             scalars = json.loads((folder / "train_state.json").read_text())
@@ -113,45 +111,17 @@ class TrainState:
                 scalars["step"], scalars["nimg"], scalars["batches"], scalars["log_steps"]) < 0:
             raise CheckpointError(f"{folder}: train_state.json or train_state.safetensors has missing or invalid "
                                   f"entries ({', '.join(bad) or 'tensors'})")
-        self.__dict__.update({k: scalars[k] for k in types})
+        self.__dict__.update({k: scalars[k] for k in types if k != "batches"})
         rollbacks, layout = scalars.get("rollbacks", 0), scalars.get("data_layout", "")  # newer than some checkpoints
         self.rollbacks = rollbacks if isinstance(rollbacks, int) and rollbacks >= 0 else 0
-        self.data_layout = layout if layout in ("cache", "stream") else ""
-        self.z_fixed, self.data_pos = tensors["z_fixed"], tensors["data_pos"]
-        spans = tensors.get("data_spans", torch.empty(0, 3, dtype=torch.int64))  # newer than some checkpoints
-        self.data_spans = spans if spans.ndim == 2 and spans.shape[1] == 3 else torch.empty(0, 3, dtype=torch.int64)
+        self.z_fixed = tensors["z_fixed"]
         self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
         self.rank_buffers = {k.removeprefix("rank_buffers/"): v for k, v in tensors.items()
                              if k.startswith("rank_buffers/")}
-
-
-def step_of(path: Path) -> int:
-    return int(STEP_DIR.match(path.name).group(1))
-
-
-def checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoints in `run_dir` that were completely written (have meta.json), oldest first; not yet verified."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=step_of)
-
-
-def read_meta(path: Path) -> dict:
-    """meta.json of a checkpoint, checked for the fields everything else relies on; CheckpointError otherwise."""
-    try:
-        meta = json.loads((path / META).read_text())
-        ok = isinstance(meta, dict) and all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)
-                                            for k in ("step", "world_size")) and 1 <= meta["world_size"] <= 1 << 16
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: {META} is unreadable ({err})") from None
-    if not ok or meta["step"] < 0:
-        raise CheckpointError(f"{path}: {META} lacks a valid step and world_size")
-    if not isinstance(meta.get("files"), dict):
-        raise CheckpointError(f"{path}: {META} lists no files (written by a gan-dist before checkpoints were "
-                              "verified); resume it with that version, or start a new run.dir")
-    return meta
+        spans = tensors.get("data_spans", torch.empty(0, 3, dtype=torch.int64))  # newer than some checkpoints
+        spans = spans if spans.ndim == 2 and spans.shape[1] == 3 else torch.empty(0, 3, dtype=torch.int64)
+        return DataState(pos=tensors["data_pos"], spans=spans, layout=layout if layout in ("cache", "stream") else "",
+                         batches=scalars["batches"])
 
 
 def verify(path: Path) -> dict:
@@ -238,7 +208,7 @@ def choose_resume(run_dir: str | Path, resume: str, say: Callable[[str], None]) 
     path = Path(resume).resolve()
     if not (path / META).is_file():
         raise UserError(f"ckpt.resume='{resume}' is not a complete checkpoint (no {META} there); use ckpt.resume=auto, "
-                        f"none, or a path like {Path(run_dir) / 'checkpoints' / 'step_00001000'}")
+                        f"none, or a path like {step_dir(run_dir, 1000)}")
     try:
         meta = verify(path)
     except CheckpointError as err:
@@ -275,13 +245,14 @@ def _agree(accelerator: Accelerator, ok: bool) -> bool:
     return accelerator.reduce(torch.tensor(float(not ok), device=accelerator.device), "sum").item() == 0
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: torch.nn.Module,
-                    keep: int, config: str = "") -> Path:
-    """Write a checkpoint for `state.step` (all ranks call this) and keep only the newest `keep`, never
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainState, data: DataState, *,
+                    ema: torch.nn.Module, keep: int, config: str = "") -> Path:
+    """Write a checkpoint for `state.step` with the data's state `data` (every rank's positions gathered; all ranks
+    call this) and keep only the newest `keep`, never
     `state.origin`. A write that fails on any rank (a full disk) leaves the older checkpoints as they were and
     raises UserError on every rank."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{state.step:08d}"
+    final = step_dir(run_dir, state.step)
+    root = final.parent
     tmp = root / f".tmp-{final.name}"
     error = None
     try:
@@ -304,9 +275,9 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, state: TrainS
                 os.replace(tmp / "scaler.pt.new", tmp / "scaler.pt")
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                       str(tmp / "ema.safetensors"))
-            state.save(tmp)
+            state.save(tmp, data)
             if config:
-                (tmp / "config.yaml").write_text(config)
+                config_file(tmp).write_text(config)
     except WRITE_ERRORS as err:  # torch and safetensors raise their own types for a full disk
         error = err
     if not _agree(accelerator, error is None):
@@ -369,25 +340,32 @@ def _write_error(accelerator: Accelerator, root: Path, tmp: Path, err: BaseExcep
                      "or fix the folder, then rerun the same command to resume", quiet=err is None)
 
 
-def nonfinite(accelerator: Accelerator, parts: dict[str, list[torch.Tensor]]) -> list[str]:
-    """The names of `parts` (weights, optimizer states) holding a NaN or an inf on any rank: one check per tensor on
-    the device and one reduce (all ranks call this, before anything is written from them)."""
-    device = accelerator.device
+def saved_config(path: Path) -> dict | None:
+    """The config a checkpoint was written with: its own config.yaml, or for a checkpoint of an older gan-dist its
+    run's; None when neither is readable."""
+    for file in (config_file(path), config_file(path.parent.parent)):
+        try:
+            config = yaml.safe_load(file.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
 
-    def bad(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).logical_not().any() if tensors \
-            else torch.tensor(False, device=device)
 
-    flags = accelerator.reduce(torch.stack([bad(tensors) for tensors in parts.values()]).float(), "sum").tolist()
-    return [name for name, flag in zip(parts, flags) if flag > 0]
-
-
-def training_tensors(modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> \
-        dict[str, list[torch.Tensor]]:
-    """What a checkpoint holds of each network (weights and buffers) and optimizer (its moments), by name."""
-    return {name: [*m.parameters(), *m.buffers()] for name, m in modules.items()} | {
-        name: [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
-        for name, opt in optimizers.items()}
+def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module) -> \
+        tuple[dict, DataState]:
+    """Restore a checkpoint `verify` accepted (all ranks call this); returns its meta.json and the data's state.
+    accelerate loads its part with `weights_only=True` and safetensors; TrainState and G_ema come from safetensors
+    and JSON."""
+    meta = read_meta(path)
+    try:
+        accelerator.load_state(str(path))
+        ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as err:
+        raise CheckpointError(f"{path} does not fit this run's networks or optimizers "
+                              f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
+    return meta, state.load(path)
 
 
 @torch.no_grad()
@@ -402,167 +380,109 @@ def restore_buffers(saved: dict[str, torch.Tensor], modules: dict[str, torch.nn.
                 b.copy_(rows[rank] if len(rows) == world else rows[0])
 
 
-def save_training(accelerator: Accelerator, run_dir: str | Path, state: TrainState, ema: EMA, keep: int,
-                  data_pos: torch.Tensor, log: tuple[dict[str, torch.Tensor], int],
-                  nets: dict[str, torch.nn.Module], config: str) -> Path:
-    """Checkpoint a training run (all ranks call this): gather into `state` what each rank alone holds (its data
-    position `data_pos`, its sums of the log interval so far `log`, the buffers of `nets`), then save it with the
-    run's `config` (YAML)."""
-    sync_buffers(ema.G_ema)
-    state.data_pos = accelerator.gather(data_pos.to(accelerator.device)).cpu()
-    state.log_sums, state.log_steps = log
-    state.rank_buffers = {f"{name}.{key}": accelerator.gather(b[None]).cpu()
-                          for name, module in nets.items() for key, b in module.named_buffers()}
-    return save_checkpoint(accelerator, run_dir, state, ema, keep, config)
+class Checkpointer:
+    """The run's stateful parts, held once: the trained networks, optimizers, EMA and augmentation (`trained`), the
+    loop's `state`, and the run's config (`cfg`, the whole tree: a checkpoint keeps it, and a resume compares with
+    it). The data and the log interval's sums are handed to `save`, which the loop asks them for; `resume` and
+    `roll_back` give the data's saved state back. All ranks call every method."""
 
+    def __init__(self, accelerator: Accelerator, cfg: Config, trained: Trained, state: TrainState) -> None:
+        self.accelerator, self.cfg, self.trained, self.state = accelerator, cfg, trained, state
+        self.run_dir = Path(cfg.run.dir)
 
-def saved_config(path: Path) -> dict | None:
-    """The config a checkpoint was written with: its own config.yaml, or for a checkpoint of an older gan-dist its
-    run's; None when neither is readable."""
-    for file in (path / "config.yaml", path.parent.parent / "config.yaml"):
+    def save(self, data: DataState, log: tuple[dict[str, torch.Tensor], int]) -> Path:
+        """Checkpoint the run at `state.step`: gather into the state what each rank alone holds (its data position
+        in `data`, its sums of the log interval so far `log`, its networks' buffers), then write it (keeping
+        ckpt.keep checkpoints)."""
+        acc, state = self.accelerator, self.state
+        sync_buffers(self.trained.G_ema)
+        data = replace(data, pos=acc.gather(data.pos.to(acc.device)).cpu())
+        state.log_sums, state.log_steps = log
+        state.rank_buffers = {f"{name}.{key}": acc.gather(b[None]).cpu()
+                              for name, module in self.trained.per_rank().items() for key, b in module.named_buffers()}
+        return save_checkpoint(acc, self.run_dir, state, data, ema=self.trained.ema, keep=self.cfg.ckpt.keep,
+                               config=to_yaml(self.cfg))
+
+    def resume(self, resume: Resume) -> DataState:
+        """Load the checkpoint main chose and verified (`resume`) into every rank, each rank's own buffers
+        included, and say so, naming the keys of this run's config that differ from the checkpoint's; the data's
+        state saved with it (a fresh one for a fresh start). A checkpoint that does not fit is a UserError naming
+        those keys."""
+        if resume.path is None:
+            return DataState.fresh()
+        data = self._load(resume.path)
+        self.state.origin = resume.origin
+        return data
+
+    def _load(self, path: Path) -> DataState:
+        acc, say = self.accelerator, self.accelerator.print
+        old = saved_config(path)
+        changes = config_changes(old, to_dict(self.cfg)) if old is not None else {}
+        fixed = {k: v for k, v in changes.items() if not may_change(k)}
         try:
-            config = yaml.safe_load(file.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue
-        if isinstance(config, dict):
-            return config
-    return None
+            meta, data = load_checkpoint(acc, path, self.state, self.trained.ema)
+        except CheckpointError as err:
+            keys = ", ".join(f"{k}: {v}" for k, v in (fixed or changes).items())
+            raise UserError(f"checkpoint {err}" + (f"; changed since it was written: {keys}" if keys else "") +
+                            ". Resume with the values it was written with (its config.yaml), or start a new "
+                            "run.dir") from None
+        world = acc.num_processes
+        restore_buffers(self.state.rank_buffers, self.trained.per_rank(), acc.process_index, world)
+        say(f"resumed from {path} (step {self.state.step}, {self.state.nimg} images, saved with world size "
+            f"{meta['world_size']})")
+        if changes:
+            say(f"changed since the checkpoint: {', '.join(f'{k}: {v}' for k, v in changes.items())}")
+        if fixed:
+            verb = "is" if len(fixed) == 1 else "are"
+            say(f"warning: {', '.join(fixed)} changed since the checkpoint, and {verb} not among the keys that may "
+                "change on resume (README: Resume): the run goes on, but no longer as the run that wrote the "
+                "checkpoint would have")
+        if meta["world_size"] != world:
+            say(f"world size changed from {meta['world_size']} to {world}: training continues from the checkpoint, "
+                "but not bit-exactly (per-rank noise and data order differ)")
+        return data
 
+    def nonfinite(self) -> list[str]:
+        """The names of the trained tensors (weights, optimizer states) holding a NaN or an inf on any rank: one
+        check per tensor on the device and one reduce, before anything is written from them."""
+        device = self.accelerator.device
 
-def resume_training(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module,
-                    nets: dict[str, torch.nn.Module], config: dict) -> None:
-    """Load the checkpoint main chose and verified into every rank, each rank's own buffers of `nets` included,
-    and say so, naming the keys of this run's `config` (`to_dict`'s) that differ from the checkpoint's. A
-    checkpoint that does not fit is a UserError naming those keys."""
-    old = saved_config(path)
-    changes = config_changes(old, config) if old is not None else {}
-    fixed = {k: v for k, v in changes.items() if not may_change(k)}
-    try:
-        meta = load_checkpoint(accelerator, path, state, ema)
-    except CheckpointError as err:
-        keys = ", ".join(f"{k}: {v}" for k, v in (fixed or changes).items())
-        raise UserError(f"checkpoint {err}" + (f"; changed since it was written: {keys}" if keys else "") +
-                        ". Resume with the values it was written with (its config.yaml), or start a new run.dir") \
-            from None
-    world = accelerator.num_processes
-    restore_buffers(state.rank_buffers, nets, accelerator.process_index, world)
-    accelerator.print(f"resumed from {path} (step {state.step}, {state.nimg} images, saved with world size "
-                      f"{meta['world_size']})")
-    if changes:
-        accelerator.print(f"changed since the checkpoint: {', '.join(f'{k}: {v}' for k, v in changes.items())}")
-    if fixed:
-        verb = "is" if len(fixed) == 1 else "are"
-        accelerator.print(f"warning: {', '.join(fixed)} changed since the checkpoint, and {verb} not among the keys "
-                          "that may change on resume (README: Resume): the run goes on, but no longer as the run that "
-                          "wrote the checkpoint would have")
-    if meta["world_size"] != world:
-        accelerator.print(f"world size changed from {meta['world_size']} to {world}: training continues from the "
-                          "checkpoint, but not bit-exactly (per-rank noise and data order differ)")
+        def bad(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).logical_not().any() \
+                if tensors else torch.tensor(False, device=device)
 
+        parts = self.trained.tensors()
+        flags = self.accelerator.reduce(torch.stack([bad(t) for t in parts.values()]).float(), "sum").tolist()
+        return [name for name, flag in zip(parts, flags) if flag > 0]
 
-def load_checkpoint(accelerator: Accelerator, path: Path, state: TrainState, ema: torch.nn.Module) -> dict:
-    """Restore a checkpoint `verify` accepted (all ranks call this); returns its meta.json. accelerate loads its
-    part with `weights_only=True` and safetensors; TrainState and G_ema come from safetensors and JSON."""
-    meta = read_meta(path)
-    try:
-        accelerator.load_state(str(path))
-        ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-    except (RuntimeError, ValueError, KeyError, SafetensorError) as err:
-        raise CheckpointError(f"{path} does not fit this run's networks or optimizers "
-                              f"({str(err).strip().splitlines()[-1].strip()[:300]})") from None
-    state.load(path)
-    return meta
-
-
-def export_final(run_dir: str | Path, modules: dict[str, torch.nn.Module], name: str = "final",
-                 scores: dict | None = None, *, model: ModelConfig | None = None, step: int | None = None,
-                 nimg: int | None = None) -> Path:
-    """Write `{run.dir}/{name}/<module>.safetensors` (plain state_dicts), with `model` its `config.json`, and with
-    `scores` `metrics.json`; main process only. Each file's metadata names the network, the code's commit and what
-    is given of the model (arch, resolution, channels, z_dim, classes) and of the step and images seen (step,
-    kimg), so that `gan_dist.load_generator` needs nothing beside the folder. `final/` is the end of training,
-    `best/` the best evaluation so far. The old export stays in place until the new one is complete and replaces
-    it in one step."""
-    link = Path(run_dir) / name
-    broken = [m for m, module in modules.items()
-              if not all(torch.isfinite(t).all() for t in module.state_dict().values())]
-    if broken:  # the loop checks first; this is the last guard of what users load
-        raise UserError(f"refusing to write {link}: {', '.join(broken)} hold non-finite values (NaN or inf)")
-    folder = None
-    try:
-        folder = versioned_dir(link)
-        metadata = export_metadata(model, step, nimg)
-        for module_name, module in modules.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                      str(folder / f"{module_name}.safetensors"), metadata=metadata | {"network": module_name})
-        if model is not None:
-            (folder / "config.json").write_text(config_json(model))
-        if scores is not None:
-            (folder / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
-        publish_dir(folder, link)
-    except WRITE_ERRORS as err:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        kept = f"; {link} as it was is kept" if link.exists() else ""
-        raise UserError(f"cannot write {link} ({write_failure(err, link.parent)}){kept}. Free space or fix the "
-                        "folder, then rerun the same command") from None
-    return link
-
-
-# Each exported network's file in a step checkpoint: G_ema's own file, then accelerate's models in prepare order.
-STEP_FILES = {"generator_ema": "ema.safetensors", "generator": "model.safetensors",
-              "discriminator": "model_1.safetensors"}
-
-
-def network_weights(run_dir: str | Path, checkpoint: str = "final", name: str = "generator_ema") -> dict:
-    """The state_dict of `name` (generator_ema, generator, discriminator) from `final`, `best`, or the checkpoint
-    of a step number; UserError otherwise."""
-    run_dir, path = Path(run_dir), checkpoint_path(run_dir, checkpoint)
-    if checkpoint in ("final", "best"):
-        if not (path / f"{name}.safetensors").is_file():
-            raise UserError(f"{path / f'{name}.safetensors'} does not exist; is {run_dir} a finished run (final/), or "
-                            f"one with eval.every set (best/)? Or pass a step that has a checkpoint: "
-                            f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none saved'}")
-        return _weights(path / f"{name}.safetensors")
-    if not (path / META).is_file():
-        raise UserError(f"{run_dir} has no complete checkpoint at step {checkpoint}; it has "
-                        f"{', '.join(p.name for p in checkpoints(run_dir)) or 'none'}")
-    return _weights(path / STEP_FILES[name])
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    """A network's state_dict from its file in an export or a step checkpoint (G_ema's under its EMA wrapper)."""
-    try:
-        weights = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err})") from None
-    prefix = "averaged.module."
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)} if path.name == "ema.safetensors" \
-        else weights
-
-
-def checkpoint_generator(path: Path, ema: bool = True) -> torch.nn.Module:
-    """G_ema (or G) of a step checkpoint, built as the config it was written with says (its own config.yaml, or
-    its run's), for `gan_dist.load_generator`."""
-    config = saved_config(path)
-    if config is None or not isinstance(config.get("model"), dict):
-        raise UserError(f"checkpoint {path} has no readable config.yaml, and neither has its run; load it from "
-                        "inside its run directory")
-    G = build_generator(model_config(config["model"], str(path / "config.yaml")))
-    _load(G, _weights(path / STEP_FILES["generator_ema" if ema else "generator"]), path.parent.parent, path.name)
-    return G
-
-
-def load_run_discriminator(run_dir: str | Path, cfg, checkpoint: str = "final") -> torch.nn.Module:
-    """The run's D in eval mode (for rejection sampling); `cfg` the run's Config."""
-    D = build_models(cfg.model)[1]
-    _load(D, network_weights(run_dir, checkpoint, "discriminator"), run_dir, checkpoint)
-    return D.eval()
-
-
-def _load(net: torch.nn.Module, weights: dict, run_dir: str | Path, checkpoint: str) -> None:
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as err:
-        raise UserError(f"the weights of {run_dir} ({checkpoint}) do not fit its config.yaml "
-                        f"({str(err).strip().splitlines()[-1].strip()})") from None
+    def roll_back(self, bad: list[str], give_up: Callable[[], None]) -> DataState:
+        """After the metrics or tensors `bad` turned non-finite: with train.on_nonfinite=rollback and rollbacks
+        left, load the newest checkpoint into every rank and draw other noise from there, so that the run does not
+        walk the same path again; returns the data's state there. Otherwise `give_up()` (the tracker's finish) and
+        stop with one error line."""
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        what = f"training diverged at step {state.step}: {', '.join(bad)} non-finite (NaN or inf)"
+        path = on_main(acc, lambda: choose_resume(self.run_dir, "auto", acc.print).path or (
+            Path(state.origin) if state.origin else None))
+        rollback = cfg.train.on_nonfinite == "rollback"
+        if path is None or not rollback or state.rollbacks >= cfg.train.max_rollbacks:
+            give_up()
+            if path is None:
+                raise UserError(f"{what}, before the run's first checkpoint: there is nothing to go back to, and "
+                                "nothing was written from it. Rerun with lower learning rates (optim.lr_G, "
+                                "optim.lr_D)", quiet=not acc.is_main_process)
+            tried = f" again after {state.rollbacks} rollback(s) (train.max_rollbacks={cfg.train.max_rollbacks})" \
+                if rollback else ""
+            raise UserError(f"{what}{tried}; nothing was written from it, and the newest checkpoint {path} is "
+                            "finite. Lower the learning rates (optim.lr_G and optim.lr_D may change on resume) and "
+                            "rerun the same command to resume from it"
+                            f"{'' if rollback else ', or set train.on_nonfinite=rollback'}",
+                            quiet=not acc.is_main_process)
+        rollbacks = state.rollbacks + 1
+        data = self._load(path)
+        state.rollbacks = rollbacks
+        set_seed(int(np.random.SeedSequence([cfg.seed, rollbacks]).generate_state(1)[0] % 2**31), device_specific=True)
+        on_main(acc, lambda: prepare_run_dir(self.run_dir, state.step))
+        acc.print(f"{what}; rolled back to step {state.step} (rollback {rollbacks} of train.max_rollbacks="
+                  f"{cfg.train.max_rollbacks}), drawing other noise from there")
+        return data

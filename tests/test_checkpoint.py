@@ -33,13 +33,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gan_dist.checkpoint import CheckpointError, TrainState, checkpoints, choose_resume, export_final, \
-    load_checkpoint, save_checkpoint, verify
+from gan_dist.checkpoint import TrainState, choose_resume, load_checkpoint, save_checkpoint, verify
 from gan_dist.config import EMAConfig, LossConfig, ModelConfig
+from gan_dist.data import DataState
 from gan_dist.ema import EMA
 from gan_dist.errors import UserError
-from gan_dist.losses import d_step, g_step
+from gan_dist.export import export_final
 from gan_dist.models import build_models
+from gan_dist.objective import GANObjective
+from gan_dist.rundir import CheckpointError, checkpoints
 
 from runs import RunsCommand, reseal
 
@@ -106,23 +108,34 @@ def run(accelerator, tmp_path_factory):
     opt_G = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999), eps=1e-7)
     opt_D = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999), eps=1e-7)
     G, D, opt_G, opt_D = accelerator.prepare(G, D, opt_G, opt_D)
-    state = TrainState(z_fixed=torch.randn(4, 8), wandb_id="abc123", data_pos=torch.tensor([[1, 2, 3]]),
-                       log_sums={"loss_d": torch.tensor([0.5])}, scores={"fcd": 3.5, "step": 2})
-    r = SimpleNamespace(acc=accelerator, G=G, D=D, opt_G=opt_G, opt_D=opt_D, ema=ema, state=state, mcfg=mcfg,
-                        dir=tmp_path_factory.mktemp("run"))
+    state = TrainState(z_fixed=torch.randn(4, 8), wandb_id="abc123", log_sums={"loss_d": torch.tensor([0.5])},
+                       scores={"fcd": 3.5, "step": 2})
+    data = DataState(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 5, 9]]), "stream", 0)
+    r = SimpleNamespace(acc=accelerator, G=G, D=D, opt_G=opt_G, opt_D=opt_D, ema=ema, state=state, data=data,
+                        mcfg=mcfg, dir=tmp_path_factory.mktemp("run"))
+    objective = GANObjective(LossConfig(), G, D, backward=accelerator.backward)
 
     def train_step():
         real = torch.rand(4, 1, 28, 28) * 2 - 1
-        d_step(r.G, r.D, r.opt_D, real, torch.randn(4, 8), LossConfig(), r.acc.backward)
-        g_step(r.G, r.D, r.opt_G, torch.randn(4, 8), "ns", r.acc.backward)
+        objective.d_phase(real, None, torch.randn(4, 8))
+        r.opt_D.step()
+        r.opt_D.zero_grad()
+        objective.g_phase(real, None, torch.randn(4, 8))
+        r.opt_G.step()
+        r.opt_G.zero_grad()
         r.ema.update(r.acc.unwrap_model(r.G), r.state.nimg, 4)
         r.state.step += 1
         r.state.nimg += 4
-        r.state.batches += 1
+        r.data.batches += 1
+
+    def load(path):
+        meta, r.data = load_checkpoint(r.acc, path, r.state, r.ema)
+        return meta
 
     r.train_step = train_step
-    r.save = lambda keep=2, run_dir=None: save_checkpoint(r.acc, run_dir or r.dir, r.state, r.ema, keep)
-    r.load = lambda path: load_checkpoint(r.acc, path, r.state, r.ema)
+    r.save = lambda keep=2, run_dir=None: save_checkpoint(r.acc, run_dir or r.dir, r.state, r.data, ema=r.ema,
+                                                          keep=keep)
+    r.load = load
     return r
 
 
@@ -136,8 +149,8 @@ def snapshot(r) -> dict:
     return {
         "G": clone(r.G.state_dict()), "D": clone(r.D.state_dict()), "ema": clone(r.ema.state_dict()),
         "opt_G": opt(r.opt_G), "opt_D": opt(r.opt_D),
-        "state": (r.state.step, r.state.nimg, r.state.batches, r.state.wandb_id, r.state.scores,
-                  r.state.z_fixed.clone(), r.state.data_pos.clone(),
+        "state": (r.state.step, r.state.nimg, r.data.batches, r.state.wandb_id, r.state.scores, r.data.layout,
+                  r.state.z_fixed.clone(), r.data.pos.clone(), r.data.spans.clone(),
                   {k: v.clone() for k, v in r.state.log_sums.items()}),
     }
 
@@ -153,8 +166,8 @@ def assert_same(a: dict, b: dict) -> None:
             for k, v in a[part][i].items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[part][i][k])), f"{part}[{i}].{k}"
     sa, sb = a["state"], b["state"]
-    assert sa[:5] == sb[:5] and torch.equal(sa[5], sb[5]) and torch.equal(sa[6], sb[6])
-    assert sa[7].keys() == sb[7].keys() and all(torch.equal(sa[7][k], sb[7][k]) for k in sa[7])
+    assert sa[:6] == sb[:6] and all(torch.equal(x, y) for x, y in zip(sa[6:9], sb[6:9]))
+    assert sa[9].keys() == sb[9].keys() and all(torch.equal(sa[9][k], sb[9][k]) for k in sa[9])
 
 
 def perturb(r) -> None:
@@ -165,8 +178,9 @@ def perturb(r) -> None:
             if b.is_floating_point():
                 b.mul_(3.0)
     r.train_step()  # moves Adam's moments and step counts too
-    r.state.step, r.state.nimg, r.state.batches, r.state.wandb_id, r.state.scores = 999, 999, 999, "other", None
-    r.state.z_fixed, r.state.data_pos, r.state.log_sums = torch.zeros(4, 8), torch.zeros(1, 3), {}
+    r.state.step, r.state.nimg, r.state.wandb_id, r.state.scores = 999, 999, "other", None
+    r.state.z_fixed, r.state.log_sums = torch.zeros(4, 8), {}
+    r.data = DataState(torch.zeros(1, 3, dtype=torch.int64), torch.empty(0, 3, dtype=torch.int64), "cache", 999)
     torch.manual_seed(12345)
     np.random.seed(12345)
     random.seed(12345)

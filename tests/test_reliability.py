@@ -23,11 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gan_dist import checkpoint
-from gan_dist.checkpoint import checkpoints, export_final, verify
+from gan_dist import export
+from gan_dist.checkpoint import verify
 from gan_dist.config import MAY_CHANGE, WandbConfig
 from gan_dist.errors import UserError
+from gan_dist.export import export_final
 from gan_dist.files import write_failure
+from gan_dist.rundir import checkpoints
 from gan_dist.tracking import Tracker
 
 from runs import REPO, jsonl, launch, newest
@@ -212,7 +214,7 @@ def test_a_quota_on_metrics_lines_and_grids_is_kept_for_the_stop_vote(tmp_path, 
     def over_quota(*args):
         raise QUOTA
 
-    monkeypatch.setattr("gan_dist.tracking._append", over_quota)
+    monkeypatch.setattr("gan_dist.tracking.append_metrics", over_quota)
     tracker.log({"train/step": 2})
     assert tracker.failed.startswith(f"cannot write {tmp_path / 'metrics.jsonl'} (Disk quota exceeded); the "
                                      "checkpoints before it are intact")
@@ -229,7 +231,7 @@ def test_a_quota_on_an_export_keeps_the_export_before_it(tmp_path, monkeypatch):
     def over_quota(*args, **kwargs):
         raise QUOTA
 
-    monkeypatch.setattr(checkpoint, "save_file", over_quota)
+    monkeypatch.setattr(export, "save_file", over_quota)
     with pytest.raises(UserError, match=r"cannot write \S+/final \(Disk quota exceeded\); \S+/final as it was is "
                                         r"kept"):
         export_final(tmp_path, {"generator": G})
