@@ -28,8 +28,7 @@ from gan_dist.distributed import sync_buffers
 from gan_dist.files import write_failure
 from gan_dist.metric_names import METRICS
 from gan_dist.models import conditioned, eval_mode
-from gan_dist.rundir import append_metrics
-from gan_dist.rundir import metrics_file, sample_file, wandb_dir
+from gan_dist.rundir import append_metrics, metrics_file, sample_file, wandb_dir
 from gan_dist.viz import fixed_noise_grid
 
 T = TypeVar("T")
