@@ -462,7 +462,7 @@ class Checkpointer:
         stop with one error line."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
         what = f"training diverged at step {state.step}: {', '.join(bad)} non-finite (NaN or inf)"
-        path = on_main(acc, lambda: choose_resume(self.run_dir, "auto", acc.print).path or (
+        path = on_main(acc, lambda: choose_resume(cfg.run.dir, "auto", acc.print).path or (
             Path(state.origin) if state.origin else None))
         rollback = cfg.train.on_nonfinite == "rollback"
         if path is None or not rollback or state.rollbacks >= cfg.train.max_rollbacks:

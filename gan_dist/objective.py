@@ -1,7 +1,7 @@
 """The GAN objective: one object, built once from `cfg.loss`, that holds G, D, the augmentation and the loss's
 settings, and accumulates the gradients of one phase of a step (StyleGAN2-ADA's `StyleGAN2Loss` is the model).
 
-The loop draws z, fetches the real batch, calls `d_phase` (with or without the lazy R1 / R2 pass) or `g_phase`
+The loop fetches the real batch, draws z, calls `d_phase` (with or without the lazy R1 / R2 pass) or `g_phase`
 inside accelerate's accumulation context, then steps and zeroes the optimizer itself. Everything the loss decides
 lives here: when the penalties are due and how much they weigh, the gamma schedule's factor, top-k's k, the
 mode-seeking pair, whether G's step sees the real batch (rpgan), whether the networks take labels, and ADA's
@@ -21,8 +21,8 @@ from torch import nn
 
 from gan_dist.augment import ADA
 from gan_dist.config import LossConfig
-from gan_dist.losses import Augment, Backward, d_loss, frozen, g_loss, gradient_penalty, mode_seeking, overfitting, \
-    r1_penalty, topk_count, topk_weights
+from gan_dist.losses import Augment, Backward, Select, d_loss, frozen, g_loss, gradient_penalty, mode_seeking, \
+    overfitting, r1_penalty, topk_count, topk_weights
 from gan_dist.models import conditioned
 from gan_dist.optim import cosine
 
@@ -107,7 +107,7 @@ class GANObjective:
             self.augment.observe(out["rt"])
         return out
 
-    def _select(self, n: int, schedule: Schedule) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def _select(self, n: int, schedule: Schedule) -> Select | None:
         """Top-k G updates: the k best-scored of the world x `n` samples of every rank keep their weight."""
         if self.cfg.topk_gamma == 1:
             return None

@@ -1,5 +1,5 @@
 """Tests for exports that explain themselves and the Hugging Face Hub side: `Generator.save_pretrained` /
-`from_pretrained`, `checkpoint.export_final`'s config.json and metadata, `gan_dist.load_generator`, and
+`from_pretrained`, `export.export_final`'s config.json and metadata, `gan_dist.load_generator`, and
 scripts/push_to_hub.py. Offline (the Hub is put in offline mode), on tiny networks, in a few seconds.
 
 Covers: save_pretrained -> from_pretrained giving the same samples for the same noise (and labels), with the class,
