@@ -73,8 +73,9 @@ def open_source(cfg: DataConfig) -> Source:
     if not urls:
         raise UserError("data.shards is empty; set it to shard URLs, e.g. data.shards=/data/train-{00000..00009}.tar")
     check_local(urls)
-    # A stale offset index stops the run here, before training, rather than in the one rank that meets it.
-    for url in (u for u in urls if not is_remote(u)):
+    # With data.on_error=raise, a stale offset index stops the run here, before training, rather than in the one
+    # rank that meets it; with warn, the shard's reader streams it without its index.
+    for url in (u for u in urls if not is_remote(u) and cfg.on_error == "raise"):
         try:
             read_index(url.removeprefix("file:"))
         except ShardError as err:

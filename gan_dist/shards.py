@@ -352,6 +352,7 @@ class ShardReader:
         self.timeout_s, self.min_rate_kbs, self.index = timeout_s, min_rate_kbs, index
         self.skipped = 0
         self.indexes: dict[str, list | None] = {}  # url -> its samples' offsets (None: no index, streamed)
+        self.stale: dict[str, str] = {}  # url -> why its offset index was not used (data.on_error=warn), not yet said
 
     def warn(self, what: str, lost: int) -> None:
         if self.on_error == "raise":
@@ -363,16 +364,32 @@ class ShardReader:
         self.skipped += lost
 
     def indexed(self, url: str) -> list | None:
-        """A local shard's samples from its offset index (checked against the shard once per run), or None."""
+        """A local shard's samples from its offset index (checked against the shard once per run), or None. An
+        index that is malformed or no longer matches its shard stops the run with data.on_error=raise; with warn,
+        the shard is streamed without it, as a shard without an index is, and `read` says so once."""
         if is_remote(url):
             return None
         if url not in self.indexes:
             try:
                 members = self.index(url.removeprefix("file:"))
             except ShardError as err:
-                raise FatalDataError(str(err)) from None
+                if self.on_error == "raise":
+                    raise FatalDataError(str(err)) from None
+                self.stale[url], members = err.reason, None
             self.indexes[url] = None if members is None else index_samples(members)
         return self.indexes[url]
+
+    def _unindexed(self, url: str, fault: str | None) -> str | None:
+        """`fault` of a shard read without its stale index, with why (said once: the warning of its first fault,
+        or a warning of its own when its read ends without one)."""
+        reason = self.stale.pop(url, None)
+        if reason is None:
+            return fault
+        note = f"streamed without its offset index, which it no longer matches: {reason}"
+        if fault is None:
+            _say(f"warning: rank {self.rank}: shard {url}: {note}")
+            return None
+        return f"{fault}; {note}"
 
     def read(self, url: str, first: int, end: int | None, expected: int | None,
              keep: list[int] | None = None) -> Generator[dict, None, Read]:
@@ -411,13 +428,14 @@ class ShardReader:
             if err.key is None and is_remote(url) and first == 0:
                 raise FatalDataError(f"shard {url}: nothing could be read ({err.reason}); check data.shards "
                                      f"(and data.timeout_s for a slow source)") from None
-            return Read(got, str(err), 0)
+            return Read(got, self._unindexed(url, str(err)), 0)
         finally:
             try:
                 stream.close()
             except OSError:
                 pass  # a pipe: command closed early by us exits on SIGPIPE
-        return Read(got, *_mismatch(url, seen, expected, end))
+        fault, extra = _mismatch(url, seen, expected, end)
+        return Read(got, self._unindexed(url, fault), extra)
 
     def shard(self, url: str, expected: int | None, loud: Callable[[], bool] = lambda: True) -> Iterator[dict]:
         """Every sample of one shard in order; the samples a fault loses are skipped and counted when `loud()`."""

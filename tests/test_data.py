@@ -503,13 +503,55 @@ def rewrite_first_key(path: str) -> None:
     (lambda url: index_file(url).write_text(json.dumps({"format": "gan-dist-index/1", "size": 1, "members": [
         ["sample_00000.png", 512, 10**9]]})), r"its index train-00000.tar.idx is unreadable or malformed")],
     ids=["truncated shard", "rewritten shard", "torn index", "index of another size", "offsets past the end"])
-def test_a_stale_or_damaged_index_stops_the_run_naming_the_shard(tmp_path, damage, message):
+def test_a_stale_or_damaged_index_stops_the_run_naming_the_shard_with_on_error_raise(tmp_path, damage, message):
     urls, _ = indexed_shards(tmp_path, "png", count=1)
     damage(urls[0])
-    b = shard_batches(Source(urls, [12]), cfg(), BATCH, seed=0, rank=0, world=1)
+    with pytest.raises(UserError, match=f"shard {urls[0]}: {message}.*rebuild it with scripts/make_shards.py "
+                                        f"--index {Path(urls[0]).parent}"):
+        open_source(cfg(shards=urls[0], on_error="raise"))
+    b = shard_batches(Source(urls, [12]), cfg(on_error="raise"), BATCH, seed=0, rank=0, world=1)
     with pytest.raises(UserError, match=f"shard {urls[0]}: {message}.*rebuild it with scripts/make_shards.py "
                                         f"--index {Path(urls[0]).parent}"):
         next(b)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_shard_with_a_stale_index_is_streamed_and_its_loss_counted_under_warn(tmp_path, capfd, workers):
+    """data.on_error=warn (the default): the shard is read as its index's message advises, streamed without it;
+    its intact head is trained on, its lost tail counted, and one warning names it with the count."""
+    urls, copies = indexed_shards(tmp_path, "png")
+    for url in (urls[2], copies[2]):
+        truncate(Path(url), 0.5)
+    source = open_source(cfg(shards="::".join(urls), mode="resampled"))  # no stop before training either
+    stale, streamed = (shard_batches(Source(u, [12] * 4), cfg(num_workers=workers), BATCH, seed=0, rank=0, world=1)
+                       for u in (urls, copies))
+    assert source.urls == urls
+    for _ in range(12):  # the whole first epoch and into the second: the same batches as the index-less copies
+        (x, y), (x2, y2) = next(stale), next(streamed)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert 0 < stale.skipped == streamed.skipped < 12
+    said = [line for line in capfd.readouterr().err.splitlines() if urls[2] in line]
+    assert len(said) == 1 and said[0].startswith("[gan-dist] warning: rank 0: shard ") and \
+        f"skipped {stale.skipped} sample(s)" in said[0], said
+    assert "streamed without its offset index, which it no longer matches: has " in said[0]
+    assert "the shard changed after it was indexed" in said[0]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda url: index_file(url).write_text("{"),
+    lambda url: index_file(url).write_text(json.dumps(json.loads(index_file(url).read_text()) | {"size": 10**6}))],
+    ids=["torn index", "index of another size"])
+def test_an_intact_shard_with_a_stale_index_loses_nothing_under_warn(tmp_path, capsys, damage):
+    urls, copies = indexed_shards(tmp_path, "png", count=2)
+    damage(urls[0])
+    stale, streamed = (shard_batches(Source(u, [12] * 2), cfg(), BATCH, seed=0, rank=0, world=1)
+                       for u in (urls, copies))
+    for _ in range(6):
+        (x, y), (x2, y2) = next(stale), next(streamed)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert stale.skipped == 0
+    (said,) = [line for line in capsys.readouterr().err.splitlines() if urls[0] in line]
+    assert "streamed without its offset index, which it no longer matches" in said and "skipped" not in said
 
 
 # ----------------------------------------------------------------------------------------------------------------
