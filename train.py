@@ -8,10 +8,12 @@ import os
 import sys
 
 from gan_dist.config import load_config
+from gan_dist.console import observe_console
 from gan_dist.errors import UserError
 
 
 def main() -> int:
+    observe_console()  # the console only observes: a closed pipe or a full disk under it never ends training
     try:
         cfg = load_config(sys.argv[1:])
         from gan_dist.loop import train  # imported late so that config errors come back without loading torch

@@ -74,7 +74,7 @@ def start_tracking(cfg: Config, accelerator: Accelerator, state: TrainState, bat
     on_main(accelerator, lambda: (write_config(cfg.run.dir, cfg), prepare_run_dir(cfg.run.dir, state.step,
                                                                                   info["command"])))
     config = to_dict(cfg) | info | {"micro_batch": batch, "mixed_precision": accelerator.mixed_precision}
-    tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, config,
+    tracker = Tracker(accelerator.is_main_process, cfg.wandb, cfg.run.dir, state.wandb_id, config, state.step,
                       centers=mixture_centers(cfg.data), classes=label_count(cfg.model))
     accelerator.print(f"training: world size {world} on {device.type} ({accelerator.distributed_type.value}), "
                       f"{batch} images per process per micro-step, global batch {cfg.train.batch_size}, "

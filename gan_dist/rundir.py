@@ -4,10 +4,12 @@ config, command and metrics rows (checkpoint.py writes the checkpoints, export.p
     config.yaml                   the run's config, every value resolved but those read from the environment
     command.json                  the command that started the run (`provenance.launch_command`), written once
     metrics.jsonl                 one JSON row per log, each with its `train/step`
+    console.log                   what the console would have shown after it was lost (console.py), if it was
     samples/<key>_<step>.png      the sample grids (`samples_ema_00001000.png`)
     checkpoints/step_<step>/      the checkpoints (checkpoint.py), complete once their meta.json is written
     final/, best/                 the exports (export.py): the end of training, the best evaluation so far
     wandb/                        W&B's own files
+    wandb_gaps.json               the steps W&B missed when it failed and the run went on (tracking.py)
 
 Steps in names have at least 8 digits (`{step:08d}`), more past step 1e8. A run killed mid-write can leave a torn
 last line in metrics.jsonl: readers here skip it, and `prepare_run_dir` removes it when the run resumes. This module
@@ -51,6 +53,10 @@ def command_file(run_dir: str | Path) -> Path:
 
 def metrics_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / METRICS
+
+
+def console_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "console.log"
 
 
 def samples_dir(run_dir: str | Path) -> Path:
@@ -189,6 +195,31 @@ def prepare_run_dir(run_dir: str | Path, step: int, command: dict | None = None)
     samples_dir(run_dir).mkdir(exist_ok=True)
     if command is not None and not command_file(run_dir).exists():
         write_atomic(command_file(run_dir), (json.dumps(command, indent=1) + "\n").encode())
+
+
+# ---------------------------------------------------------------- W&B's gaps
+
+
+def wandb_gaps_file(run_dir: str | Path) -> Path:
+    """Beside W&B's folder, not in it: W&B's files may be what filled their disk."""
+    return Path(run_dir) / "wandb_gaps.json"
+
+
+def read_wandb_gaps(run_dir: str | Path) -> tuple[int | None, list[list[int]]]:
+    """The step from which W&B has been off (None while it records the run), and the earlier gaps, [first, last]
+    step each, that it has since been told of. A missing or unreadable file reads as no gap."""
+    try:
+        data = json.loads(wandb_gaps_file(run_dir).read_bytes())
+        off, gaps = data["off_since"], data["gaps"]
+        if (off is None or type(off) is int) and all(len(g) == 2 and all(type(s) is int for s in g) for g in gaps):
+            return off, [list(g) for g in gaps]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None, []
+
+
+def write_wandb_gaps(run_dir: str | Path, off_since: int | None, gaps: list[list[int]]) -> None:
+    write_atomic(wandb_gaps_file(run_dir), json.dumps({"off_since": off_since, "gaps": gaps}).encode())
 
 
 # ---------------------------------------------------------------- checkpoints and exports

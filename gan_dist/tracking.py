@@ -2,11 +2,15 @@
 histograms; and the `Meter` that sums each log interval's metrics on every rank. Where those files lie, and the
 metrics rows' format, are rundir.py's.
 
-Other ranks get a tracker whose calls do nothing, so the loop calls it unconditionally. W&B never crashes a run:
-without an API key or a network it falls back to offline and says how to sync later. A resumed run reuses the
-W&B id stored in its checkpoint, and `metrics.jsonl` is cut back to the resumed step, so both read as one run. A
-metrics line or grid that cannot be written (a full or read-only disk) is not raised where main alone would stop:
-`failed` holds the error line, and the loop's next stop vote ends every rank with it.
+Other ranks get a tracker whose calls do nothing, so the loop calls it unconditionally. W&B only observes the run
+and never ends it: without an API key or a network it falls back to offline and says how to sync later, and any
+failure of W&B after that (a dead service process, a full disk under its media files, the network) turns W&B off
+for the rest of the process with one warning, while the run goes on. No collective depends on W&B, so every rank
+goes on alike. The steps W&B missed are kept in the run's wandb_gaps.json; a later job of the run that brings W&B
+back logs their rows from metrics.jsonl and notes the gap in the W&B summary. A resumed run reuses the W&B id
+stored in its checkpoint, and `metrics.jsonl` is cut back to the resumed step, so both read as one run. A metrics
+line or grid that cannot be written (a full or read-only disk) is not raised where main alone would stop: `failed`
+holds the error line, and the loop's next stop vote ends every rank with it.
 """
 
 from __future__ import annotations
@@ -22,20 +26,23 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from tqdm import tqdm
 
 from gan_dist.config import WandbConfig
+from gan_dist.console import keep_in
 from gan_dist.distributed import sync_buffers
 from gan_dist.files import write_failure
 from gan_dist.metric_names import METRICS
 from gan_dist.models import conditioned, eval_mode
-from gan_dist.rundir import append_metrics, metrics_file, sample_file, wandb_dir
+from gan_dist.rundir import append_metrics, console_file, metrics_file, read_metrics, read_wandb_gaps, sample_file, \
+    wandb_dir, write_wandb_gaps
 from gan_dist.viz import fixed_noise_grid
 
 T = TypeVar("T")
 
 
 def _say(msg: str) -> None:
-    print(f"[gan-dist] {msg}", file=sys.stderr, flush=True)
+    tqdm.write(f"[gan-dist] {msg}", file=sys.stderr)  # on a line of its own, below the progress bar
 
 
 def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
@@ -49,7 +56,7 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
     try:
         run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off", quiet=True,
                                                             finish_timeout=cfg.finish_timeout_s), **kwargs)
-    except Exception as err:  # no API key, no network, W&B down: the run matters more than the dashboard
+    except Exception as err:  # no API key, no network, W&B down: the dashboard can wait for `wandb sync`
         if mode != "online":
             raise
         _say(f"W&B online init failed ({type(err).__name__}: {str(err).splitlines()[0]}); logging offline")
@@ -75,30 +82,104 @@ def d_histograms(G: torch.nn.Module, D: torch.nn.Module, real: torch.Tensor, z: 
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
+def _why(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}".rstrip(": ")
+
+
+def _close_wandb(run) -> BaseException | None:
+    """Finish `run` (if W&B started one) and shut W&B's service connection down, so that no exit hook of W&B's
+    meets a dead service; returns the first error, raised by none."""
+    import wandb
+
+    error = None
+    for close in ([run.finish] if run is not None else []) + [wandb.teardown]:
+        try:
+            close()
+        except (Exception, SystemExit) as err:  # W&B's teardown exits with its service's non-zero status
+            error = error or err
+    return error
+
+
 class Tracker:
-    def __init__(self, is_main: bool, cfg: WandbConfig, run_dir: str | Path, run_id: str, config: dict,
+    def __init__(self, is_main: bool, cfg: WandbConfig, run_dir: str | Path, run_id: str, config: dict, step: int,
                  centers: np.ndarray | None = None, classes: int = 0) -> None:
         self.is_main = is_main
         self.centers = centers  # 2-D data: the mixture's modes, drawn under the scatter plots
         self.classes = classes  # a conditional run: grids have one column per class
         self.run_dir = Path(run_dir)
         self.run = None
+        self.step = step  # the step logged last: where a failure of W&B is placed
         self.finish_timeout_s = cfg.finish_timeout_s
         self.stalled = False  # W&B's finish did not return in time: the process must not wait for it at exit
         self.failed: str | None = None  # main: why a metrics line or grid could not be written
         if not is_main:
             return
         self.jsonl = metrics_file(self.run_dir)
+        keep_in(console_file(self.run_dir))
         if cfg.mode != "disabled":
-            self.run = _init_wandb(cfg, self.run_dir, run_id, config)
+            try:
+                self.run = _init_wandb(cfg, self.run_dir, run_id, config)
+                self._close_gap()
+            except Exception as err:
+                self._lose("starting", err, run_id)
+
+    def _close_gap(self) -> None:
+        """W&B is back after steps it missed: log their rows from metrics.jsonl (their grids are in samples/ alone)
+        and note every gap so far in the run's summary. A job resumed from before W&B failed missed nothing."""
+        off, gaps = read_wandb_gaps(self.run_dir)
+        if off is None:
+            return
+        if self.step > off:
+            gaps.append([off, self.step])
+            for row in read_metrics(self.run_dir):
+                if off <= row.get("train/step", -1) <= self.step:  # the row logged as W&B failed, too
+                    self.run.log(row)
+            self.run.summary.update({"wandb/gaps": gaps, "wandb/gap_steps": sum(b - a for a, b in gaps)})
+            _say(f"W&B is back; it missed steps {off} to {self.step}: their metrics rows are logged now from "
+                 f"metrics.jsonl, their grids are in {self.run_dir / 'samples'}")
+        write_wandb_gaps(self.run_dir, None, gaps)
+
+    def _lose(self, what: str, err: BaseException, run_id: str | None = None) -> None:
+        """W&B failed: off for the rest of this process, with one warning; the steps from here on are a gap."""
+        run, self.run = self.run, None
+        run_id = run_id or run.id
+        _say(f"warning: W&B failed {what} at step {self.step} ({_why(err)}); W&B is off for the rest of this job, "
+             f"and training goes on. metrics.jsonl, the grids in {self.run_dir / 'samples'} and the checkpoints "
+             f"still record the run; rerunning (or requeuing) the same command resumes W&B run {run_id} and logs "
+             "the rows it missed")
+        try:
+            off, gaps = read_wandb_gaps(self.run_dir)
+            write_wandb_gaps(self.run_dir, self.step if off is None else off, gaps)
+        except OSError:
+            pass  # a full disk: the next job then notes no gap, and metrics.jsonl still has the rows
+        self._close(run)
+
+    def _close(self, run) -> BaseException | None:
+        """Close `run` within wandb.finish_timeout_s (a preempted job must requeue within its grace period); one
+        that hangs is left behind in its thread (`stalled`), and the process must not wait for it at exit."""
+        result: list[BaseException | None] = []
+        done = threading.Thread(target=lambda: result.append(_close_wandb(run)), name="wandb-finish", daemon=True)
+        done.start()
+        done.join(self.finish_timeout_s + 5)
+        self.stalled = self.stalled or done.is_alive()
+        return result[0] if result else None
+
+    def _wandb(self, what: str, call: Callable[[], object]) -> None:
+        """One call into W&B, unless it is off; its failure turns it off (`_lose`)."""
+        if self.run is None:
+            return
+        try:
+            call()
+        except Exception as err:
+            self._lose(what, err)
 
     def log(self, metrics: dict[str, float]) -> None:
         """One row; `metrics` must hold 'train/step'."""
         if not self.is_main:
             return
+        self.step = metrics["train/step"]
         self._write(self.jsonl, lambda: append_metrics(self.run_dir, metrics))
-        if self.run is not None:
-            self.run.log(metrics)
+        self._wandb("logging metrics", lambda: self.run.log(metrics))
 
     def _write(self, path: Path, write: Callable[[], object]) -> None:
         """`write()` a file at `path`, unless a write has already failed; a failure is kept in `failed`."""
@@ -114,19 +195,25 @@ class Tracker:
         """Log an HxWx3 uint8 picture under `key` and keep it as samples/<key>_<step>.png."""
         if not self.is_main:
             return
+        self.step = step
         path = sample_file(self.run_dir, key, step)
         self._write(path, lambda: Image.fromarray(image).save(path))
-        if self.run is not None:
+
+        def log() -> None:
             import wandb
 
             self.run.log({key: wandb.Image(image), "train/step": step})
 
+        self._wandb(f"logging {key}", log)
+
     def log_histograms(self, values: dict[str, np.ndarray], step: int) -> None:
         """Histograms (W&B only), e.g. D's outputs on real and fake samples."""
-        if self.run is not None:
+        def log() -> None:
             import wandb
 
             self.run.log({k: wandb.Histogram(v) for k, v in values.items()} | {"train/step": step})
+
+        self._wandb("logging histograms", log)
 
     def log_samples(self, step: int, G_ema: torch.nn.Module, G: torch.nn.Module, D: torch.nn.Module,
                     z: torch.Tensor, c: torch.Tensor | None, real: torch.Tensor, c_real: torch.Tensor | None) -> None:
@@ -141,18 +228,18 @@ class Tracker:
         self.log_histograms(d_histograms(G, D, real, z, c_real, c), step)
 
     def finish(self) -> None:
-        """Close the W&B run within wandb.finish_timeout_s (a preempted job must requeue within its grace period).
-        W&B gives up its uploads after that long itself; a finish that hangs anyway is left behind in its thread
-        (`stalled`). What is not uploaded stays in the local run files, for `wandb sync`."""
+        """Close the W&B run. W&B gives up its uploads after wandb.finish_timeout_s itself; what is not uploaded
+        stays in the local run files, for `wandb sync`."""
         if self.run is None:
             return
-        done = threading.Thread(target=self.run.finish, name="wandb-finish", daemon=True)
-        done.start()
-        done.join(self.finish_timeout_s + 5)
-        if done.is_alive():
-            self.stalled = True
+        run, self.run = self.run, None
+        error = self._close(run)
+        if self.stalled:
             _say(f"W&B did not finish within wandb.finish_timeout_s={self.finish_timeout_s:g} s; the run's data is "
                  f"in {wandb_dir(self.run_dir)}: upload the rest with `wandb sync` on that folder")
+        elif error is not None:
+            _say(f"warning: W&B failed finishing its run at step {self.step} ({_why(error)}); the run is complete, "
+                 f"its W&B files are in {wandb_dir(self.run_dir)}")
 
 
 class Meter:

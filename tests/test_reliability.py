@@ -208,7 +208,7 @@ QUOTA = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
 
 def test_a_quota_on_metrics_lines_and_grids_is_kept_for_the_stop_vote(tmp_path, monkeypatch):
-    tracker = Tracker(True, WandbConfig(mode="disabled"), tmp_path, "id", {})
+    tracker = Tracker(True, WandbConfig(mode="disabled"), tmp_path, "id", {}, 0)
     tracker.log({"train/step": 1})
 
     def over_quota(*args):

@@ -61,3 +61,12 @@ def config(path: str | Path) -> dict:
         items = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
         out |= {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in items}
     return out
+
+
+def summary(path: str | Path) -> dict:
+    """The run summary as {key: decoded JSON value} (later updates win)."""
+    out = {}
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "summary":
+            out |= {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in rec.summary.update}
+    return out
