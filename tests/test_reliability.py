@@ -176,12 +176,12 @@ def assert_intact(run: Path) -> None:
 @pytest.mark.parametrize("nproc, interval, fails", [
     (1, "log.sample_every=100000", r"a checkpoint in \S+/run/checkpoints"),
     # A grid every step: the first write after the disk fills is a grid of main's, whatever the machine's load.
-    pytest.param(2, "log.sample_every=1", r"\S+/run/samples/samples_ema_\d{8}.png", marks=pytest.mark.slow)])
+    pytest.param(2, "log.sample_every=1", r"\S+/run/samples/samples_(ema|G)_\d{8}.png", marks=pytest.mark.slow)])
 def test_a_full_disk_ends_the_run_with_one_line_naming_what_failed(tmp_path, shards, nproc, interval, fails):
     """Without the handling, a full disk ended in safetensors' and PIL's tracebacks (and on 2 processes left the
-    other rank waiting)."""
-    output, status, run = on_small_disk(tmp_path, shards, nproc, "fill", interval)
-    assert status != 0 and "Traceback" not in output
+    other rank waiting). W&B (offline, its files on the same disk) adds at most a warning."""
+    output, status, run = on_small_disk(tmp_path, shards, nproc, "fill", interval, "wandb.mode=offline")
+    assert status != 0 and "Traceback" not in output and output.count("warning: W&B failed") <= 1
     (line,) = errors(output)
     assert re.fullmatch(f"error: cannot write {fails} \\(No space left on device\\); the checkpoints before it are "
                         "intact. Free space or fix the folder, then rerun the same command to resume", line), line
