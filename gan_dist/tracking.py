@@ -238,8 +238,8 @@ class Tracker:
             _say(f"W&B did not finish within wandb.finish_timeout_s={self.finish_timeout_s:g} s; the run's data is "
                  f"in {wandb_dir(self.run_dir)}: upload the rest with `wandb sync` on that folder")
         elif error is not None:
-            _say(f"warning: W&B failed finishing its run at step {self.step} ({_why(error)}); the run is complete, "
-                 f"its W&B files are in {wandb_dir(self.run_dir)}")
+            _say(f"warning: W&B failed finishing its run at step {self.step} ({_why(error)}); the run's own files "
+                 f"are all written, W&B's are in {wandb_dir(self.run_dir)}")
 
 
 class Meter:
