@@ -233,6 +233,12 @@ class ShardBatches:
         """(workers, 3) int64: each logical worker's [chunk, taken, skipped] after the last batch handed out."""
         return torch.tensor(self.positions, dtype=torch.int64)
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now (closing the loader's generator ends its DataLoader iterator,
+        which shuts its workers down), not whenever the last reference goes: at interpreter exit that shutdown is
+        skipped, and multiprocessing's SIGTERM to the workers is ignored (`ignore_in_worker`)."""
+        self.loader.close()
+
     @property
     def skipped(self) -> int:
         return sum(p[2] for p in self.positions)
@@ -444,6 +450,12 @@ class DeviceBatches:
             self.ahead = self._fetch(), self.batches.state()
         self.taken += 1
         return batch
+
+    def close(self) -> None:
+        """End the source's loader workers, if it has any (a second call does nothing)."""
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
 
     def positions(self) -> torch.Tensor:
         """(rows, 3) int64: the source's positions after the last batch handed out."""

@@ -99,9 +99,31 @@ class StopVote:
         return votes.numpy()  # a host tensor: .numpy() refuses a device one, so this can never sync
 
     def close(self) -> None:
-        for vote in self.pending:
-            self._wait(*vote)
-        self.pending = []
+        """Wait for the votes still in flight, then end the vote's group and let go of it, which joins its gloo
+        threads while the interpreter is whole. A gloo thread that drops a finished vote's tensor once Python has
+        begun to finalize must take the GIL there and is ended inside a destructor: std::terminate ("terminate
+        called without an active exception"), and the rank dies of SIGABRT. Every rank votes at the same steps, so
+        a vote in flight is one every rank has sent. A second call does nothing."""
+        pending, self.pending = self.pending, []
+        try:
+            for vote in pending:
+                self._wait(*vote)
+        finally:
+            group, self.group = self.group, None
+            if group is not None and torch.distributed.is_initialized():  # else ended with the default group
+                torch.distributed.destroy_process_group(group)
+
+    def __enter__(self) -> StopVote:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        """On an error, the votes in flight are waited for too, and a failure there (a rank gone) is dropped: the
+        error that ended the run is the one to report."""
+        try:
+            self.close()
+        except Exception:
+            if kind is None:
+                raise
 
 
 def make_accelerator(cfg: Config, launch: Launch) -> Accelerator:

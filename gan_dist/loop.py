@@ -124,6 +124,9 @@ def train(cfg: Config) -> bool:
     with StopFlag() as flag, ExitStack() as cleanup:
         launch = resolve_launch(cfg.train, cfg.perf)
         accelerator = make_accelerator(cfg, launch)
+        # Last on every way out (an error, a complete run, a stop): no process group is left for the interpreter's
+        # exit, where a gloo thread finishing a collective aborts the process (see StopVote.close).
+        cleanup.callback(accelerator.end_training)
         accelerator.print(describe_launch(launch, accelerator))
         warning = thread_warning(accelerator.device, accelerator.num_processes)
         if warning and accelerator.is_local_main_process:
@@ -276,12 +279,13 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     # at its saved position either way. Evaluation needs the MNIST classifier, which each node's main process
     # trains on first use while the other ranks wait.
     batches = open_data(cfg, accelerator, batch, saved, state.nimg)
+    cleanup.callback(lambda: batches.close())  # the loader's workers, also after an error (the newest `batches`)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed,
                                                                 label_count(cfg.model)))
     tracker = start_tracking(cfg, accelerator, state, batch)
     meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
     progress = cleanup.enter_context(progress_bar(cfg.train, state.step, is_main))
-    vote, stop, requeue_asked = StopVote(world, cfg.dist.timeout_s), False, False
+    vote, stop, requeue_asked = cleanup.enter_context(StopVote(world, cfg.dist.timeout_s)), False, False
     train_step = TrainStep(cfg, accelerator, trained)
     while state.step < cfg.train.steps:
         last = train_step(state, batches, meter)
@@ -332,6 +336,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     # A grid or metrics line of the last step unwritten, or a data fault in its batches.
     vote.poll(flag, lease, cfg.run.dir, True, tracker.failed or batches.failed)
     vote.close()
+    batches.close()
     progress.close()
     stalled = finish(cfg, accelerator, trained, state, tracker, (flag.name or "a signal to a peer rank") if stop
                      else None)
