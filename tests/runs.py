@@ -36,7 +36,7 @@ MNIST = _mnist()
 WEIGHTS = ("generator", "generator_ema", "discriminator")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +56,7 @@ def launch(run_dir: Path, shards: Path, nproc: int, *overrides: str, background:
         # --quiet: a failing run ends with its own error lines, not also the launcher's traceback.
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
                "--mixed_precision", precision or "no", "--dynamo_backend", "no", "--main_process_port",
-               str(_free_port()), "--num_processes", str(nproc)] + (["--multi_gpu"] if nproc > 1 else [])
+               str(free_port()), "--num_processes", str(nproc)] + (["--multi_gpu"] if nproc > 1 else [])
     cmd = [*wrap, *cmd, *script, "--config", config, f"run.dir={run_dir}", f"data.cache_dir={shards}",
            f"data.mnist_dir={MNIST}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true") | (env or {})

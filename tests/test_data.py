@@ -840,30 +840,39 @@ def stamped(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", ["device_cache", "loader"])
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_resumed_on_another_world_size_draws_each_sample_of_its_epoch_once(tmp_path, shards, stamped, path,
-                                                                                 before, after):
-    """A real run on 640 samples (20 steps of 32 per epoch), stopped after 10 steps on `before` processes and
-    continued on `after`: counted by each sample's pixels, the epoch holds every sample once, as the same steps of
-    one unbroken run do. The device cache (data.limit=640 of MNIST) and the loader (2 workers per process)."""
+@pytest.fixture(scope="module")
+def drawn(shards, stamped, tmp_path_factory):
+    """`drawn(path, *stages)`: the samples a real run on 640 samples (20 steps of 32 per epoch) draws, counted by
+    their pixels, and what it says, as (processes, steps to train to) stages; each unbroken run once per module.
+    The device cache (data.limit=640 of MNIST) or the loader (2 workers per process)."""
     from runs import launch  # noqa: PLC0415
-    data_args = ("data.limit=640",) if path == "device_cache" else (
-        "data.dataset=webdataset", f"data.shards={stamped}", "data.device_cache=false", "data.num_workers=2",
-        "data.shuffle_buffer=100")
+    done = {}
 
-    def run(name: str, *stages: tuple[int, int]) -> tuple[Counter, str]:
-        out = tmp_path / name
-        out.mkdir()
+    def run(path: str, *stages: tuple[int, int]) -> tuple[Counter, str]:
+        if (path, stages) in done:
+            return done[path, stages]
+        data_args = ("data.limit=640",) if path == "device_cache" else (
+            "data.dataset=webdataset", f"data.shards={stamped}", "data.device_cache=false", "data.num_workers=2",
+            "data.shuffle_buffer=100")
+        out = tmp_path_factory.mktemp("drawn")
         said = ""
         for nproc, steps in stages:
             said += launch(out / "run", shards, nproc, *data_args, f"train.steps={steps}", "ckpt.every=10",
                            "eval.every=0", "wandb.mode=disabled", script=("tests/record_batches.py", str(out)))
-        return Counter(line for f in out.glob("rank*.txt") for line in f.read_text().split()), said
+        done[path, stages] = Counter(line for f in out.glob("rank*.txt") for line in f.read_text().split()), said
+        return done[path, stages]
 
-    (drawn, said), (unbroken, _) = run("resized", (before, 10), (after, 20)), run("unbroken", (1, 20))
-    assert sum(drawn.values()) == 640 and len(drawn) == 640 and drawn == unbroken, "every sample once"
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["device_cache", "loader"])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumed_on_another_world_size_draws_each_sample_of_its_epoch_once(drawn, path, before, after):
+    """Stopped after 10 steps on `before` processes and continued on `after`: the epoch holds every sample once, as
+    the same steps of one unbroken run do."""
+    (resized, said), (unbroken, _) = drawn(path, (before, 10), (after, 20)), drawn(path, (1, 20))
+    assert sum(resized.values()) == 640 and len(resized) == 640 and resized == unbroken, "every sample once"
     assert "continuing at sample 320 of epoch 0 with world size" in said and "restarting" not in said
 
 

@@ -27,14 +27,14 @@ import torch
 from safetensors.torch import load_file
 
 from ddp_losses import CASES
-from runs import REPO, _free_port
+from runs import REPO, free_port
 
 
 def two_processes(script: str, out: Path) -> Path:
     """`script OUT` under the real `accelerate launch` with 2 CPU processes; OUT, once it exited cleanly."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), script, str(out)]
+           "--main_process_port", str(free_port()), script, str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

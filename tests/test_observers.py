@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from gan_dist.config import WandbConfig
+from gan_dist.rundir import read_wandb_gaps, write_wandb_gaps
+from gan_dist.tracking import Tracker
+
 from runs import MNIST, REPO, assert_same_weights, jsonl, launch, weights, without_timing
 from test_reliability import SMALL_DISK, needs_namespaces
 from wandb_records import history, summary
@@ -157,3 +161,40 @@ def test_stdout_and_stderr_on_a_full_disk_do_not_end_the_run(tmp_path, shards, u
     assert "Traceback" not in log and f"done: step 20, 0.6 kimg; final weights in {run / 'final'}" in log
     notes = re.findall(r"(stdout|stderr) could not be written \(OSError: No space left on device\)", log)
     assert sorted(notes) == ["stderr", "stdout"]
+
+
+class FakeRun:
+    """What the tracker uses of a W&B run, recording it."""
+
+    id = "abc"
+
+    def __init__(self) -> None:
+        self.rows, self.summary = [], {}
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+
+@pytest.mark.parametrize("off_since, resumed, gap", [(30, 50, [30, 50]), (30, 20, None), (None, 50, None)])
+def test_a_gap_is_noted_only_for_steps_wandb_missed(tmp_path, monkeypatch, off_since, resumed, gap):
+    """W&B failed at step `off_since` (None: never) in an earlier job, and this job resumes at step `resumed`: a job
+    resumed from a checkpoint before the failure logs those steps again itself, so W&B missed nothing."""
+    run = FakeRun()
+    monkeypatch.setattr("gan_dist.tracking._init_wandb", lambda *args: run)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"train/step": s, "train/loss_d": s / 10}) + "\n"
+                                                    for s in range(10, 60, 10)))
+    write_wandb_gaps(tmp_path, off_since, [[5, 8]])
+    Tracker(True, WandbConfig(mode="offline"), tmp_path, "abc", {}, resumed)
+    if gap is None:
+        assert run.rows == [] and run.summary == {}
+        assert read_wandb_gaps(tmp_path) == (None, [[5, 8]])
+        return
+    assert [row["train/step"] for row in run.rows] == list(range(gap[0], gap[1] + 1, 10))
+    assert run.summary == {"wandb/gaps": [[5, 8], gap], "wandb/gap_steps": 3 + gap[1] - gap[0]}
+    assert read_wandb_gaps(tmp_path) == (None, [[5, 8], gap])
+
+
+def test_a_damaged_gap_record_reads_as_no_gap(tmp_path):
+    for text in ("{", '{"off_since": "x", "gaps": []}', '{"off_since": 3, "gaps": [[1]]}', "[]"):
+        (tmp_path / "wandb_gaps.json").write_text(text)
+        assert read_wandb_gaps(tmp_path) == (None, [])
