@@ -1,12 +1,14 @@
 """The console as an observer of the run: stdout and stderr that cannot be written (a closed pipe, `| head`, a `tee`
 that died, a full disk under a log file) never end training.
 
-`observe_console()` (train.py, first thing) puts a `Console` in front of each stream and ignores SIGPIPE (a closed
-pipe is an error of the write, never a stop signal). A stream's first failed write or flush points its file
+`observe_console()` (train.py, first thing) puts a `Console` in front of each stream, makes both line-buffered (a
+log shows each line as it is printed, and a failure meets the line that was being written) and ignores SIGPIPE (a
+closed pipe is an error of the write, never a stop signal). A stream's first failed write or flush points its file
 descriptor at /dev/null, so that nothing written to it later (by Python at exit, by C++ code, by a library holding
 the stream) fails again; from then on, what it would have shown goes to the run directory's `console.log` (the
 main process, once `keep_in` names the run directory; until then it is held in memory), which begins with a line
-saying when and why the console was lost. Writing `console.log` is best effort: a full run.dir is the tracker's
+saying when and why the console was lost and goes on with the text the stream did not take. Writing
+`console.log` is best effort: a full run.dir is the tracker's
 and the checkpoints' to report, as one error line. Nothing here touches torch.
 """
 
@@ -61,13 +63,19 @@ class Console:
     def __init__(self, stream: TextIO, name: str) -> None:
         self.stream, self.name = stream, name
         self.lost: str | None = None
+        self.unflushed = ""  # written since the stream last flushed: lost with its buffer if a flush fails
 
     def write(self, text: str) -> int:
         if self.lost is None:
             try:
-                return self.stream.write(text)
+                written = self.stream.write(text)
             except OSError as err:
                 self._lose(err)
+                LOG.write(self.unflushed + text)
+                return len(text)
+            # A line-buffered stream flushes at a line's end (or a carriage return: a progress bar's redraw).
+            self.unflushed = "" if "\n" in text or "\r" in text else (self.unflushed + text)[-HELD_MAX:]
+            return written
         LOG.write(text)
         return len(text)
 
@@ -75,8 +83,10 @@ class Console:
         if self.lost is None:
             try:
                 self.stream.flush()
+                self.unflushed = ""
             except OSError as err:
                 self._lose(err)
+                LOG.write(self.unflushed)
 
     def isatty(self) -> bool:
         return self.lost is None and self.stream.isatty()
@@ -100,12 +110,17 @@ class Console:
 
 
 def observe_console() -> None:
-    """Put a `Console` in front of stdout and stderr (once), and make SIGPIPE no stop signal."""
+    """Put a line-buffered `Console` in front of stdout and stderr (once), and make SIGPIPE no stop signal."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    if sys.stdout is not None and not isinstance(sys.stdout, Console):
-        sys.stdout = Console(sys.stdout, "stdout")
-    if sys.stderr is not None and not isinstance(sys.stderr, Console):
-        sys.stderr = Console(sys.stderr, "stderr")
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, Console):
+            continue
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, OSError, ValueError):
+            pass  # not a TextIOWrapper (a test's capture): its own buffering stays
+        setattr(sys, name, Console(stream, name))
 
 
 def keep_in(path: Path) -> None:

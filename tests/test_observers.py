@@ -132,7 +132,7 @@ def test_stdout_into_a_pipe_closed_early_and_sigpipe_do_not_end_the_run(tmp_path
     """`train.py | head -c 10`, and SIGPIPE at step 10: without the handling, BrokenPipeError and a traceback at
     the first print, before the run directory existed."""
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(train_command(run, shards, "tests/observe.py", "sigpipe", "10"), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert len(proc.stdout.read(10)) == 10
@@ -152,8 +152,8 @@ def test_stdout_and_stderr_on_a_full_disk_do_not_end_the_run(tmp_path, shards, u
     disk.mkdir()
     into_full = ["sh", "-c", 'exec "$@" >{DISK}/console.txt 2>&1', "sh"]
     done = subprocess.run([SMALL_DISK, "1m", "full-first", str(disk), *into_full, *train_command(run, shards)],
-                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
+                          cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {
+                              "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout + done.stderr == ""
     assert (disk / "console.txt").stat().st_size == 0, "nothing could be written there"
     assert_undisturbed(run, undisturbed(1))
