@@ -6,10 +6,10 @@ log shows each line as it is printed, and a failure meets the line that was bein
 closed pipe is an error of the write, never a stop signal). A stream's first failed write or flush points its file
 descriptor at /dev/null, so that nothing written to it later (by Python at exit, by C++ code, by a library holding
 the stream) fails again; from then on, what it would have shown goes to the run directory's `console.log` (the
-main process, once `keep_in` names the run directory; until then it is held in memory), which begins with a line
-saying when and why the console was lost and goes on with the text the stream did not take. Writing
-`console.log` is best effort: a full run.dir is the tracker's
-and the checkpoints' to report, as one error line. Nothing here touches torch.
+main process and its loader workers, once `keep_in` names it; until then it is held in memory; other ranks' is
+dropped), which begins with a line saying when and why the console was lost and goes on with the text the stream
+did not take. Writing `console.log` is best effort: a full run.dir is the tracker's and the checkpoints' to report,
+as one error line. Nothing here touches torch.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class _Log:
         except OSError:
             self.failed = True
 
-    def keep_in(self, path: Path) -> None:
-        self.path = path
-        if self.held:
+    def keep_in(self, path: Path | None) -> None:
+        self.path, self.failed = path, path is None
+        if self.held and path is not None:
             self.write("")
 
 
@@ -88,6 +88,10 @@ class Console:
                 self._lose(err)
                 LOG.write(self.unflushed)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def isatty(self) -> bool:
         return self.lost is None and self.stream.isatty()
 
@@ -106,12 +110,14 @@ class Console:
                   f"({self.lost}); training goes on, and what it would have shown follows here\n")
 
     def __getattr__(self, name: str):
+        if name == "stream":  # not set yet (a copy being made): no recursion through the line below
+            raise AttributeError(name)
         return getattr(self.stream, name)
 
 
 def observe_console() -> None:
     """Put a line-buffered `Console` in front of stdout and stderr (once), and make SIGPIPE no stop signal."""
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # CPython's own default, made sure of: a parent may have changed it
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is None or isinstance(stream, Console):
@@ -123,6 +129,7 @@ def observe_console() -> None:
         setattr(sys, name, Console(stream, name))
 
 
-def keep_in(path: Path) -> None:
-    """The main process: what a lost console would have shown goes to `path` (the run's console.log) from now on."""
+def keep_in(path: Path | None) -> None:
+    """The main process, once it holds the run directory: what a lost console would have shown goes to `path` (the
+    run's console.log) from now on; None when the directory is another run's."""
     LOG.keep_in(path)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from gan_dist.augment import build_augment
 from gan_dist.checkpoint import Checkpointer, Resume, TrainState, choose_resume
 from gan_dist.config import Config, TrainConfig, resolve_launch, to_dict
+from gan_dist.console import keep_in
 from gan_dist.data import DataState, DeviceBatches, open_batches
 from gan_dist.distributed import StopVote, describe_launch, local_main_first, make_accelerator, on_main, step_marker, \
     sync_buffers, thread_warning
@@ -39,7 +40,7 @@ from gan_dist.objective import ENDLESS_EPOCH, GANObjective, Schedule
 from gan_dist.optim import lr_factor, make_optimizers, schedule_progress, set_lr
 from gan_dist.points import mixture_centers
 from gan_dist.provenance import run_info
-from gan_dist.rundir import prepare_run_dir, write_config
+from gan_dist.rundir import console_file, prepare_run_dir, write_config
 from gan_dist.signals import StopFlag, requeue_or_rerun
 from gan_dist.tracking import Meter, Tracker
 from gan_dist.trained import Trained
@@ -58,6 +59,7 @@ def micro_batch(cfg: TrainConfig, world: int) -> int:
 def open_run(cfg: Config, lease: RunLease, say: Callable[[str], None]) -> Resume:
     """Main process: take the run.dir's lease before anything there is read, then choose where to resume."""
     lease.acquire()
+    keep_in(console_file(cfg.run.dir))  # what a lost console would have shown, from here on
     resume = choose_resume(cfg.run.dir, cfg.ckpt.resume, say)
     final = Path(cfg.run.dir) / "final"
     if resume.path is not None and resume.step >= cfg.train.steps and final.is_dir():
@@ -142,6 +144,8 @@ def train(cfg: Config) -> bool:
         finally:
             if lease is not None:
                 lease.release()
+                if lease.lost:
+                    keep_in(None)  # the run.dir is another run's now: its console.log too
         # Requeue last, once everything is written and the lease is free: SLURM cancels the job's processes at once.
         if outcome.stopped and accelerator.is_main_process:
             print(requeue_or_rerun(outcome.requeue and cfg.dist.requeue), flush=True)
@@ -282,7 +286,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     cleanup.callback(lambda: batches.close())  # the loader's workers, also after an error (the newest `batches`)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed,
                                                                 label_count(cfg.model)))
-    tracker = start_tracking(cfg, accelerator, state, batch)
+    tracker = cleanup.enter_context(start_tracking(cfg, accelerator, state, batch))
     meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
     progress = cleanup.enter_context(progress_bar(cfg.train, state.step, is_main))
     vote, stop, requeue_asked = cleanup.enter_context(StopVote(world, cfg.dist.timeout_s)), False, False

@@ -385,7 +385,7 @@ class ShardReader:
         reason = self.stale.pop(url, None)
         if reason is None:
             return fault
-        note = f"streamed without its offset index, which it no longer matches: {reason}"
+        note = f"streamed without its offset index ({reason})"
         if fault is None:
             _say(f"warning: rank {self.rank}: shard {url}: {note}")
             return None

@@ -6,11 +6,12 @@ Other ranks get a tracker whose calls do nothing, so the loop calls it unconditi
 and never ends it: without an API key or a network it falls back to offline and says how to sync later, and any
 failure of W&B after that (a dead service process, a full disk under its media files, the network) turns W&B off
 for the rest of the process with one warning, while the run goes on. No collective depends on W&B, so every rank
-goes on alike. The steps W&B missed are kept in the run's wandb_gaps.json; a later job of the run that brings W&B
-back logs their rows from metrics.jsonl and notes the gap in the W&B summary. A resumed run reuses the W&B id
-stored in its checkpoint, and `metrics.jsonl` is cut back to the resumed step, so both read as one run. A metrics
-line or grid that cannot be written (a full or read-only disk) is not raised where main alone would stop: `failed`
-holds the error line, and the loop's next stop vote ends every rank with it.
+goes on alike. The steps W&B missed are kept in the run's wandb_gaps.json; the next job of the run that trains (a
+requeue, a rerun with a higher train.steps) brings W&B back, logs their rows from metrics.jsonl and notes the gap in
+the W&B summary. A resumed run reuses the W&B id stored in its checkpoint, and `metrics.jsonl` is cut back to the
+resumed step, so both read as one run. A metrics line or grid that cannot be written (a full or read-only disk) is
+not raised where main alone would stop: `failed` holds the error line, and the loop's next stop vote ends every
+rank with it.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from gan_dist.config import WandbConfig
-from gan_dist.console import keep_in
 from gan_dist.distributed import sync_buffers
 from gan_dist.files import write_failure
 from gan_dist.metric_names import METRICS
 from gan_dist.models import conditioned, eval_mode
-from gan_dist.rundir import append_metrics, console_file, metrics_file, read_metrics, read_wandb_gaps, sample_file, \
+from gan_dist.rundir import append_metrics, metrics_file, read_metrics, read_wandb_gaps, sample_file, \
     wandb_dir, write_wandb_gaps
 from gan_dist.viz import fixed_noise_grid
 
@@ -100,6 +100,14 @@ def _close_wandb(run) -> BaseException | None:
     return error
 
 
+def _closer(run) -> tuple[threading.Thread, list[BaseException | None]]:
+    """`_close_wandb(run)` started in a thread of its own, and the list its result lands in."""
+    result: list[BaseException | None] = []
+    thread = threading.Thread(target=lambda: result.append(_close_wandb(run)), name="wandb-close", daemon=True)
+    thread.start()
+    return thread, result
+
+
 class Tracker:
     def __init__(self, is_main: bool, cfg: WandbConfig, run_dir: str | Path, run_id: str, config: dict, step: int,
                  centers: np.ndarray | None = None, classes: int = 0) -> None:
@@ -112,10 +120,10 @@ class Tracker:
         self.finish_timeout_s = cfg.finish_timeout_s
         self.stalled = False  # W&B's finish did not return in time: the process must not wait for it at exit
         self.failed: str | None = None  # main: why a metrics line or grid could not be written
+        self.closing: tuple[threading.Thread, list] | None = None  # a W&B run's close, under way (`_closer`)
         if not is_main:
             return
         self.jsonl = metrics_file(self.run_dir)
-        keep_in(console_file(self.run_dir))
         if cfg.mode != "disabled":
             try:
                 self.run = _init_wandb(cfg, self.run_dir, run_id, config)
@@ -129,40 +137,36 @@ class Tracker:
         off, gaps = read_wandb_gaps(self.run_dir)
         if off is None:
             return
-        if self.step > off:
+        if self.step >= off:
             gaps.append([off, self.step])
             for row in read_metrics(self.run_dir):
-                if off <= row.get("train/step", -1) <= self.step:  # the row logged as W&B failed, too
+                if off <= row.get("train/step", -1) <= self.step:
                     self.run.log(row)
-            self.run.summary.update({"wandb/gaps": gaps, "wandb/gap_steps": sum(b - a for a, b in gaps)})
+            self.run.summary.update({"wandb/gaps": gaps, "wandb/gap_steps": sum(b - a + 1 for a, b in gaps)})
             _say(f"W&B is back; it missed steps {off} to {self.step}: their metrics rows are logged now from "
                  f"metrics.jsonl, their grids are in {self.run_dir / 'samples'}")
-        write_wandb_gaps(self.run_dir, None, gaps)
+        try:
+            write_wandb_gaps(self.run_dir, None, gaps)
+        except OSError:
+            pass  # a full run.dir is the metrics lines' and checkpoints' to report
 
     def _lose(self, what: str, err: BaseException, run_id: str | None = None) -> None:
-        """W&B failed: off for the rest of this process, with one warning; the steps from here on are a gap."""
+        """W&B failed: off for the rest of this process, with one warning; the steps from the one it missed first
+        are a gap. Its run is closed in the background, so that the other ranks are not kept waiting at their
+        next collective; `finish` waits for that close."""
         run, self.run = self.run, None
         run_id = run_id or run.id
         _say(f"warning: W&B failed {what} at step {self.step} ({_why(err)}); W&B is off for the rest of this job, "
              f"and training goes on. metrics.jsonl, the grids in {self.run_dir / 'samples'} and the checkpoints "
-             f"still record the run; rerunning (or requeuing) the same command resumes W&B run {run_id} and logs "
-             "the rows it missed")
+             "still record the run; the next job of this run that trains (a requeue, a rerun with a higher "
+             f"train.steps) resumes W&B run {run_id} and logs the rows it missed")
+        first = self.step + 1 if what == "starting" else self.step  # rows up to the start step were logged before
         try:
             off, gaps = read_wandb_gaps(self.run_dir)
-            write_wandb_gaps(self.run_dir, self.step if off is None else off, gaps)
+            write_wandb_gaps(self.run_dir, first if off is None else off, gaps)
         except OSError:
             pass  # a full disk: the next job then notes no gap, and metrics.jsonl still has the rows
-        self._close(run)
-
-    def _close(self, run) -> BaseException | None:
-        """Close `run` within wandb.finish_timeout_s (a preempted job must requeue within its grace period); one
-        that hangs is left behind in its thread (`stalled`), and the process must not wait for it at exit."""
-        result: list[BaseException | None] = []
-        done = threading.Thread(target=lambda: result.append(_close_wandb(run)), name="wandb-finish", daemon=True)
-        done.start()
-        done.join(self.finish_timeout_s + 5)
-        self.stalled = self.stalled or done.is_alive()
-        return result[0] if result else None
+        self.closing = _closer(run)
 
     def _wandb(self, what: str, call: Callable[[], object]) -> None:
         """One call into W&B, unless it is off; its failure turns it off (`_lose`)."""
@@ -227,13 +231,28 @@ class Tracker:
         self.log_image("samples/G", fixed_noise_grid(G, z, self.classes, self.centers), step)
         self.log_histograms(d_histograms(G, D, real, z, c_real, c), step)
 
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """On every way out, also an error's: W&B closed within its timeout, not by its own exit hook, unbounded."""
+        self.finish()
+
     def finish(self) -> None:
-        """Close the W&B run. W&B gives up its uploads after wandb.finish_timeout_s itself; what is not uploaded
-        stays in the local run files, for `wandb sync`."""
-        if self.run is None:
+        """Close the W&B run, or wait for the close of one that failed, within wandb.finish_timeout_s (a
+        preempted job must requeue within its grace period). A close that hangs is left behind in its thread
+        (`stalled`), and the process must not wait for it at exit. W&B gives up its uploads after that long itself;
+        what is not uploaded stays in the local run files, for `wandb sync`. A second call does nothing."""
+        ending = self.run is not None
+        if ending:
+            run, self.run = self.run, None
+            self.closing = _closer(run)
+        if self.closing is None:
             return
-        run, self.run = self.run, None
-        error = self._close(run)
+        (thread, errors), self.closing = self.closing, None
+        thread.join(self.finish_timeout_s + 5)
+        self.stalled = self.stalled or thread.is_alive()
+        error = errors[0] if errors and ending else None  # a failed run's error was said when it failed
         if self.stalled:
             _say(f"W&B did not finish within wandb.finish_timeout_s={self.finish_timeout_s:g} s; the run's data is "
                  f"in {wandb_dir(self.run_dir)}: upload the rest with `wandb sync` on that folder")

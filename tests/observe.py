@@ -50,9 +50,15 @@ log = Tracker.log
 def observed_log(self, metrics):
     step[0] = metrics["train/step"]
     if self.is_main and step[0] >= at and what == "kill-wandb":
+        killed = []
         for child in psutil.Process().children(recursive=True):
-            if child.name().startswith("wandb"):
-                child.kill()
+            try:
+                if child.name().startswith("wandb"):
+                    child.kill()
+                    killed.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(killed, timeout=10)
     if self.is_main and step[0] >= at and what == "sigpipe":
         os.kill(os.getpid(), signal.SIGPIPE)
     log(self, metrics)

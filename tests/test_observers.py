@@ -72,7 +72,7 @@ def test_wandb_killed_mid_run_costs_a_warning_and_the_rerun_logs_the_gap(tmp_pat
     run = tmp_path / "run"
     output = observed(run, shards, nproc, "kill-wandb", 10)
     (warning,) = [line for line in output.splitlines() if WARNING in line]
-    assert re.search(r"W&B failed logging (metrics|samples/\w+) at step 10 \(ConnectionResetError", warning), warning
+    assert re.search(r"W&B failed logging (metrics|samples/\w+|histograms) at step 10 \(", warning), warning
     assert "metrics.jsonl, the grids in" in warning and "resumes W&B run" in warning
     assert_undisturbed(run, undisturbed(nproc))
     if nproc > 1:
@@ -83,7 +83,7 @@ def test_wandb_killed_mid_run_costs_a_warning_and_the_rerun_logs_the_gap(tmp_pat
     first, second = wandb_files(run)
     assert first.name == second.name, "the same W&B run, resumed by id"
     assert {k: v for k, v in summary(second).items() if k.startswith("wandb/")} == {"wandb/gaps": [[10, 20]],
-                                                                                    "wandb/gap_steps": 10}
+                                                                                    "wandb/gap_steps": 11}
     rows = [r for r in jsonl(run) if "train/loss_d" in r]
     logged = [{k: r[k] for k in rows[0]} for r in history(second) if "train/loss_d" in r]
     assert logged == rows[:3], "the rows of steps 10 and 20 from metrics.jsonl, then step 30's"
@@ -120,7 +120,7 @@ def test_wandb_files_on_a_full_disk_cost_a_warning(tmp_path, shards, undisturbed
     (warning,) = [line for line in output.splitlines() if WARNING in line]
     assert "No space left on device" in warning and "media" in warning
     assert_same_weights(weights(run), weights(undisturbed(1)))
-    assert '"off_since": ' in (run / "wandb_gaps.json").read_text()
+    assert json.loads((run / "wandb_gaps.json").read_text())["off_since"] >= 10
 
 
 def train_command(run: Path, shards: Path, *script: str) -> list[str]:
@@ -175,7 +175,8 @@ class FakeRun:
         self.rows.append(row)
 
 
-@pytest.mark.parametrize("off_since, resumed, gap", [(30, 50, [30, 50]), (30, 20, None), (None, 50, None)])
+@pytest.mark.parametrize("off_since, resumed, gap", [(30, 50, [30, 50]), (30, 30, [30, 30]), (30, 20, None),
+                                                     (None, 50, None)])
 def test_a_gap_is_noted_only_for_steps_wandb_missed(tmp_path, monkeypatch, off_since, resumed, gap):
     """W&B failed at step `off_since` (None: never) in an earlier job, and this job resumes at step `resumed`: a job
     resumed from a checkpoint before the failure logs those steps again itself, so W&B missed nothing."""
@@ -190,7 +191,7 @@ def test_a_gap_is_noted_only_for_steps_wandb_missed(tmp_path, monkeypatch, off_s
         assert read_wandb_gaps(tmp_path) == (None, [[5, 8]])
         return
     assert [row["train/step"] for row in run.rows] == list(range(gap[0], gap[1] + 1, 10))
-    assert run.summary == {"wandb/gaps": [[5, 8], gap], "wandb/gap_steps": 3 + gap[1] - gap[0]}
+    assert run.summary == {"wandb/gaps": [[5, 8], gap], "wandb/gap_steps": 4 + gap[1] - gap[0] + 1}
     assert read_wandb_gaps(tmp_path) == (None, [[5, 8], gap])
 
 

@@ -217,7 +217,7 @@ def test_resampled_run_over_a_truncated_shard_finishes_and_reports_the_skip(tmp_
     log = launch(run_dir, shards, 2, *args, config="configs/cifar32.yaml")
     said = [line for line in log.splitlines() if "train-00002.tar" in line]
     assert said and all("is truncated or corrupt" in line and "skipped" in line for line in said), log
-    assert "streamed without its offset index, which it no longer matches: has " in said[0]
+    assert "streamed without its offset index (has " in said[0]
     rows = jsonl(run_dir)
     assert rows[-1]["data/skipped"] > 0 and "data/epoch" not in rows[-1]
     assert (run_dir / "final" / "generator_ema.safetensors").exists()
