@@ -59,7 +59,7 @@ def _init_wandb(cfg: WandbConfig, run_dir: Path, run_id: str, config: dict):
     except Exception as err:  # no API key, no network, W&B down: the dashboard can wait for `wandb sync`
         if mode != "online":
             raise
-        _say(f"W&B online init failed ({type(err).__name__}: {str(err).splitlines()[0]}); logging offline")
+        _say(f"W&B online init failed ({_why(err)}); logging offline")
         run = wandb.init(mode="offline", settings=wandb.Settings(console="off", quiet=True,
                                                                  finish_timeout=cfg.finish_timeout_s), **kwargs)
     if run.settings.mode == "offline" or mode == "offline":

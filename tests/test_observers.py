@@ -123,6 +123,10 @@ def test_wandb_files_on_a_full_disk_cost_a_warning(tmp_path, shards, undisturbed
     assert json.loads((run / "wandb_gaps.json").read_text())["off_since"] >= 10
 
 
+# Python's own buffering, as a user gets it: the console is made line-buffered by train.py, not by the environment.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
+
+
 def train_command(run: Path, shards: Path, *script: str) -> list[str]:
     return [sys.executable, *(script or ["train.py"]), "--config", "configs/debug.yaml", f"run.dir={run}",
             f"data.cache_dir={shards}", f"data.mnist_dir={MNIST}", "wandb.mode=disabled", *ARGS]
@@ -132,8 +136,7 @@ def test_stdout_into_a_pipe_closed_early_and_sigpipe_do_not_end_the_run(tmp_path
     """`train.py | head -c 10`, and SIGPIPE at step 10: without the handling, BrokenPipeError and a traceback at
     the first print, before the run directory existed."""
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_command(run, shards, "tests/observe.py", "sigpipe", "10"), cwd=REPO, env=env,
+    proc = subprocess.Popen(train_command(run, shards, "tests/observe.py", "sigpipe", "10"), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert len(proc.stdout.read(10)) == 10
     proc.stdout.close()  # as `head -c 10` exits
@@ -152,8 +155,7 @@ def test_stdout_and_stderr_on_a_full_disk_do_not_end_the_run(tmp_path, shards, u
     disk.mkdir()
     into_full = ["sh", "-c", 'exec "$@" >{DISK}/console.txt 2>&1', "sh"]
     done = subprocess.run([SMALL_DISK, "1m", "full-first", str(disk), *into_full, *train_command(run, shards)],
-                          cwd=REPO, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {
-                              "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout + done.stderr == ""
     assert (disk / "console.txt").stat().st_size == 0, "nothing could be written there"
     assert_undisturbed(run, undisturbed(1))
