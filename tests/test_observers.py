@@ -27,6 +27,7 @@ from gan_dist.tracking import Tracker
 
 from runs import MNIST, REPO, assert_same_weights, jsonl, launch, weights, without_timing
 from test_reliability import SMALL_DISK, needs_namespaces
+from test_train import wandb_files
 from wandb_records import history, summary
 
 ARGS = ("eval.every=0", "train.steps=20", "log.sample_every=10")
@@ -59,10 +60,6 @@ def observed(run: Path, shards: Path, nproc: int, what: str, step: int, *overrid
     assert "Traceback" not in output and "Exception" not in output, output
     assert output.count(WARNING) <= 1, output
     return output
-
-
-def wandb_files(run: Path) -> list[Path]:
-    return sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
 
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
