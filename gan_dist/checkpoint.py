@@ -81,12 +81,14 @@ class TrainState:
     wandb_id: str = ""
     origin: str = ""  # the ckpt.resume=PATH these checkpoints continue from; "" for a run started in its run.dir
     rollbacks: int = 0  # times the run went back to a checkpoint after non-finite losses or weights
+    self_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # self-conditioning's clusters (`SelfCond`)
 
     def save(self, folder: Path, data: DataState) -> None:
         """Write this state and `data` (every rank's positions gathered) as train_state.safetensors and .json."""
         tensors = {"z_fixed": self.z_fixed, "data_pos": data.pos, "data_spans": data.spans} | {
             f"log_sums/{k}": v for k, v in self.log_sums.items()} | {
-            f"rank_buffers/{k}": v for k, v in self.rank_buffers.items()}
+            f"rank_buffers/{k}": v for k, v in self.rank_buffers.items()} | {
+            f"self_cond/{k}": v for k, v in self.self_cond.items()}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(folder / "train_state.safetensors"))
         scalars = {"step": self.step, "nimg": self.nimg, "batches": data.batches, "log_steps": self.log_steps,
@@ -118,6 +120,7 @@ class TrainState:
         self.log_sums = {k.removeprefix("log_sums/"): v for k, v in tensors.items() if k.startswith("log_sums/")}
         self.rank_buffers = {k.removeprefix("rank_buffers/"): v for k, v in tensors.items()
                              if k.startswith("rank_buffers/")}
+        self.self_cond = {k.removeprefix("self_cond/"): v for k, v in tensors.items() if k.startswith("self_cond/")}
         spans = tensors.get("data_spans", torch.empty(0, 3, dtype=torch.int64))  # newer than some checkpoints
         spans = spans if spans.ndim == 2 and spans.shape[1] == 3 else torch.empty(0, 3, dtype=torch.int64)
         return DataState(pos=tensors["data_pos"], spans=spans, layout=layout if layout in ("cache", "stream") else "",
@@ -400,6 +403,7 @@ class Checkpointer:
         state.log_sums, state.log_steps = log
         state.rank_buffers = {f"{name}.{key}": acc.gather(b[None]).cpu()
                               for name, module in self.trained.per_rank().items() for key, b in module.named_buffers()}
+        state.self_cond = self.trained.self_cond.state() if self.trained.self_cond is not None else {}
         return save_checkpoint(acc, self.run_dir, state, data, ema=self.trained.ema, keep=self.cfg.ckpt.keep,
                                config=to_yaml(self.cfg))
 
@@ -428,6 +432,8 @@ class Checkpointer:
                             "run.dir") from None
         world = acc.num_processes
         restore_buffers(self.state.rank_buffers, self.trained.per_rank(), acc.process_index, world)
+        if self.trained.self_cond is not None:
+            self.trained.self_cond.load(self.state.self_cond)
         say(f"resumed from {path} (step {self.state.step}, {self.state.nimg} images, saved with world size "
             f"{meta['world_size']})")
         if changes:

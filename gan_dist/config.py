@@ -49,6 +49,12 @@ class ModelConfig:
     cond: bool = False  # class-conditional G (label embedding) and projection D (Miyato & Koyama 2018)
     cond_norm: bool = False  # with cond: G's BatchNorms take their scale and shift from the label, z alone as input
     classes: int = 0  # number of classes; in the config tree it follows data.classes
+    # Self-conditioning (Liu et al. 2020): no labels used; G and D are conditioned, as with model.cond, on the
+    # k-means cluster of D's own features that each real image falls in (G's labels follow the clusters' sizes)
+    self_cond: bool = False
+    self_cond_k: int = 100  # clusters (the paper: 100 on Stacked MNIST, 50 on 2-D mixtures)
+    self_cond_every: int = 5000  # steps between re-clusterings (warm-started, cluster ids kept by matching)
+    self_cond_images: int = 25000  # real images clustered (a fixed sample; at most the dataset's size is used)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class LossConfig:
 
 
 DIFFAUG_POLICIES = ("color", "translation", "cutout")  # aug.policy's names
+IMAGE_DATASETS = ("mnist", "stacked_mnist", "webdataset")  # data.dataset's images; the others are 2-D points
 
 
 @dataclass
@@ -119,15 +126,16 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    # webdataset: data.shards; gaussian: seed 001's N(0, I); ring8 / grid25: 2-D mixtures
-    dataset: Literal["mnist", "webdataset", "gaussian", "ring8", "grid25"] = "mnist"
+    # webdataset: data.shards; stacked_mnist: three MNIST digits as R, G, B (1,000 modes; data.channels=3);
+    # gaussian: seed 001's N(0, I); ring8 / grid25: 2-D mixtures
+    dataset: Literal["mnist", "stacked_mnist", "webdataset", "gaussian", "ring8", "grid25"] = "mnist"
     shards: str = ""  # webdataset URLs: paths, folders, brace patterns, pipe: commands, http(s); '::' or a list joins
     manifest: str = ""  # the shards' manifest.json ('::' joins several); default: those beside local shards
     mode: Literal["epoch", "resampled"] = "epoch"  # exact epochs, or endless random shard draws
     resolution: int = 28  # images are resized (shorter side) and centre-cropped to this square size
     channels: Literal[1, 3] = 1  # grayscale or RGB
     hflip: bool = False  # random horizontal flips
-    classes: int = 0  # labels 0..classes-1 (`cls` of shards); 0 = the dataset's own (MNIST 10, ring8 8, grid25 25)
+    classes: int = 0  # labels 0..classes-1 (`cls` of shards); 0 = the dataset's own (MNIST 10, stacked 1000, ring8 8)
     on_error: Literal["warn", "raise"] = "warn"  # a bad sample or shard: skip and count it, or stop
     timeout_s: float = 60.0  # remote shards (http(s), pipe:) fail when they connect or send nothing for this long
     min_rate_kbs: float = 1.0  # ... or deliver less than this many kB/s over any timeout_s window
@@ -256,7 +264,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "run.lease_timeout_s": (5, 86400),
     "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.d_width": (0, 65536), "model.hidden": (1, 2**20),
     "model.depth": (1, 1000), "model.dropout": (0, 1), "model.mbstd_group": (0, 4096),
-    "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6),
+    "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6), "model.self_cond_k": (2, 65536),
+    "model.self_cond_every": (1, 10**12), "model.self_cond_images": (2, 10**8),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
     "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),
     "loss.label_noise": (0, 0.5), "loss.n_critic": (1, 100), "loss.gp_weight": (0, 1e6), "loss.r1_gamma": (0, 1e6),
@@ -279,7 +288,7 @@ RANGES: dict[str, tuple[float, float]] = {
 ABOVE_LOW = {"optim.lr_G", "optim.lr_D", "optim.eps", "data.timeout_s", "data.std", "data.radius", "data.spacing",
              "loss.topk_gamma", "loss.topk_min", "aug.speed_kimg"}
 # data.classes=0 stands for the dataset's own number of classes.
-DATASET_CLASSES = {"mnist": 10, "gaussian": 1, "ring8": 8, "grid25": 25}
+DATASET_CLASSES = {"mnist": 10, "stacked_mnist": 1000, "gaussian": 1, "ring8": 8, "grid25": 25}
 BELOW_HIGH = {"optim.beta1", "optim.beta2", "loss.label_noise", "model.dropout"}
 
 
@@ -392,10 +401,16 @@ def _check(cfg) -> None:
     if cfg.model.classes != cfg.data.classes:
         raise UserError(f"model.classes={cfg.model.classes} differs from data.classes={cfg.data.classes}; set "
                         "data.classes alone (model.classes follows it)", code=2)
-    if cfg.model.cond_norm and (not cfg.model.cond or cfg.model.arch == "mlp"):
+    if cfg.model.cond_norm and (not (cfg.model.cond or cfg.model.self_cond) or cfg.model.arch == "mlp"):
         raise UserError("model.cond_norm=true makes the BatchNorms of a class-conditional G take the label: it needs "
-                        f"model.cond=true and a G with BatchNorm (model.arch=dcgan or radford), got model.cond="
-                        f"{str(cfg.model.cond).lower()}, model.arch={cfg.model.arch}", code=2)
+                        f"model.cond=true (or model.self_cond=true) and a G with BatchNorm (model.arch=dcgan or "
+                        f"radford), got model.cond={str(cfg.model.cond).lower()}, model.arch={cfg.model.arch}", code=2)
+    if cfg.model.self_cond and cfg.model.cond:
+        raise UserError("model.self_cond=true conditions G and D on clusters of D's features instead of the data's "
+                        "labels; it cannot be combined with model.cond=true: turn one of them off", code=2)
+    if cfg.model.self_cond and cfg.model.self_cond_k > cfg.model.self_cond_images:
+        raise UserError(f"model.self_cond_k={cfg.model.self_cond_k} clusters need at least as many clustered images, "
+                        f"but model.self_cond_images={cfg.model.self_cond_images}; raise it or lower the k", code=2)
     if cfg.model.d_width and cfg.model.arch == "mlp":
         raise UserError(f"model.d_width={cfg.model.d_width} sets an image D's width; the mlp D has model.hidden "
                         "units: set that, or model.d_width=0", code=2)
@@ -416,7 +431,7 @@ def _check_aug(cfg) -> None:
         raise UserError(f"aug.policy='{cfg.aug.policy}' names {', '.join(repr(p) for p in unknown)}; choose from "
                         f"{', '.join(DIFFAUG_POLICIES)}, comma-joined (e.g. aug.policy=color,translation,cutout)",
                         code=2)
-    if cfg.aug.kind != "none" and cfg.data.dataset not in ("mnist", "webdataset"):
+    if cfg.aug.kind != "none" and cfg.data.dataset not in IMAGE_DATASETS:
         raise UserError(f"aug.kind={cfg.aug.kind} augments images, but data.dataset={cfg.data.dataset} holds 2-D "
                         "points; use aug.kind=none", code=2)
 
@@ -429,14 +444,21 @@ def _check_images(cfg) -> None:
     if data.dataset != "webdataset" and data.shards:
         raise UserError(f"data.shards is set but data.dataset is '{data.dataset}'; set data.dataset=webdataset to "
                         "train on the shards", code=2)
-    if data.device_cache is True and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
+    if data.device_cache is True and (data.dataset not in IMAGE_DATASETS or data.mode != "epoch"):
         raise UserError(f"data.device_cache=true holds an image dataset read in epochs, but data.dataset is "
                         f"'{data.dataset}' and data.mode '{data.mode}'; use data.device_cache=auto", code=2)
-    if data.limit and (data.dataset not in ("mnist", "webdataset") or data.mode != "epoch"):
+    if data.limit and (data.dataset not in IMAGE_DATASETS or data.mode != "epoch"):
         raise UserError(f"data.limit={data.limit} trains on a fixed subset of an image dataset read in epochs, but "
                         f"data.dataset is '{data.dataset}' and data.mode '{data.mode}'; use data.limit=0", code=2)
-    if data.dataset not in ("mnist", "webdataset"):
+    if data.dataset not in IMAGE_DATASETS:
         return
+    if data.dataset == "stacked_mnist" and (data.channels, data.resolution) != (3, 28):
+        raise UserError(f"data.dataset=stacked_mnist holds 28x28 images of 3 channels (a digit in each), got "
+                        f"data.channels={data.channels} and data.resolution={data.resolution}; set data.channels=3 "
+                        "and data.resolution=28", code=2)
+    if data.dataset == "stacked_mnist" and data.mode != "epoch":
+        raise UserError("data.dataset=stacked_mnist is drawn in epochs of its fixed triples; use data.mode=epoch",
+                        code=2)
     for key in ("channels", "resolution"):
         if model[key] != data[key]:
             raise UserError(f"model.{key}={model[key]} differs from data.{key}={data[key]}; set data.{key} "

@@ -17,7 +17,7 @@ resampled chunk's windows are re-read as raw bytes). On another, in epoch mode, 
 ones had left (`order.continue_epochs`, kept as `DataState.spans` until those epochs are read). Bad images are
 skipped with a warning (or stop the run with `data.on_error=raise`); the skip count travels with the position.
 
-With `data.device_cache` (MNIST, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
+With `data.device_cache` (MNIST, Stacked MNIST always, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
 decoded once into a uint8 tensor on the device and batches are gathered from it (`CachedBatches`). `data.limit=N`
 always takes that path (on the host with `data.device_cache=false`): the N samples are decoded once and held.
 
@@ -38,8 +38,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from gan_dist import mnist
-from gan_dist.config import DataConfig, PerfConfig
+from gan_dist import mnist, stacked
+from gan_dist.config import IMAGE_DATASETS, DataConfig, PerfConfig
 from gan_dist.errors import UserError
 from gan_dist.images import BadSample, decode_image, pixel_bound, sample_label
 from gan_dist.mnist_shards import ensure_shards
@@ -65,6 +65,10 @@ class Source:
 def open_source(cfg: DataConfig) -> Source:
     """The shards of `data.dataset` (MNIST's, written on first use, or `data.shards` with its manifest) as a
     Source; UserError naming the problem and the fix."""
+    if cfg.dataset == "stacked_mnist":  # composed from MNIST's training digits on the device: no shards
+        if cfg.download and not mnist.files_present(cfg.mnist_dir):
+            mnist.download_mnist(cfg.mnist_dir)
+        return Source([], [stacked.TRIPLES])
     if cfg.dataset == "mnist":
         manifest = ensure_shards(cfg.mnist_dir, cfg.cache_dir, cfg.download)
         shards = manifest["splits"]["train"]["shards"]
@@ -285,11 +289,15 @@ def limited(total: int, limit: int) -> np.ndarray | None:
     return np.sort(np.random.RandomState(LIMIT_SEED).permutation(total)[:limit])
 
 
-def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int]:
+def decode_dataset(source: Source, cfg: DataConfig) -> tuple[np.ndarray | stacked.StackedImages, np.ndarray, int]:
     """Every sample of `source` (or the `data.limit` of them) as uint8 images (N, C, H, W) and int64 labels (N,), in
     shard order, and the count of bad samples skipped. MNIST at its own 28x28 grayscale comes straight from its IDX
-    files. A sample's index is its shard's start (from the manifest's counts) plus its place in the shard."""
+    files, Stacked MNIST is composed from them. A sample's index is its shard's start (from the manifest's counts)
+    plus its place in the shard."""
     keep = limited(sum(source.counts), cfg.limit)
+    if cfg.dataset == "stacked_mnist":
+        images, labels = stacked.stacked(*mnist.load_mnist(cfg.mnist_dir)["train"], keep)
+        return images, labels.astype(np.int64), 0
     if cfg.dataset == "mnist" and (cfg.resolution, cfg.channels) == (28, 1) and mnist.files_present(cfg.mnist_dir):
         images, labels = mnist.load_mnist(cfg.mnist_dir)["train"]
         images, labels = (images, labels) if keep is None else (images[keep], labels[keep])
@@ -482,19 +490,20 @@ def open_batches(cfg: DataConfig, perf: PerfConfig, *, batch: int, seed: int, ra
     """This rank's real batches of `batch` images on its device, continuing at the data state `saved` (a
     checkpoint's, or `DataState.fresh()`) of a run that has seen `nimg` images. `first(fn)` runs `fn` on each
     node's main process before the node's other ranks; `say` prints a line once per run."""
-    if cfg.dataset not in ("mnist", "webdataset"):
+    if cfg.dataset not in IMAGE_DATASETS:
         return DeviceBatches(PointBatches(cfg, batch, seed, rank, saved.batches), device, perf.prefetch,
                              taken=saved.batches, spans=saved.spans, layout=saved.layout)
     # Each node's main process writes MNIST's shards on first use while the other ranks wait.
     source = first(lambda: open_source(cfg))
     epoch = nimg // (cfg.limit or sum(source.counts)) if source.counts else 0
     # data.limit's few samples are held too: on the host when the device cache is turned off.
-    cached = wants_device_cache(cfg, source) or cfg.limit > 0
+    cached = wants_device_cache(cfg, source) or cfg.limit > 0 or cfg.dataset == "stacked_mnist"
     held_on = device if cached and cfg.device_cache is not False else torch.device("cpu")
     if cached:
         try:
             images, labels, skipped = decode_dataset(source, cfg)
-            held = torch.from_numpy(images).to(held_on), torch.from_numpy(labels).to(held_on)
+            held = images.to(held_on) if isinstance(images, stacked.StackedImages) else \
+                torch.from_numpy(images).to(held_on), torch.from_numpy(labels).to(held_on)
         except (MemoryError, torch.cuda.OutOfMemoryError):
             raise UserError(f"data.device_cache={cfg.device_cache}: the decoded dataset does not fit in "
                             f"{device.type} memory; use data.device_cache=false (the loader)") from None

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_dist import mnist
-from gan_dist.config import DataConfig
+from gan_dist import mnist, stacked
+from gan_dist.config import IMAGE_DATASETS, DataConfig
 from gan_dist.data import open_source, shard_batches, to_real
 from gan_dist.errors import UserError
 from gan_dist.export import load_run_discriminator
@@ -128,9 +128,14 @@ class RejectionSampler(nn.Module):
 def real_batches(cfg: DataConfig, device: torch.device, batch: int = 128, seed: int = 0,
                  labels: bool = False) -> Batches:
     """Endless batches of the run's real data for calibration: fresh 2-D points, MNIST's training images straight
-    from its IDX files, or random draws from the shards."""
-    if cfg.dataset not in ("mnist", "webdataset"):
+    from its IDX files (stacked for Stacked MNIST), or random draws from the shards."""
+    if cfg.dataset not in IMAGE_DATASETS:
         source = PointBatches(cfg, batch, seed, rank=1, start_batch=0)
+    elif cfg.dataset == "stacked_mnist":
+        images, y = stacked.stacked(*mnist.load_mnist(cfg.mnist_dir)["train"], None)
+        rng = np.random.default_rng(seed)
+        draws = (torch.from_numpy(rng.integers(len(images), size=batch)) for _ in itertools.count())
+        source = ((images[i], torch.from_numpy(y[i.numpy()])) for i in draws)
     elif cfg.dataset == "mnist" and (cfg.resolution, cfg.channels) == (28, 1) and mnist.files_present(cfg.mnist_dir):
         images, y = mnist.load_mnist(cfg.mnist_dir)["train"]
         rng = np.random.default_rng(seed)
@@ -170,6 +175,9 @@ def make_sampler(args: argparse.Namespace, G: torch.nn.Module, cfg, device: torc
     calibrated on the run's data."""
     if not 0 <= args.drs_percentile < 100 or args.calib_steps < 0:
         raise UserError("--drs-percentile must be from 0 to below 100 and --calib-steps at least 0")
+    if cfg.model.self_cond:
+        raise UserError(f"--sampler drs calibrates D on real images with their labels, and {args.run} is "
+                        "self-conditioned (its labels are D's clusters, which exports do not keep); use --sampler plain")
     D = load_run_discriminator(args.run, cfg, args.checkpoint).to(device)
     classes = label_count(cfg.model)
     seed = getattr(args, "seed", 0)

@@ -1,11 +1,15 @@
 """Evaluating a generator: the same noise for every sample index on any number of processes, each rank generating
 its share, the shares gathered in index order, and the metrics of `metrics.py` beside their real-data floors.
 
+- Stacked MNIST: the same classifier reads each channel's digit; modes covered (of 1,000) and the KL divergence of
+  the mode histogram from uniform, beside real digit triples' (`stacked.py`).
 - MNIST: the classifier's features and class probabilities (`classifier.py`; trained on first use). The training
   set's feature statistics (overall and per class), a fixed 5,000-image reference subset, and the floors (the real
   test set scored like a generator) are computed once per classifier and dataset (keyed by both files' contents)
   and cached beside it. A conditional G draws sample i with label i mod K (every class equally) and is also scored
-  per class: the classifier's accuracy on the labels, and each class's FCD.
+  per class: the classifier's accuracy on the labels, and each class's FCD. A self-conditioned G draws its labels
+  (clusters) from the cluster sizes it counts, as its samplers do, and is scored as an unconditional one, with the
+  number of clusters in use and the largest one's share.
 - 2-D mixtures: modes covered, % high-quality samples and reverse KL against the configured modes.
 - RGB images: Inception FID against `eval.num_samples` real images, when StyleGAN's TorchScript Inception
   (`eval.inception`) is given; otherwise skipped with one line.
@@ -29,9 +33,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gan_dist import metric_names, metrics, mnist
+from gan_dist import metric_names, metrics, mnist, stacked
 from gan_dist.classifier import ensure_classifier
-from gan_dist.config import DataConfig, EvalConfig
+from gan_dist.config import IMAGE_DATASETS, DataConfig, EvalConfig
 from gan_dist.data import open_source, shard_batches
 from gan_dist.errors import UserError
 from gan_dist.files import sha256_file
@@ -41,12 +45,13 @@ from gan_dist.points import mixture_centers
 Gather = Callable[[torch.Tensor], torch.Tensor]
 REFERENCE_SIZE = 5000
 NOISE_SEED = 0x5EED  # added to the run's seed: evaluation noise never collides with training noise
+REAL_SEED = 0  # the real digit triples Stacked MNIST's floor is scored on
 
 
 def best_metric(cfg: EvalConfig, data: DataConfig) -> str:
     if cfg.best_metric != "auto":
         return cfg.best_metric
-    return {"mnist": "fcd", "webdataset": "fid"}.get(data.dataset, "hq")
+    return {"mnist": "fcd", "stacked_mnist": "kl", "webdataset": "fid"}.get(data.dataset, "hq")
 
 
 def better(name: str, new: float, old: float | None) -> bool:
@@ -114,13 +119,16 @@ class Evaluator:
     """Loads what the metrics need once (call it on each node's main process first); `__call__` evaluates."""
 
     def __init__(self, cfg: EvalConfig, data: DataConfig, z_dim: int, seed: int, classes: int = 0,
-                 truncation: float | None = None) -> None:
-        """`classes`: a conditional G's number of classes (0: unconditional); `truncation`: draw the samples' noise
-        from the normal truncated at that many standard deviations (`models.latents`), for review, never in training."""
-        self.cfg, self.data, self.z_dim, self.classes = cfg, data, z_dim, classes
+                 truncation: float | None = None, self_cond: bool = False) -> None:
+        """`classes`: a conditional G's number of classes (0: unconditional), or with `self_cond` its clusters;
+        `truncation`: draw the samples' noise from the normal truncated at that many standard deviations
+        (`models.latents`), for review, never in training."""
+        self.cfg, self.data, self.z_dim, self.classes, self.self_cond = cfg, data, z_dim, classes, self_cond
         self.z = latents(cfg.num_samples, z_dim, truncation, torch.Generator().manual_seed(seed + NOISE_SEED))
-        self.net = self.ref = self.inception = self.real_stats = None
-        names = [m.key for m in metric_names.of(metric_names.data_kind(data.dataset), conditional=classes > 0)]
+        self.label_seed = seed + NOISE_SEED + 1
+        self.net = self.ref = self.inception = self.real_stats = self.stacked_real = None
+        names = [m.key for m in metric_names.of(metric_names.data_kind(data.dataset),
+                                                conditional=classes > 0 and not self_cond, self_cond=self_cond)]
         if best_metric(cfg, data) not in names:
             raise UserError(f"eval.best_metric={cfg.best_metric} is not computed for data.dataset={data.dataset}; "
                             f"choose one of auto, {', '.join(names)}", code=2)
@@ -130,6 +138,8 @@ class Evaluator:
         if data.dataset == "mnist":
             self.net, _ = ensure_classifier(cfg.classifier, data.mnist_dir)
             self.ref = _reference(self.net, Path(cfg.classifier), data.mnist_dir, cfg.batch)
+        elif data.dataset == "stacked_mnist":
+            self.net, _ = ensure_classifier(cfg.classifier, data.mnist_dir)
         elif data.dataset == "webdataset":
             if not cfg.inception:
                 print("[gan-dist] eval: no eval.inception weights given, so no FID for these images (give "
@@ -148,12 +158,17 @@ class Evaluator:
         n, idx = self.cfg.num_samples, share(self.cfg.num_samples, rank, world)
         z = self.z[idx].to(device)
         if self.classes:  # the labels ride along as z's last column, so every batching below splits them alike
-            z = torch.cat([z, (idx % self.classes).to(z)[:, None]], 1)
+            c = torch.multinomial(G.class_freqs().cpu(), n, replacement=True, generator=torch.Generator().manual_seed(
+                self.label_seed))[idx] if self.self_cond else idx % self.classes
+            z = torch.cat([z, c.to(z)[:, None]], 1)
 
         def draw(b: torch.Tensor) -> torch.Tensor:
             return G(b) if not self.classes else G(b[:, :-1], b[:, -1].long())
 
         with eval_mode(G):
+            clusters = cluster_metrics(G.class_freqs()) if self.self_cond else {}
+            if self.data.dataset == "stacked_mnist":
+                return self._stacked(draw, z, n, rank, gather, device) | clusters
             if self.net is not None:
                 net = self.net.to(device)
 
@@ -167,18 +182,19 @@ class Evaluator:
                 feats, probs = both[:, :-10], both[:, -10:]
                 out = metrics.image_metrics(self.ref["mu"], self.ref["cov"], self.ref["ref"], feats, probs,
                                             self.ref.get("radii"))
-                if self.classes:
+                if self.classes and not self.self_cond:
                     out |= metrics.class_metrics(feats, probs, torch.arange(n) % self.classes, self.ref["class_mu"],
                                                  self.ref["class_cov"])
                 # Each computed metric's floor beside it: an unconditional G gets no class metrics, nor their floors.
-                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real") and k[:-5] in out}
-            if self.data.dataset not in ("mnist", "webdataset"):
+                return out | {k: float(v) for k, v in self.ref.items() if k.endswith("_real") and k[:-5] in out} | \
+                    clusters
+            if self.data.dataset not in IMAGE_DATASETS:
                 points = gather(_in_batches(draw, z, self.cfg.batch))[:n].cpu()
                 if rank:
                     return {}
                 centers = torch.from_numpy(mixture_centers(self.data))
                 std = 1.0 if self.data.dataset == "gaussian" else self.data.std
-                return metrics.mixture_metrics(points, centers, std)
+                return metrics.mixture_metrics(points, centers, std) | clusters
             if self.inception is None:
                 return {}
             inception = self.inception.to(device)
@@ -187,6 +203,22 @@ class Evaluator:
             if self.real_stats is None:
                 self.real_stats = self._real_stats(inception, rank, world, gather, device)
             return {} if rank else {"fid": metrics.frechet_distance(mu, cov, *self.real_stats)}
+
+    def _stacked(self, draw: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, n: int, rank: int,
+                 gather: Gather, device: torch.device) -> dict[str, float]:
+        """Modes and KL of the samples, each channel read by the classifier, beside those of `n` real triples."""
+        net = self.net.to(device)
+        modes = gather(_in_batches(lambda b: stacked.modes_of(stacked.channel_digits(net, draw(b))), z,
+                                   self.cfg.batch))[:n].cpu()
+        if rank:
+            return {}
+        if self.stacked_real is None:
+            images, labels = stacked.stacked(*mnist.load_mnist(self.data.mnist_dir)["train"], None)
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(REAL_SEED))[:n]
+            read = _in_batches(lambda i: stacked.modes_of(stacked.channel_digits(
+                net, images[i.cpu()].to(device).float().div(127.5).sub(1))), pick.to(device), self.cfg.batch)
+            self.stacked_real = {f"{k}_real": v for k, v in stacked.mode_metrics(read.cpu()).items()}
+        return stacked.mode_metrics(modes) | self.stacked_real
 
     def _real_stats(self, inception, rank: int, world: int, gather: Gather, device) -> tuple:
         """Inception statistics of `eval.num_samples` training images (each rank reads its own share)."""
@@ -199,6 +231,11 @@ class Evaluator:
             feats.append(_inception_features(inception, images))
             have += len(images)
         return metrics.gaussian_stats(gather(torch.cat(feats)[:per]).cpu())
+
+
+def cluster_metrics(freqs: torch.Tensor) -> dict[str, float]:
+    """A self-conditioned G's clusters: how many are in use (hold any of the sample), and the largest one's share."""
+    return {"clusters": int((freqs > 0).sum()), "cluster_max": float(freqs.max())}
 
 
 def _load_inception(path: str) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from tqdm import tqdm
 
 from gan_dist.augment import build_augment
@@ -41,10 +41,15 @@ from gan_dist.optim import lr_factor, make_optimizers, schedule_progress, set_lr
 from gan_dist.points import mixture_centers
 from gan_dist.provenance import run_info
 from gan_dist.rundir import console_file, prepare_run_dir, write_config
+from gan_dist.selfcond import SelfCond
 from gan_dist.signals import StopFlag, requeue_or_rerun
 from gan_dist.tracking import Meter, Tracker
 from gan_dist.trained import Trained
 from gan_dist.viz import fixed_labels, fixed_noise
+
+
+SAMPLE_DRAW = 512  # self-conditioning draws its sample in global batches of this many images (any world size <= 512)
+SAMPLE_SEED = 0x5C  # added to the run's seed: the sample's stream is not the training stream
 
 
 def micro_batch(cfg: TrainConfig, world: int) -> int:
@@ -178,7 +183,9 @@ def build_trained(cfg: Config, accelerator: Accelerator) -> Trained:
     augment = build_augment(cfg.aug)
     # ADA's p and sums live on the device and are checkpointed per rank; DiffAugment has no state.
     augment = augment.to(accelerator.device) if isinstance(augment, torch.nn.Module) else augment
-    return Trained(G=G, D=D, opt_G=opt_G, opt_D=opt_D, ema=ema, G_raw=G_raw, D_raw=D_raw, augment=augment)
+    self_cond = SelfCond(cfg.model, D_raw, cfg.seed).to(accelerator.device) if cfg.model.self_cond else None
+    return Trained(G=G, D=D, opt_G=opt_G, opt_D=opt_D, ema=ema, G_raw=G_raw, D_raw=D_raw, augment=augment,
+                   self_cond=self_cond)
 
 
 def new_state(cfg: Config, resume: Resume) -> TrainState:
@@ -214,12 +221,34 @@ class TrainStep:
         self.objective = GANObjective(cfg.loss, trained.G, trained.D, backward=accelerator.backward,
                                       augment=trained.augment, gather=accelerator.gather,
                                       rank=accelerator.process_index, world=accelerator.num_processes,
-                                      conditional=cfg.model.cond)
+                                      conditional=label_count(cfg.model) > 0,
+                                      labeler=trained.self_cond.label if trained.self_cond else None)
         self.mark = step_marker(accelerator)
+
+    def recluster(self, step: int) -> None:
+        """Self-conditioning: cluster the fixed sample of real images again with D as it is (every rank at the same
+        step; the sample is the first images of the data's stream under its own seed, the same every time), and
+        start G's cluster counts, which its samplers draw labels from, at the sample's cluster sizes."""
+        cfg, acc = self.cfg, self.accelerator
+        per_draw = math.ceil(SAMPLE_DRAW / acc.num_processes)
+        sample = open_batches(cfg.data, cfg.perf, batch=per_draw, seed=cfg.seed + SAMPLE_SEED,
+                              rank=acc.process_index, world=acc.num_processes, device=acc.device,
+                              saved=DataState.fresh(), nimg=0, first=lambda fn: local_main_first(acc, fn),
+                              say=lambda _: None)
+        n = min(cfg.model.self_cond_images, sample.epoch_size or cfg.model.self_cond_images)
+        try:
+            images = torch.cat([next(sample)[0] for _ in range(math.ceil(n / (per_draw * acc.num_processes)))])
+        finally:
+            sample.close()
+        sizes = self.trained.self_cond.recluster(self.trained.D_raw, images, step, gather=acc.gather,
+                                                 broadcast=broadcast, world=acc.num_processes, per_draw=per_draw, n=n)
+        self.trained.G_raw.recount(sizes.to(torch.float64))
 
     def __call__(self, state: TrainState, batches: DeviceBatches, meter: Meter) -> StepEnd:
         """Train `state.step` on `batches`, adding its metrics to `meter`."""
         cfg, t, objective = self.cfg, self.trained, self.objective
+        if t.self_cond is not None and t.self_cond.due(state.step):
+            self.recluster(state.step)
         set_lr(t.opt_G, t.opt_D, lr_factor(state.step, cfg.train.steps, cfg.optim, state.nimg), cfg.optim)
         schedule = Schedule(schedule_progress(state.step, cfg.train.steps, cfg.optim, state.nimg),
                             state.nimg / (batches.epoch_size or ENDLESS_EPOCH))
@@ -228,7 +257,7 @@ class TrainStep:
             pairs = []  # the last D step's real batches and labels: G's micro-steps pair with them
             for _ in range(cfg.train.grad_accum):
                 real, c = meter.fetch(batches)
-                c = objective.labels(c)
+                c = objective.labels(real, c)
                 self.mark()
                 with self.accelerator.accumulate(t.D):
                     z = torch.randn(len(real), cfg.model.z_dim, device=real.device)
@@ -285,7 +314,7 @@ def run(cfg: Config, accelerator: Accelerator, flag: StopFlag, resume: Resume, l
     batches = open_data(cfg, accelerator, batch, saved, state.nimg)
     cleanup.callback(lambda: batches.close())  # the loader's workers, also after an error (the newest `batches`)
     evaluator = local_main_first(accelerator, lambda: Evaluator(cfg.eval, cfg.data, cfg.model.z_dim, cfg.seed,
-                                                                label_count(cfg.model)))
+                                                                label_count(cfg.model), self_cond=cfg.model.self_cond))
     tracker = cleanup.enter_context(start_tracking(cfg, accelerator, state, batch))
     meter = Meter(accelerator, state.nimg, state.log_sums, state.log_steps)
     progress = cleanup.enter_context(progress_bar(cfg.train, state.step, is_main))

@@ -5,7 +5,7 @@ its real-data floor (`<key>_real`: the metric of held-out real data, scored like
 The evaluator (which metrics a run gets, which may pick `best/`), W&B run summaries (`tracking.py`), the HTML
 report (`scripts/report.py`) and the W&B report (`scripts/wandb_report.py`) all read it, so they cannot disagree: a
 metric `metrics.py` starts computing needs one entry here to be accepted as eval.best_metric, summarised in W&B and
-shown in both reports. A conditional G's per-class FCDs (`fcd_class<k>`, with floors) ride along unlisted:
+shown in both reports. A metric of several kinds (modes) is shown with each. A conditional G's per-class FCDs (`fcd_class<k>`, with floors) ride along unlisted:
 `fcd_class_mean` and `fcd_class_max` stand for them.
 
 Plain Python, no torch: the report scripts import it on machines without the training stack.
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = {"mnist": "MNIST", "webdataset": "RGB images", "points": "2-D mixtures"}  # data kind -> its name in reports
+# data kind -> its name in reports
+KINDS = {"mnist": "MNIST", "stacked": "Stacked MNIST", "webdataset": "RGB images", "points": "2-D mixtures"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Metric:
     kinds: tuple[str, ...]
     has_floor: bool = False
     conditional: bool = False  # computed only for a class-conditional G (samples drawn with labels)
+    self_cond: bool = False  # computed only for a self-conditioned G (its clusters)
     plot: str = ""  # a plot title shared with metrics on the same scale; empty: a plot of its own, titled `label`
 
     @property
@@ -48,18 +50,23 @@ METRICS = (  # in the order reports show them
            plot="Per-class FCD"),
     Metric("fcd_class_max", "Per-class FCD, worst class", True, ("mnist",), has_floor=True, conditional=True,
            plot="Per-class FCD"),
-    Metric("modes", "Modes covered", False, ("points",)),
+    Metric("modes", "Modes covered", False, ("points", "stacked")),
+    Metric("kl", "Mode KL to uniform", True, ("stacked",), has_floor=True),
     Metric("hq", "High-quality samples %", False, ("points",)),
     Metric("reverse_kl", "Reverse KL", True, ("points",)),
+    Metric("clusters", "Clusters in use", False, tuple(KINDS), self_cond=True),
+    Metric("cluster_max", "Largest cluster share", True, tuple(KINDS), self_cond=True),
 )
 BY_KEY = {m.key: m for m in METRICS}
 
 
 def data_kind(dataset: str) -> str:
-    """The data kind of `data.dataset`: every dataset other than MNIST and webdataset is a 2-D mixture."""
-    return dataset if dataset in ("mnist", "webdataset") else "points"
+    """The data kind of `data.dataset`: every dataset other than the image ones is a 2-D mixture."""
+    return {"mnist": "mnist", "stacked_mnist": "stacked", "webdataset": "webdataset"}.get(dataset, "points")
 
 
-def of(kind: str, conditional: bool = False) -> list[Metric]:
-    """The metrics evaluation computes for data of `kind` (with a conditional G's class metrics if `conditional`)."""
-    return [m for m in METRICS if kind in m.kinds and (conditional or not m.conditional)]
+def of(kind: str, conditional: bool = False, self_cond: bool = False) -> list[Metric]:
+    """The metrics evaluation computes for data of `kind` (with a conditional G's class metrics if `conditional`,
+    a self-conditioned G's cluster metrics if `self_cond`)."""
+    return [m for m in METRICS if kind in m.kinds and (conditional or not m.conditional) and
+            (self_cond or not m.self_cond)]

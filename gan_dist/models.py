@@ -22,7 +22,8 @@
   labels of the data it is trained on, so samplers can draw labels at the data's class frequencies); D adds the
   projection of its last features onto a learned class embedding (Miyato & Koyama 2018) to its logit. With
   `model.cond_norm`, G takes z alone and the label sets the scale and shift of every BatchNorm in G instead
-  (class-conditional BatchNorm: de Vries et al. 2017, Miyato & Koyama 2018's G, BigGAN).
+  (class-conditional BatchNorm: de Vries et al. 2017, Miyato & Koyama 2018's G, BigGAN). `model.self_cond` builds
+  the same pair over `model.self_cond_k` clusters instead of classes (`selfcond.py` labels the data).
 - Every generator is a `Generator`, which keeps its ModelConfig and carries huggingface_hub's PyTorchModelHubMixin:
   `G.save_pretrained(folder)` writes `model.safetensors` (with metadata naming the architecture) and `config.json`
   (the ModelConfig), and `Generator.from_pretrained(folder or Hub repo)` rebuilds the class the config names. Its
@@ -103,8 +104,9 @@ def describe(cfg: ModelConfig) -> dict[str, str]:
 
 
 def label_count(cfg: ModelConfig) -> int:
-    """The classes whose labels G and D take: `model.classes` for a conditional run, 0 for an unconditional one."""
-    return cfg.classes if cfg.cond else 0
+    """The classes whose labels G and D take: `model.classes` for a conditional run, `model.self_cond_k` clusters
+    for a self-conditioned one, 0 for an unconditional one."""
+    return cfg.self_cond_k if cfg.self_cond else cfg.classes if cfg.cond else 0
 
 
 def config_json(cfg: ModelConfig) -> str:
@@ -233,9 +235,14 @@ class Discriminator(nn.Module):
         self.inputs: nn.Module = nn.Identity()
 
     def project(self, features: int, cfg: ModelConfig) -> None:
-        self.embed = nn.Embedding(cfg.classes, features) if cfg.cond else None
+        classes = label_count(cfg)
+        self.embed = nn.Embedding(classes, features) if classes else None
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, 0.0, features ** -0.5)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F): what D's last layers map to its logit, flattened (the projection's, and self-conditioning's)."""
+        return self.net[:-self.head](self.inputs(x)).flatten(1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         x = self.inputs(x)
@@ -381,10 +388,11 @@ class ConditionalGenerator(Generator):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        z_dim = cfg.z_dim if cfg.cond_norm else 2 * cfg.z_dim
-        self.net = ARCHS[cfg.arch][0](dataclasses.replace(cfg, z_dim=z_dim, cond=False))
-        self.embed = None if cfg.cond_norm else nn.Embedding(cfg.classes, cfg.z_dim)
-        self.register_buffer("class_counts", torch.zeros(cfg.classes, dtype=torch.float64))
+        z_dim, classes = cfg.z_dim if cfg.cond_norm else 2 * cfg.z_dim, label_count(cfg)
+        self.net = ARCHS[cfg.arch][0](dataclasses.replace(cfg, z_dim=z_dim, cond=False, self_cond=False,
+                                                          classes=classes))
+        self.embed = None if cfg.cond_norm else nn.Embedding(classes, cfg.z_dim)
+        self.register_buffer("class_counts", torch.zeros(classes, dtype=torch.float64))
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
@@ -394,6 +402,11 @@ class ConditionalGenerator(Generator):
     @torch.no_grad()
     def count(self, c: torch.Tensor) -> None:
         self.class_counts += torch.bincount(c, minlength=len(self.class_counts)).to(self.class_counts.dtype)
+
+    @torch.no_grad()
+    def recount(self, counts: torch.Tensor) -> None:
+        """Start the counts again from `counts` (self-conditioning's cluster sizes, after a re-clustering)."""
+        self.class_counts.copy_(counts)
 
     def class_freqs(self) -> torch.Tensor:
         """The data's class frequencies as seen in training; uniform before any label was seen."""
@@ -414,7 +427,7 @@ ARCHS = {"dcgan": (DCGANGenerator, DCGANDiscriminator), "radford": (RadfordGener
 
 
 def build_generator(cfg: ModelConfig) -> Generator:
-    return ConditionalGenerator(cfg) if cfg.cond else ARCHS[cfg.arch][0](cfg)
+    return ConditionalGenerator(cfg) if label_count(cfg) else ARCHS[cfg.arch][0](cfg)
 
 
 def build_models(cfg: ModelConfig) -> tuple[Generator, nn.Module]:

@@ -47,22 +47,27 @@ class GANObjective:
     """G's and D's losses for `cfg` (LossConfig) over `G` and `D` as the step runs them (DDP-wrapped or not).
     `augment` transforms everything D sees; ADA's heuristic is fed from every D phase. `gather` concatenates a
     tensor of every rank in rank order (top-k ranks the global batch); `rank` and `world` place this process in
-    it. `conditional`: the networks take the real batch's labels, which G's samples then share."""
+    it. `conditional`: the networks take the real batch's labels, which G's samples then share; `labeler` gives
+    those labels from the images instead (self-conditioning's clusters)."""
 
     def __init__(self, cfg: LossConfig, G: nn.Module, D: nn.Module, *, backward: Backward,
                  augment: Augment | None = None, gather: Callable[[torch.Tensor], torch.Tensor] = _same,
-                 rank: int = 0, world: int = 1, conditional: bool = False) -> None:
+                 rank: int = 0, world: int = 1, conditional: bool = False,
+                 labeler: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.cfg, self.G, self.D, self.backward, self.augment = cfg, G, D, backward, augment
         self.gather, self.rank, self.world, self.conditional = gather, rank, world, conditional
+        self.labeler = labeler
 
     def regularize(self, d_step: int) -> bool:
         """Whether D step `d_step` (counted over the run) takes the lazy R1 / R2 pass (StyleGAN2's lazy
         regularization: every r1_every-th D step, its weight scaled by r1_every)."""
         return d_step % self.cfg.r1_every == 0
 
-    def labels(self, c: torch.Tensor) -> torch.Tensor | None:
-        """The labels the networks take of a real batch labelled `c` (every source has labels): none unless they
-        are conditional. The phases take what this returns."""
+    def labels(self, real: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+        """The labels the networks take of a real batch `real` labelled `c` (every source has labels): none unless
+        they are conditional, the labeler's when there is one. The phases take what this returns."""
+        if self.labeler is not None:
+            return self.labeler(real)
         return c if self.conditional else None
 
     def _d(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:

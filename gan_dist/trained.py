@@ -1,5 +1,6 @@
 """What training trains, owned in one place: G and D as the step runs them (DDP-wrapped, perhaps compiled) and
-unwrapped, their optimizers, the EMA generator and the augmentation (ADA's p and sums are state too); and what of
+unwrapped, their optimizers, the EMA generator, the augmentation (ADA's p and sums are state too) and
+self-conditioning's clusters; and what of
 them a checkpoint keeps per rank, what an export writes and which tensors the non-finite check reads.
 
 Built by the loop (accelerate wraps the networks there); nothing here knows about processes.
@@ -14,6 +15,7 @@ from torch import nn
 
 from gan_dist.augment import ADA, DiffAugment
 from gan_dist.ema import EMA
+from gan_dist.selfcond import SelfCond
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Trained:
     G_raw: nn.Module
     D_raw: nn.Module
     augment: DiffAugment | ADA | None = None
+    self_cond: SelfCond | None = None  # self-conditioning's clusters (the same on every rank)
 
     @property
     def G_ema(self) -> nn.Module:

@@ -71,7 +71,7 @@ def main() -> int:
         # Each node's main process trains the classifier if it is missing; the others then load it.
         classes = label_count(cfg.model)
         evaluator = local_main_first(accelerator, lambda: Evaluator(eval_cfg, data_cfg, cfg.model.z_dim, cfg.seed,
-                                                                    classes, args.truncation))
+                                                                    classes, args.truncation, cfg.model.self_cond))
         if not evaluator.active:
             raise UserError(f"nothing to evaluate for data.dataset={cfg.data.dataset} without --inception")
         G = G.to(accelerator.device)

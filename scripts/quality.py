@@ -1,11 +1,13 @@
 """The quality protocol: train each config of a suite from scratch, score it, and write markdown tables.
 
-    python scripts/quality.py --suite 2d|mnist|limited|all [--seeds N] [--jobs J] [--out docs/results.md]
+    python scripts/quality.py --suite 2d|mnist|stacked|limited|all [--seeds N] [--jobs J] [--out docs/results.md]
                               [--runs DIR] [--configs FILE ...] [--set KEY=VALUE ...] [--no-drs]
 
 `2d` trains ring8 and grid25 for seeds 0..N-1 and reports each seed's last evaluation beside the published numbers;
 `mnist` trains `configs/mnist_cpu.yaml` and `configs/mnist_cond_cpu.yaml` (seed 0), with CUDA also the seed DCGAN
 and `configs/mnist_best.yaml`, and reports every evaluation, the minute it appeared and the real-data floors;
+`stacked` trains `configs/stacked_mnist_cpu.yaml` for seeds 0..N-1 (default 3) and reports each seed's modes and KL
+on 26,000 samples, their mean and worst, real digit triples' and the published rows;
 `limited` trains `configs/mnist_cpu.yaml` (seed 0) on 1,000, 5,000 and all 60,000 images (`data.limit`) with each
 augmentation (`aug.kind` none, diffaug, ada; at 60,000 none and ada), 2 at a time like the 2-D suite, and reports
 each one's last evaluation and ADA's p (the small-data goals are ADA's against no augmentation). After each 2-D or
@@ -46,10 +48,18 @@ from gan_dist.provenance import changed_files, git_commit
 from gan_dist.rundir import metrics_file, metrics_since, read_config
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("2d", "mnist", "limited")
+SUITES = ("2d", "mnist", "stacked", "limited")
 CONFIGS_2D = ("configs/ring8_best.yaml", "configs/grid25_best.yaml")
 MNIST_CPU = ("configs/mnist_cpu.yaml", "configs/mnist_cond_cpu.yaml")
 MNIST_GPU = ("configs/mnist_dcgan.yaml", "configs/mnist_best.yaml")
+CONFIGS_STACKED = ("configs/stacked_mnist_cpu.yaml",)
+GOAL_STACKED = (1000, 0.05)  # every seed: all modes, KL at most this
+# Published Stacked MNIST rows, modes / KL on 26,000 samples: (method, modes, KL, source)
+PUBLISHED_STACKED = (("DCGAN", "99", "3.4", "VEEGAN Table 2"), ("VEEGAN", "150", "2.95", "VEEGAN Table 2"),
+                     ("WGAN-GP", "995", "0.148", "GDPP Table 3"), ("GDPP", "1000", "0.135", "GDPP Table 3"),
+                     ("PacDCGAN2", "1000", "0.06", "PacGAN Table 2"),
+                     ("R3GAN loss (RpGAN + R1 + R2)", "1000", "0.078", "R3GAN's ablation, secondary source"))
+STACKED_MINUTES = 60  # a CPU Stacked MNIST training's budget, two side by side
 GOALS_2D = {"ring8": (8, 98.0), "grid25": (25, 95.0)}  # every seed: all modes, and at least this % high quality
 GOALS_DRS = {"ring8": 99.5, "grid25": 99.0}  # ... with rejection sampling
 PUBLISHED = (("PacGAN4", "7.8 / 95.9", "24.8 / 93.6"), ("VEEGAN", "8 / 52.9", "24.6 / 40.0"),
@@ -66,7 +76,7 @@ LIMITED_DRAWN = 1000  # the images whose runs' grids the section shows
 ADA_GOAL_SMALL = 0.5  # at 1,000 images ADA's FCD at most this x the unaugmented run's (and its recall above it)
 ADA_GOAL_FULL, ADA_P_FULL = 1.1, 0.1  # at 60,000: FCD within 10% of the unaugmented run's, p below this
 CPU_MINUTES = 30  # a CPU MNIST row's budget per training, evaluations included, two trainings side by side
-PICTURE = {"2d": 2500, "mnist": 100, "limited": 100}  # samples in a picture: the 2-D protocol's; a 10 x 10 grid
+PICTURE = {"2d": 2500, "mnist": 100, "stacked": 100, "limited": 100}  # samples in a picture: the 2-D protocol's; a 10 x 10 grid
 POLL_S = 2.0  # how often a running training's metrics.jsonl is checked, to time each evaluation
 TAIL = 20  # lines of a failed training's log shown
 INTRO = """# Results
@@ -74,9 +84,9 @@ INTRO = """# Results
 Sample quality under a fixed protocol: each config is trained from scratch for every seed and scored by the
 trainer's own evaluation (`eval/*` in each run's `metrics.jsonl`, see the README's Evaluation): modes covered and %
 high-quality samples of 2,500 for the 2-D mixtures, the classifier's FCD, KID, IS, class coverage and precision /
-recall beside their real-data floors for MNIST. Each section is written by `python scripts/quality.py --suite 2d`,
-`--suite mnist` or `--suite limited`, which replaces only its own section and states its command, date, hardware,
-commit and configs.
+recall beside their real-data floors for MNIST, modes covered and KL from uniform for Stacked MNIST. Each section is
+written by `python scripts/quality.py --suite 2d`, `--suite mnist`, `--suite stacked` or `--suite limited`, which
+replaces only its own section and states its command, date, hardware, commit and configs.
 """
 
 
@@ -336,6 +346,41 @@ def table_mnist(job: Job) -> str:
     return "\n".join(lines)
 
 
+def _verdict(failing: list[str]) -> str:
+    """A goal's verdict over seeds, naming the seeds that miss it."""
+    return f"**not met** (seeds {', '.join(failing)})" if failing else "**met**"
+
+
+def table_stacked(config: Path, jobs: list[Job], shown: str) -> str:
+    """Each seed's last evaluation (modes, KL; a self-conditioned run's clusters in use), their mean and worst,
+    real digit triples', the goal, and the published rows."""
+    rows = [_last(job, "eval/kl") for job in jobs]
+    clusters = all("eval/clusters" in r for r in rows)
+    lines = [f"### `{_show(config)}`", "", "| seed | steps | modes covered | KL | wall time |" +
+             (" clusters in use |" if clusters else ""), "| --- " * (5 + clusters) + "|"]
+    lines += [f"| {job.seed} | {r['train/step']} | {r['eval/modes']:.0f} | {r['eval/kl']:.4f} | "
+              f"{_duration(job.wall)} |" + (f" {r['eval/clusters']:.0f} |" if clusters else "")
+              for job, r in zip(jobs, rows)]
+    walls = [job.wall for job in jobs]
+    lines += [f"| mean ± std (worst) | | {_spread([r['eval/modes'] for r in rows], '.1f', 'min')} | "
+              f"{_spread([r['eval/kl'] for r in rows], '.4f', 'max')} | {_duration(statistics.mean(walls))} (max "
+              f"{_duration(max(walls))}) |" + (" |" if clusters else ""),
+              f"| real digit triples | | {rows[0]['eval/modes_real']:.0f} | {rows[0]['eval/kl_real']:.4f} | |" +
+              (" |" if clusters else ""), ""]
+    want, most = GOAL_STACKED
+    missed = [str(job.seed) for job, r in zip(jobs, rows) if r["eval/modes"] < want or r["eval/kl"] > most]
+    slow = [str(job.seed) for job in jobs if job.wall > 60 * STACKED_MINUTES]
+    lines += [f"Goals: every seed {want}/{want} modes and KL ≤ {most:g}: {_verdict(missed)}; every training ≤ "
+              f"{STACKED_MINUTES} minutes: {_verdict(slow)}.",
+              "", f"{shown} (seed {jobs[0].seed}: 100 samples of the final G_ema)", "",
+              "Published, modes / KL (26,000 samples, a pretrained MNIST classifier per channel):", "",
+              "| method | modes | KL | source |", "| --- | --- | --- | --- |",
+              *(f"| {name} | {modes} | {kl} | {source} |" for name, modes, kl, source in PUBLISHED_STACKED),
+              f"| this repo (mean over seeds) | {statistics.mean(r['eval/modes'] for r in rows):.1f} | "
+              f"{statistics.mean(r['eval/kl'] for r in rows):.4f} | this section |", ""]
+    return "\n".join(lines)
+
+
 def _variant(job: Job) -> tuple[int, str]:
     """(training images, aug.kind) of a `limited` job."""
     keys = dict(o.split("=", 1) for o in job.overrides)
@@ -398,13 +443,15 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
         configs, unmeasured = [REPO / LIMITED_CONFIG], []
     elif suite == "2d":
         configs, unmeasured = [REPO / p for p in CONFIGS_2D], []
+    elif suite == "stacked":
+        configs, unmeasured = [REPO / p for p in CONFIGS_STACKED], []
     else:
         gpu = [REPO / p for p in MNIST_GPU]
         configs, unmeasured = [REPO / p for p in MNIST_CPU] + (gpu if cuda else []), [] if cuda else gpu
     for path in configs:
         if not path.is_file():
             raise UserError(f"config file '{_show(path)}' not found; create it or name others with --configs")
-    seeds = range(args.seeds) if suite == "2d" else [0]
+    seeds = range(args.seeds or 5) if suite == "2d" else range(args.seeds or 3) if suite == "stacked" else [0]
     if suite == "limited":
         jobs = [Job(c, 0, args.runs / name / "seed0", (f"data.limit={n % MNIST_IMAGES}", f"aug.kind={kind}"), name)
                 for c in configs for n, kind in LIMITED for name in [f"{c.stem}-{n}-{kind}"]]
@@ -413,7 +460,7 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     # An MNIST training gets every core (its wall time is a goal) unless --jobs says otherwise.
     parallel = min(parallel, len(jobs)) if suite != "mnist" or args.jobs else 1
     start = time.monotonic()
-    drs = not args.no_drs and suite != "limited"
+    drs = not args.no_drs and suite not in ("limited", "stacked")
     run_all(jobs, args.set, parallel, drs)
     wall = time.monotonic() - start
     if suite == "limited":
@@ -427,7 +474,10 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     firsts = {c: next(j for j in jobs if j.config == c) for c in configs}
     shown = {c: picture(draw(job, suite, images_of(args.out)), args.out,
                         f"{c.stem}: samples of the final G_ema") for c, job in firsts.items()}
-    if suite == "2d":
+    if suite == "stacked":
+        title, body = "Stacked MNIST", "\n".join(table_stacked(c, [j for j in jobs if j.config == c], shown[c])
+                                                 for c in configs)
+    elif suite == "2d":
         title, body = "2-D mixtures", section_2d({c: [j for j in jobs if j.config == c] for c in configs}, shown)
     else:
         note = (f"`minute`: wall time since the training started when the row appeared in `metrics.jsonl` (checked "
@@ -440,7 +490,8 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", required=True, choices=(*SUITES, "all"))
-    parser.add_argument("--seeds", type=int, default=5, help="2-D suite: seeds 0..N-1 (MNIST runs seed 0)")
+    parser.add_argument("--seeds", type=int, help="2-D and stacked suites: seeds 0..N-1 (default 5 and 3; MNIST "
+                        "runs seed 0)")
     parser.add_argument("--jobs", type=int, help="trainings at once (default: 2 on CPU, 1 with CUDA; mnist: 1)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md",
                         help="the markdown file (default: docs/results.md)")
@@ -453,10 +504,10 @@ def main() -> int:
     args = parser.parse_args()
     args.out, args.runs = args.out.resolve(), args.runs.resolve()
     try:
-        if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
+        if (args.seeds is not None and args.seeds < 1) or (args.jobs is not None and args.jobs < 1):
             raise UserError("--seeds and --jobs must be at least 1")
         if args.configs and args.suite == "all":
-            raise UserError("--configs replaces one suite's configs; pick --suite 2d, mnist or limited")
+            raise UserError("--configs replaces one suite's configs; pick --suite 2d, mnist, stacked or limited")
         cuda = torch.cuda.is_available()
         parallel = args.jobs or (1 if cuda else min(2, os.cpu_count() or 1))
         for suite in SUITES if args.suite == "all" else (args.suite,):

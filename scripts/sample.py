@@ -57,7 +57,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interpolate", action="store_true", help="latent interpolation strip (.png)")
     parser.add_argument("--no-ema", action="store_true", help="sample the raw G instead of G_ema")
-    parser.add_argument("--class", dest="label", type=int, help="a conditional run: draw class K only")
+    parser.add_argument("--class", dest="label", type=int, help="a conditional run: draw class K only (a "
+                        "self-conditioned run: cluster K; by default its clusters are drawn as their sizes)")
     parser.add_argument("--truncation", type=float, metavar="PSI", help="draw z from the normal truncated at PSI "
                         "standard deviations (redrawn, not clipped): lower is more faithful and less varied")
     add_sampler_args(parser)
@@ -82,7 +83,7 @@ def main() -> int:
         else:
             z = G.latents(args.num, args.truncation, rng)
         grid = args.out.suffix == ".png" and not args.interpolate
-        c = labels(G, len(z), classes, args.label, grid, rng)
+        c = labels(G, len(z), classes, args.label, grid and not G.cfg.self_cond, rng)
         if args.interpolate and c is not None:  # one class along each strip
             c = c[::STRIP].repeat_interleave(STRIP) if args.label is None else c
         if cfg is None and args.sampler == "drs":
@@ -102,7 +103,7 @@ def main() -> int:
                 picture = scatter_plot(out, mixture_centers(cfg.data))
             else:
                 cols = STRIP if args.interpolate else min(classes, len(out)) if grid and classes and \
-                    args.label is None else None
+                    args.label is None and not G.cfg.self_cond else None
                 picture = image_grid(out, cols=cols)
             Image.fromarray(picture).save(args.out)
         elif args.out.suffix == "":
@@ -125,7 +126,8 @@ def main() -> int:
 
 def labels(G: torch.nn.Module, n: int, classes: int, label: int | None, grid: bool,
            rng: torch.Generator) -> torch.Tensor | None:
-    """A conditional run's labels: all `label`, class-ordered columns for a grid, else the data's frequencies."""
+    """A conditional run's labels: all `label`, class-ordered columns for a grid, else the data's frequencies (a
+    self-conditioned run's clusters: drawn as their sizes, grid or not, so samples are unconditional)."""
     if not classes:
         return None
     if label is not None:

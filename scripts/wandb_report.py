@@ -43,10 +43,12 @@ def eval_plots(metrics: list[Metric]) -> list[tuple[str, list[str]]]:
     return list(plots.items())
 
 
-# (heading, plots): a section per kind of data, and one for a class-conditional G's class metrics.
+# (heading, plots): a section per kind of data, one for a class-conditional G's class metrics, and one for a
+# self-conditioned G's clusters (of any kind of data).
 EVAL_SECTIONS = [(name + (", class-conditional G" if cond else ""), eval_plots(metrics))
                  for kind, name in KINDS.items() for cond in (False, True)
-                 if (metrics := [m for m in METRICS if kind in m.kinds and m.conditional == cond])]
+                 if (metrics := [m for m in METRICS if kind in m.kinds and m.conditional == cond and not m.self_cond])
+                 ] + [("Self-conditioned G", eval_plots([m for m in METRICS if m.self_cond]))]
 EVAL_KEYS = [f"eval/{m.key}" for m in METRICS]
 PERF_PLOTS = [("Throughput (img/s)", ["perf/img_per_sec"]), ("Data wait fraction", ["perf/data_wait_frac"])]
 MEDIA = [("Samples from G_ema", "samples/ema"), ("Samples from G", "samples/G")]

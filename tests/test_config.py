@@ -78,7 +78,7 @@ def test_every_shipped_config_loads(path):
         assert cfg.model.resolution == cfg.data.resolution == int(path.stem[-2:]) and cfg.model.channels == 3
     else:
         cfg = load_config(["--config", str(path)])
-        assert cfg.model.arch == ("mlp" if cfg.data.dataset != "mnist" else "dcgan")
+        assert cfg.model.arch == ("dcgan" if cfg.data.dataset in ("mnist", "stacked_mnist") else "mlp")
     assert cfg.run.dir == f"runs/{path.stem}", "each config writes to its own run directory"
 
 

@@ -218,3 +218,21 @@ def test_the_header_names_rejection_sampling_only_where_the_suite_ran_it(tmp_pat
     limited = quality.header("Small datasets", [job], [job.config], 2, 60.0, args, drs=False)
     assert "rejection sampling" not in limited and "wandb.mode=disabled data.limit=N aug.kind=KIND`" in limited
     assert "rejection sampling" in quality.header("MNIST", [job], [job.config], 2, 60.0, args, drs=True)
+
+
+def test_the_stacked_table_holds_each_seed_its_mean_and_worst_and_the_goal():
+    config = REPO / "configs/stacked_mnist_cpu.yaml"
+    scores = [(1000, 0.031, 11), (998, 0.072, 9), (1000, 0.045, 12)]
+    jobs = [quality.Job(config, seed, Path(f"/runs/seed{seed}"), wall=600.0 * (seed + 1), rows=[
+        {"train/step": 18000, "eval/modes": m, "eval/kl": kl, "eval/modes_real": 1000, "eval/kl_real": 0.024,
+         "eval/clusters": c}]) for seed, (m, kl, c) in enumerate(scores)]
+    markdown = quality.table_stacked(config, jobs, "PICTURE")
+    for seed, (modes, kl, clusters) in enumerate(scores):
+        assert table_row(markdown, str(seed))[2:] == [str(modes), f"{kl:.4f}", f"{10 * (seed + 1):.1f} min",
+                                                      str(clusters)]
+    mean = table_row(markdown, "mean ± std (worst)")
+    assert mean[2].startswith("999.3") and mean[2].endswith("(min 998.0)")
+    assert mean[3].startswith("0.0493") and mean[3].endswith("(max 0.0720)")
+    assert table_row(markdown, "real digit triples")[2:4] == ["1000", "0.0240"]
+    assert "KL ≤ 0.05: **not met** (seeds 1)" in markdown and "≤ 60 minutes: **met**" in markdown
+    assert "| PacDCGAN2 | 1000 | 0.06 |" in markdown and "PICTURE" in markdown

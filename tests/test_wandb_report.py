@@ -73,10 +73,11 @@ def test_panels_and_keys(script, monkeypatch):
     # Every listed metric, with its floor, once, in the section of its kind of data (class metrics apart).
     for kind, name in KINDS.items():
         for cond, heading in ((False, name), (True, f"{name}, class-conditional G")):
-            listed = [f"eval/{key}" for m in METRICS if kind in m.kinds and m.conditional == cond
+            listed = [f"eval/{key}" for m in METRICS if kind in m.kinds and m.conditional == cond and not m.self_cond
                       for key in (m.key, m.floor) if key]
             assert sorted(sections.get(heading, [])) == sorted(listed), heading
-    assert sorted(key for keys in sections.values() for key in keys) == sorted(EVAL)
+    assert sorted(sections["Self-conditioned G"]) == sorted(f"eval/{m.key}" for m in METRICS if m.self_cond)
+    assert {key for keys in sections.values() for key in keys} == EVAL
     assert "eval/fid" in sections["RGB images"] and "eval/reverse_kl" in sections["2-D mixtures"]
     media = panels(report, wr.MediaBrowser)
     assert sorted(key for p in media for key in p.media_keys) == sorted(MEDIA)
