@@ -99,6 +99,8 @@ def evaluate(cfg: Config, accelerator: Accelerator, evaluator: Evaluator, traine
                        accelerator.device) | {"step": state.step, "kimg": state.nimg / 1000}
     tracker.log({"train/step": state.step, "train/kimg": state.nimg / 1000} |
                 {f"eval/{k}": v for k, v in scores.items() if k not in ("step", "kimg")})
+    if trained.self_cond is not None and accelerator.is_main_process:  # the counts G draws its clusters from
+        tracker.log_bars("eval/cluster_sizes", G.class_counts.cpu().numpy(), state.step)
     name = best_metric(cfg.eval, cfg.data)
     improved = accelerator.is_main_process and better(name, scores[name], state.best)
     if accelerator.is_main_process:  # TrainState is saved by main only

@@ -41,6 +41,9 @@ from gan_dist.viz import fixed_noise_grid
 T = TypeVar("T")
 
 
+WANDB_BINS = 512  # the most bins a W&B histogram holds
+
+
 def _say(msg: str) -> None:
     tqdm.write(f"[gan-dist] {msg}", file=sys.stderr)  # on a line of its own, below the progress bar
 
@@ -218,6 +221,18 @@ class Tracker:
             self.run.log({k: wandb.Histogram(v) for k, v in values.items()} | {"train/step": step})
 
         self._wandb("logging histograms", log)
+
+    def log_bars(self, key: str, counts: np.ndarray, step: int) -> None:
+        """One bar per index (W&B only; its histograms hold 512 bins at most, past which the counts' own
+        distribution is shown), e.g. self-conditioning's cluster sizes."""
+        def log() -> None:
+            import wandb
+
+            bars = wandb.Histogram(np_histogram=(counts.tolist(), list(range(len(counts) + 1)))) \
+                if len(counts) <= WANDB_BINS else wandb.Histogram(counts)
+            self.run.log({key: bars, "train/step": step})
+
+        self._wandb(f"logging {key}", log)
 
     def log_samples(self, step: int, G_ema: torch.nn.Module, G: torch.nn.Module, D: torch.nn.Module,
                     z: torch.Tensor, c: torch.Tensor | None, real: torch.Tensor, c_real: torch.Tensor | None) -> None:

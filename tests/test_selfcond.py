@@ -23,6 +23,8 @@ from gan_dist.models import build_models
 from gan_dist.selfcond import SelfCond, kmeans, match
 from runs import REPO, assert_same_weights, kill_tree, launch, newest, wait, weights
 from test_losses_ddp import two_processes
+from test_train import wandb_files
+from wandb_records import history
 
 MLP = ModelConfig(arch="mlp", z_dim=4, hidden=16, depth=2, out_act="none", self_cond=True, self_cond_k=5,
                   self_cond_images=200)
@@ -124,27 +126,28 @@ def test_bad_self_conditioning_and_stacked_settings_are_one_line(overrides, mess
 
 
 SELF_COND = ("model.self_cond=true", "model.cond_norm=true", "model.self_cond_k=6", "model.self_cond_every=20",
-             "model.self_cond_images=600", "train.steps=40", "ckpt.every=10", "ckpt.keep=10", "eval.every=20",
-             "wandb.mode=disabled")
+             "model.self_cond_images=600", "train.steps=40", "ckpt.every=10", "ckpt.keep=10", "eval.every=20")
 
 
 @pytest.mark.slow
 def test_a_resume_across_a_reclustering_is_bit_exact(tmp_path, shards):
     """Clusterings at steps 0 and 20 of 40: a run stopped at step 15 and resumed, and one killed (-9) after its
-    step-30 checkpoint and resumed, end with the uninterrupted run's weights, clusters and metrics."""
+    step-30 checkpoint and resumed, end with the uninterrupted run's weights, clusters and metrics. W&B (offline)
+    gets the cluster sizes G draws from at each evaluation."""
     reference = tmp_path / "reference"
     launch(reference, shards, 1, *SELF_COND)
+    quiet = (*SELF_COND, "wandb.mode=disabled")
     stopped = tmp_path / "stopped"
-    launch(stopped, shards, 1, *SELF_COND[:-3], "train.steps=15", *SELF_COND[-3:-1], "wandb.mode=disabled")
-    assert "resumed from" in launch(stopped, shards, 1, *SELF_COND)
+    launch(stopped, shards, 1, *quiet, "train.steps=15")
+    assert "resumed from" in launch(stopped, shards, 1, *quiet)
     killed = tmp_path / "killed"
-    proc = launch(killed, shards, 1, *SELF_COND, "train.steps=100000", background=True)
+    proc = launch(killed, shards, 1, *quiet, "train.steps=100000", background=True)
     wait(proc, lambda: newest(killed) >= 30, timeout=120)
     kill_tree(proc)
     proc.wait()
     for run in (stopped, killed):
         if run is killed:
-            launch(run, shards, 1, *SELF_COND)
+            launch(run, shards, 1, *quiet)
         assert_same_weights(weights(run), weights(reference))
         clusters = [load_file(r / "checkpoints/step_00000040/train_state.safetensors") for r in (run, reference)]
         for key in (k for k in clusters[1] if k.startswith("self_cond/")):
@@ -154,6 +157,10 @@ def test_a_resume_across_a_reclustering_is_bit_exact(tmp_path, shards):
     assert 2 <= final[1]["clusters"] <= 6
     # sample.py draws clusters as their sizes: only clusters G counted, none of a grid's class columns.
     counts = load_file(reference / "final/generator_ema.safetensors")["class_counts"]
+    (wandb_file,) = wandb_files(reference)
+    bars = [r for r in history(wandb_file) if "eval/cluster_sizes/values" in r]
+    assert len(bars) == 2 and bars[-1]["eval/cluster_sizes/values"] == counts.tolist()
+    assert bars[-1]["eval/cluster_sizes/bins"] == list(range(7))
     npz = tmp_path / "samples.npz"
     subprocess.run([sys.executable, "scripts/sample.py", "--run", str(reference), "--num", "400", "--out", str(npz)],
                    cwd=REPO, check=True, capture_output=True)
