@@ -213,11 +213,8 @@ class Evaluator:
         if rank:
             return {}
         if self.stacked_real is None:
-            images, labels = stacked.stacked(*mnist.load_mnist(self.data.mnist_dir)["train"], None)
-            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(REAL_SEED))[:n]
-            read = _in_batches(lambda i: stacked.modes_of(stacked.channel_digits(
-                net, images[i.cpu()].to(device).float().div(127.5).sub(1))), pick.to(device), self.cfg.batch)
-            self.stacked_real = {f"{k}_real": v for k, v in stacked.mode_metrics(read.cpu()).items()}
+            self.stacked_real = {f"{k}_real": v for k, v in stacked_floor(net, self.data.mnist_dir, n, self.cfg.batch,
+                                                                          device).items()}
         return stacked.mode_metrics(modes) | self.stacked_real
 
     def _real_stats(self, inception, rank: int, world: int, gather: Gather, device) -> tuple:
@@ -231,6 +228,15 @@ class Evaluator:
             feats.append(_inception_features(inception, images))
             have += len(images)
         return metrics.gaussian_stats(gather(torch.cat(feats)[:per]).cpu())
+
+
+def stacked_floor(net: torch.nn.Module, mnist_dir: str, n: int, batch: int, device: torch.device) -> dict[str, float]:
+    """Modes and KL of `n` real digit triples (a fixed draw from the Stacked MNIST table), read by `net`."""
+    images, _ = stacked.stacked(*mnist.load_mnist(mnist_dir)["train"], None)
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(REAL_SEED))[:n]
+    modes = _in_batches(lambda i: stacked.modes_of(stacked.channel_digits(
+        net, images[i.cpu()].to(device).float().div(127.5).sub(1))), pick.to(device), batch)
+    return stacked.mode_metrics(modes.cpu())
 
 
 def cluster_metrics(freqs: torch.Tensor) -> dict[str, float]:
