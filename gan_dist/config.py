@@ -264,7 +264,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "run.lease_timeout_s": (5, 86400),
     "model.z_dim": (1, 65536), "model.width": (1, 65536), "model.d_width": (0, 65536), "model.hidden": (1, 2**20),
     "model.depth": (1, 1000), "model.dropout": (0, 1), "model.mbstd_group": (0, 4096),
-    "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6), "model.self_cond_k": (2, 65536),
+    "model.fourier_features": (0, 65536), "model.fourier_scale": (0, 1e6), "model.self_cond_k": (2, 2000),
     "model.self_cond_every": (1, 10**12), "model.self_cond_images": (2, 10**8),
     "optim.lr_G": (0, 1), "optim.lr_D": (0, 1), "optim.eps": (0, 1), "optim.beta1": (0, 1), "optim.beta2": (0, 1),
     "optim.warmup_steps": (0, 10**12), "optim.lr_end": (0, 1), "optim.schedule_kimg": (0, 1e9),

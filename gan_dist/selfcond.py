@@ -12,8 +12,7 @@ in), on the device, with no host sync.
 Under DDP every rank holds its share of the sample; the features are gathered in the sample's order, k-means runs
 once per rank on the same numbers, and rank 0's result is broadcast, so every rank labels with the same centres.
 The state (the D snapshot, centres, cluster sizes, the sample's assignment, the step) is a checkpoint's, so a resume
-labels exactly as the uninterrupted run. Pure torch (and scipy's assignment solver): `gather` and `broadcast` are
-passed in.
+labels exactly as the uninterrupted run. Pure torch and numpy: `gather` and `broadcast` are passed in.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from gan_dist.config import ModelConfig
@@ -93,14 +92,39 @@ def warm_start(x: torch.Tensor, old: torch.Tensor, k: int, centres: torch.Tensor
     return torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
 
 
+def assignment(cost: np.ndarray) -> np.ndarray:
+    """The column of each row of the square `cost` that minimizes their total (the Hungarian method with
+    potentials, O(k^3): Kuhn 1955, Munkres 1957; the shortest augmenting path form, each row's scan vectorized)."""
+    k = len(cost)
+    u, v = np.zeros(k + 1), np.zeros(k + 1)
+    owner, way = np.zeros(k + 1, dtype=np.int64), np.zeros(k + 1, dtype=np.int64)  # column j's row (1-based); 0: none
+    for row in range(1, k + 1):
+        owner[0], col = row, 0
+        slack, used = np.full(k + 1, np.inf), np.zeros(k + 1, dtype=bool)
+        while owner[col]:
+            used[col] = True
+            reduced = cost[owner[col] - 1] - u[owner[col]] - v[1:]
+            closer = ~used[1:] & (reduced < slack[1:])
+            slack[1:][closer], way[1:][closer] = reduced[closer], col
+            free = np.where(used[1:], np.inf, slack[1:])
+            nxt = int(free.argmin()) + 1
+            delta = free[nxt - 1]
+            u[owner[used]] += delta
+            v[used] -= delta
+            slack[1:][~used[1:]] -= delta
+            col = nxt
+        while col:  # flip the augmenting path
+            owner[col], col = owner[way[col]], way[col]
+    cols = np.empty(k, dtype=np.int64)
+    cols[owner[1:] - 1] = np.arange(k)
+    return cols
+
+
 def match(new: torch.Tensor, old: torch.Tensor, k: int) -> torch.Tensor:
     """(k,) int64: the old id each new cluster takes, maximizing the images that keep their id (Hungarian)."""
     overlap = torch.zeros(k, k, dtype=torch.float64)
     overlap.index_put_((new.cpu(), old.cpu()), torch.ones(len(new), dtype=torch.float64), accumulate=True)
-    rows, cols = linear_sum_assignment(overlap.numpy(), maximize=True)
-    ids = torch.empty(k, dtype=torch.int64)
-    ids[torch.from_numpy(rows)] = torch.from_numpy(cols)
-    return ids
+    return torch.from_numpy(assignment(-overlap.numpy()))
 
 
 def in_sample_order(feats: torch.Tensor, world: int, per_draw: int) -> torch.Tensor:

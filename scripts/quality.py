@@ -149,7 +149,7 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job
 
 def score_drs(job: Job, threads: int, stop: threading.Event) -> Job:
     """The final G_ema's metrics through discriminator rejection sampling, kept in `drs.json` beside the run."""
-    if job.code != 0 or stop.is_set():
+    if job.code != 0 or stop.is_set() or read_config(job.dir).model.self_cond:  # DRS needs the data's own labels
         return job
     out = job.dir / "drs.json"
     cmd = [sys.executable, "scripts/evaluate.py", "--run", str(job.dir), "--sampler", "drs", "--out", str(out)]

@@ -8,6 +8,7 @@ Run: python -m pytest tests/test_selfcond.py -q   (about 1 minute; the resume te
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from gan_dist.config import ModelConfig, load_config
 from gan_dist.errors import UserError
 from gan_dist.models import build_models
-from gan_dist.selfcond import SelfCond, kmeans, match
+from gan_dist.selfcond import SelfCond, assignment, kmeans, match
 from runs import REPO, assert_same_weights, kill_tree, launch, newest, wait, weights
 from test_losses_ddp import two_processes
 from test_train import wandb_files
@@ -46,6 +47,17 @@ def test_kmeans_finds_well_separated_clusters():
     centres, assign = kmeans(x, 5, seed=0)
     assert same_partition(assign, truth)
     assert torch.bincount(assign).tolist() == [100] * 5
+
+
+def test_the_assignment_solver_finds_the_cheapest_assignment():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        k = int(rng.integers(1, 7))
+        cost = rng.integers(0, 5, (k, k)).astype(float) if trial % 2 else rng.random((k, k))  # ties, and none
+        cols = assignment(cost)
+        assert sorted(cols) == list(range(k))
+        best = min(sum(cost[i, p[i]] for i in range(k)) for p in itertools.permutations(range(k)))
+        assert cost[np.arange(k), cols].sum() == pytest.approx(best)
 
 
 def test_matching_gives_each_new_cluster_the_old_id_that_keeps_most_images():
