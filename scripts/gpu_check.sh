@@ -49,8 +49,9 @@ python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda
 stage mnist_shards 120 python3 scripts/prepare_mnist.py --src "$MNIST" --out "$OUT/mnist-shards"
 
 if [ "$PART" = quality ]; then
-    # --jobs 1: one training on the one GPU; the classifier (FCD, IS) is trained on first use, under a minute there.
-    stage quality 480 python3 scripts/quality.py --suite mnist --configs configs/mnist_best.yaml --jobs 1 \
+    # --jobs 1: one training on the one GPU, one seed within the device budget; the classifier (FCD, IS) is trained on
+    # first use, under a minute there.
+    stage quality 480 python3 scripts/quality.py --suite mnist --configs configs/mnist_best.yaml --jobs 1 --seeds 1 \
         --out "$OUT/results.md" --runs "$OUT/quality" --set "data.mnist_dir=$MNIST" --set "data.cache_dir=$OUT/mnist-shards"
     { echo "# GPU quality row, $(date +%F), $(cat "$OUT/torch.txt")"; echo; cat "$OUT/quality.md"; echo
       cat "$OUT/stages.txt"; } >"$OUT/summary.md"
