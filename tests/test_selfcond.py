@@ -1,7 +1,7 @@
 """Self-conditioning (`model.self_cond`, `gan_dist/selfcond.py`): k-means on D's features finds the clusters, a
 re-clustering keeps each cluster's id (whatever ids the last clustering gave), two processes label and step exactly
-as one (tests/selfcond_ddp.py under the real `accelerate launch`), a run resumed across a re-clustering (after a
-clean stop or kill -9) ends bit-identical to an uninterrupted one, and its samplers draw clusters as their sizes.
+as one (tests/selfcond_ddp.py under the real `accelerate launch`), a run killed (-9) and resumed across a re-clustering
+ends bit-identical to an uninterrupted one, and its samplers draw clusters as their sizes.
 
 Run: python -m pytest tests/test_selfcond.py -q   (about 1 minute; the resume test is slow)
 """
@@ -143,29 +143,26 @@ SELF_COND = ("model.self_cond=true", "model.cond_norm=true", "model.self_cond_k=
 
 @pytest.mark.slow
 def test_a_resume_across_a_reclustering_is_bit_exact(tmp_path, shards):
-    """Clusterings at steps 0 and 20 of 40: a run stopped at step 15 and resumed, and one killed (-9) after its
-    step-30 checkpoint and resumed, end with the uninterrupted run's weights, clusters and metrics. W&B (offline)
-    gets the cluster sizes G draws from at each evaluation."""
+    """Clusterings at steps 0 and 20 of 40: a run killed (-9) right after its step-10 checkpoint resumes with the
+    first clustering and crosses the second, and ends with the uninterrupted run's weights, clusters and metrics. W&B
+    (offline) gets the cluster sizes G draws from at each evaluation."""
     reference = tmp_path / "reference"
     launch(reference, shards, 1, *SELF_COND)
-    quiet = (*SELF_COND, "wandb.mode=disabled")
-    stopped = tmp_path / "stopped"
-    launch(stopped, shards, 1, *quiet, "train.steps=15")
-    assert "resumed from" in launch(stopped, shards, 1, *quiet)
     killed = tmp_path / "killed"
+    quiet = (*SELF_COND, "wandb.mode=disabled")
     proc = launch(killed, shards, 1, *quiet, "train.steps=100000", background=True)
-    wait(proc, lambda: newest(killed) >= 30, timeout=120)
+    wait(proc, lambda: newest(killed) >= 10, timeout=120)
     kill_tree(proc)
     proc.wait()
-    for run in (stopped, killed):
-        if run is killed:
-            launch(run, shards, 1, *quiet)
-        assert_same_weights(weights(run), weights(reference))
-        clusters = [load_file(r / "checkpoints/step_00000040/train_state.safetensors") for r in (run, reference)]
-        for key in (k for k in clusters[1] if k.startswith("self_cond/")):
-            assert torch.equal(clusters[0][key], clusters[1][key]), key
-        final = [json.loads((r / "final/metrics.json").read_text()) for r in (run, reference)]
-        assert final[0] == final[1]
+    assert 10 <= newest(killed) < 100000
+    assert "resumed from" in launch(killed, shards, 1, *quiet)
+    assert_same_weights(weights(killed), weights(reference))
+    clusters = [load_file(r / "checkpoints/step_00000040/train_state.safetensors") for r in (killed, reference)]
+    assert any(key.startswith("self_cond/") for key in clusters[1])
+    for key in (k for k in clusters[1] if k.startswith("self_cond/")):
+        assert torch.equal(clusters[0][key], clusters[1][key]), key
+    final = [json.loads((r / "final/metrics.json").read_text()) for r in (killed, reference)]
+    assert final[0] == final[1]
     assert 2 <= final[1]["clusters"] <= 6
     # sample.py draws clusters as their sizes: only clusters G counted, none of a grid's class columns.
     counts = load_file(reference / "final/generator_ema.safetensors")["class_counts"]
