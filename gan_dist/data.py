@@ -17,9 +17,10 @@ resampled chunk's windows are re-read as raw bytes). On another, in epoch mode, 
 ones had left (`order.continue_epochs`, kept as `DataState.spans` until those epochs are read). Bad images are
 skipped with a warning (or stop the run with `data.on_error=raise`); the skip count travels with the position.
 
-With `data.device_cache` (MNIST, Stacked MNIST always, or any epoch-mode shard set that fits), the loader is skipped: the whole dataset is
-decoded once into a uint8 tensor on the device and batches are gathered from it (`CachedBatches`). `data.limit=N`
-always takes that path (on the host with `data.device_cache=false`): the N samples are decoded once and held.
+With `data.device_cache` (MNIST, Stacked MNIST always, or any epoch-mode shard set that fits), the loader is
+skipped: the whole dataset is decoded once into a uint8 tensor on the device and batches are gathered from it
+(`CachedBatches`). `data.limit=N` always takes that path (on the host with `data.device_cache=false`): the N samples
+are decoded once and held.
 
 This module knows the rank and world size only as numbers it is given; it does not touch the Accelerator.
 """

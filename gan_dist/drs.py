@@ -177,7 +177,8 @@ def make_sampler(args: argparse.Namespace, G: torch.nn.Module, cfg, device: torc
         raise UserError("--drs-percentile must be from 0 to below 100 and --calib-steps at least 0")
     if cfg.model.self_cond:
         raise UserError(f"--sampler drs calibrates D on real images with their labels, and {args.run} is "
-                        "self-conditioned (its labels are D's clusters, which exports do not keep); use --sampler plain")
+                        "self-conditioned (its labels are D's clusters, which exports do not keep); use --sampler "
+                        "plain")
     D = load_run_discriminator(args.run, cfg, args.checkpoint).to(device)
     classes = label_count(cfg.model)
     seed = getattr(args, "seed", 0)

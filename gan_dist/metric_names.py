@@ -2,11 +2,11 @@
 `best/` and `final/metrics.json`), a human label, whether lower is better, the data kinds it is computed for, and
 its real-data floor (`<key>_real`: the metric of held-out real data, scored like a generator).
 
-The evaluator (which metrics a run gets, which may pick `best/`), W&B run summaries (`tracking.py`), the HTML
-report (`scripts/report.py`) and the W&B report (`scripts/wandb_report.py`) all read it, so they cannot disagree: a
-metric `metrics.py` starts computing needs one entry here to be accepted as eval.best_metric, summarised in W&B and
-shown in both reports. A metric of several kinds (modes) is shown with each. A conditional G's per-class FCDs (`fcd_class<k>`, with floors) ride along unlisted:
-`fcd_class_mean` and `fcd_class_max` stand for them.
+The evaluator (which metrics a run gets, which may pick `best/`), W&B run summaries (`tracking.py`), the HTML report
+(`scripts/report.py`) and the W&B report (`scripts/wandb_report.py`) all read it, so they cannot disagree: a metric
+`metrics.py` starts computing needs one entry here to be accepted as eval.best_metric, summarised in W&B and shown
+in both reports. A metric of several kinds (modes) is shown with each. A conditional G's per-class FCDs
+(`fcd_class<k>`, with floors) ride along unlisted: `fcd_class_mean` and `fcd_class_max` stand for them.
 
 Plain Python, no torch: the report scripts import it on machines without the training stack.
 """

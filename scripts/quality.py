@@ -77,7 +77,8 @@ LIMITED_DRAWN = 1000  # the images whose runs' grids the section shows
 ADA_GOAL_SMALL = 0.5  # at 1,000 images ADA's FCD at most this x the unaugmented run's (and its recall above it)
 ADA_GOAL_FULL, ADA_P_FULL = 1.1, 0.1  # at 60,000: FCD within 10% of the unaugmented run's, p below this
 CPU_MINUTES = 30  # a CPU MNIST row's budget per training, evaluations included, two trainings side by side
-PICTURE = {"2d": 2500, "mnist": 100, "stacked": 100, "limited": 100}  # samples in a picture: the 2-D protocol's; a 10 x 10 grid
+# samples in a picture: the 2-D protocol's; a 10 x 10 grid
+PICTURE = {"2d": 2500, "mnist": 100, "stacked": 100, "limited": 100}
 POLL_S = 2.0  # how often a running training's metrics.jsonl is checked, to time each evaluation
 TAIL = 20  # lines of a failed training's log shown
 INTRO = """# Results
@@ -337,9 +338,11 @@ def table_mnist(job: Job) -> str:
 # What each MNIST row's summary judges, on the worst seed: (label, metric, bound, True if the metric must be at least
 # the bound); a bound below 0 is that many times the metric's floor.
 GOALS_MNIST = {"uncond": (("FCD ≤ 0.6", "fcd", 0.6, False), ("IS ≥ 9.0", "is", 9.0, True),
-                          ("every digit ≥ 8%", "class_min", 0.08, True), ("every digit ≤ 12%", "class_max", 0.12, False)),
+                          ("every digit ≥ 8%", "class_min", 0.08, True),
+                          ("every digit ≤ 12%", "class_max", 0.12, False)),
                "cond": (("FCD ≤ 2 × floor", "fcd", -2.0, False), ("precision ≥ 0.85", "precision", 0.85, True),
-                        ("recall ≥ 0.8", "recall", 0.8, True), ("≥ 98% read as their label", "class_acc", 0.98, True))}
+                        ("recall ≥ 0.8", "recall", 0.8, True),
+                        ("≥ 98% read as their label", "class_acc", 0.98, True))}
 SUMMARY_MNIST = (("FCD", "fcd", ".4g", False), ("KID", "kid", ".4g", False), ("IS", "is", ".2f", True),
                  ("class min %", "class_min", ".1f", True), ("class max %", "class_max", ".1f", False),
                  ("precision", "precision", ".3f", True), ("recall", "recall", ".3f", True))
@@ -515,7 +518,8 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
                 f"every {POLL_S:g} s); `epochs`: images seen / {MNIST_IMAGES:,}.\n")
         title, body = "MNIST", "\n".join([note] + [
             summary_mnist(c, [j for j in jobs if j.config == c]) + "\n" + table_mnist(firsts[c]) + f"\n{shown[c]}\n"
-            for c in configs] + [f"### `{_show(path)}`: not measured (no GPU in this session)\n" for path in unmeasured])
+            for c in configs] + [f"### `{_show(path)}`: not measured (no GPU in this session)\n"
+                                 for path in unmeasured])
     return header(title, jobs, configs + unmeasured, parallel, wall, args, drs) + "\n" + body
 
 
