@@ -496,6 +496,7 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     start = time.monotonic()
     drs = not args.no_drs and suite not in ("limited", "stacked")
     run_all(jobs, args.set, parallel, drs)
+    drs = drs and any(job.drs for job in jobs)  # self-conditioned runs are not scored through DRS
     wall = time.monotonic() - start
     if suite == "limited":
         drawn = [job for job in jobs if _variant(job)[0] == LIMITED_DRAWN]
