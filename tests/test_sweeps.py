@@ -71,7 +71,8 @@ def test_a_sweep_file_runs_as_the_agent_starts_it(path, tmp_path, shards):
     # The same command, with a few steps in a temporary run.dir (later overrides win), offline.
     run = tmp_path / "run"
     fast = [f"run.dir={run}", "train.steps=4", "ckpt.every=4", "log.every=2", "log.sample_every=4", "eval.every=0",
-            "wandb.mode=offline", "data.num_workers=0", f"data.mnist_dir={MNIST}", f"data.cache_dir={shards}"]
+            "wandb.mode=offline", "data.num_workers=0", f"data.mnist_dir={MNIST}", f"data.cache_dir={shards}",
+            "model.self_cond_images=1000"]  # a self-conditioned config's first clustering, on fewer images
     env = dict(os.environ, WANDB_RUN_ID="sweep123", OMP_NUM_THREADS="1", WANDB_SILENT="true")
     proc = subprocess.run(command + fast, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
