@@ -1,7 +1,7 @@
 """The quality protocol: train each config of a suite from scratch, score it, and write markdown tables.
 
     python scripts/quality.py --suite 2d|mnist|stacked|limited|all [--seeds N] [--jobs J] [--out docs/results.md]
-                              [--runs DIR] [--configs FILE ...] [--set KEY=VALUE ...] [--no-drs]
+                              [--runs DIR] [--configs FILE ...] [--set KEY=VALUE ...] [--no-drs] [--resume]
 
 `2d` trains ring8 and grid25 for seeds 0..N-1 and reports each seed's last evaluation beside the published numbers;
 `mnist` trains `configs/mnist_cpu.yaml` and `configs/mnist_cond_cpu.yaml` for seeds 0..N-1 (default 3), with CUDA
@@ -9,17 +9,20 @@ also the seed DCGAN and `configs/mnist_best.yaml`, and reports each seed's last 
 the goals on the worst, then every evaluation of the first seed, the minute it appeared, and the real-data floors;
 `stacked` trains `configs/stacked_mnist_cpu.yaml` for seeds 0..N-1 (default 3) and reports each seed's modes and KL
 on 26,000 samples, their mean and worst, real digit triples' and the published rows;
-`limited` trains `configs/mnist_cpu.yaml` (seed 0) on 1,000, 5,000 and all 60,000 images (`data.limit`) with each
-augmentation (`aug.kind` none, diffaug, ada; at 60,000 none and ada), 2 at a time like the 2-D suite, and reports
-each one's last evaluation and ADA's p (the small-data goals are ADA's against no augmentation). After each 2-D or
-`mnist` training, `scripts/evaluate.py --sampler drs` scores its final G_ema through discriminator rejection sampling:
-those numbers are a row (2-D: columns) of their own, apart from the training-time ones (`--no-drs` skips them).
-Each training is `python train.py --config FILE seed=S run.dir=RUNS/<name>/seed<S> wandb.mode=disabled [the
+`limited` trains `configs/mnist_cpu.yaml` for seeds 0..N-1 (default 3) on 1,000 images (`data.limit`) with each
+augmentation (`aug.kind` none, diffaug, ada) self-conditioned, and with none and ada without self-conditioning
+(`model.self_cond=false`), and on all 60,000 with none and ada, 2 at a time like the 2-D suite; it reports each
+variant's last evaluation over seeds and ADA's p, and judges ADA against no augmentation seed by seed. After each 2-D
+or `mnist` training, `scripts/evaluate.py --sampler drs` scores its final G_ema through discriminator rejection
+sampling: those numbers are a row (2-D: columns) of their own, apart from the training-time ones (`--no-drs` skips
+them). Each training is `python train.py --config FILE seed=S run.dir=RUNS/<name>/seed<S> wandb.mode=disabled [the
 variant's keys] [--set overrides]` (name: the config's stem, and `limited`'s variant), started afresh, its output
-kept in `train.log` there; `--jobs` of them run at once (default: 2-D and `limited` 2 on a CPU with 2+ cores, else
-1), each with OMP_NUM_THREADS = cores // jobs. `--configs` replaces the suite's configs (the tests train short runs
-with it). The suite's section of `--out` is replaced, the rest of the file kept, and the same text printed. Beside
-it, `images/<name>.png` shows what the final G_ema of each config's first seed (`limited`: of the 1,000-image runs)
+kept in `train.log` there; `--jobs` of them run at once (default: 2-D, `stacked` and `limited` 2 on a CPU with 2+
+cores, else 1), each with OMP_NUM_THREADS = cores // jobs. SIGTERM or Ctrl-C stops every training at a checkpoint;
+`--resume` then reads back the trainings already finished (`quality.json` in each run folder) and goes on with the
+others from their checkpoints. `--configs` replaces the suite's configs (the tests train short runs with it). The
+suite's section of `--out` is replaced, the rest of the file kept, and the same text printed. Beside it,
+`images/<name>.png` shows what the final G_ema of each config's first seed (`limited`: of its 1,000-image runs)
 draws: 100 samples in a grid (a conditional run's column k is class k), or 2,500 points of a 2-D run over the
 mixture's modes (`scripts/sample.py --seed 0`); the section shows them.
 """
@@ -27,10 +30,12 @@ mixture's modes (`scripts/sample.py --seed 0`); the section shows them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +51,8 @@ import torch
 from gan_dist.bench import hardware
 from gan_dist.errors import UserError
 from gan_dist.provenance import changed_files, git_commit
-from gan_dist.rundir import metrics_file, metrics_since, read_config
+from gan_dist.files import write_atomic
+from gan_dist.rundir import metrics_file, read_config, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("2d", "mnist", "stacked", "limited")
@@ -71,15 +77,19 @@ PUBLISHED_NOTE = ("Published, modes / high quality % (2,500 samples; high qualit
                   "(Elfeki et al. 2019, Table 1).")
 MNIST_IMAGES = 60000
 LIMITED_CONFIG = "configs/mnist_cpu.yaml"
-LIMITED = ((1000, "none"), (1000, "diffaug"), (1000, "ada"), (5000, "none"), (5000, "diffaug"), (5000, "ada"),
-           (MNIST_IMAGES, "none"), (MNIST_IMAGES, "ada"))  # (training images, aug.kind)
+SELF_COND = ("model.self_cond=true", "model.cond_norm=true")
+PLAIN = ("model.self_cond=false", "model.cond_norm=false")
+# (training images, aug.kind, the variant's other keys)
+LIMITED = ((1000, "none", SELF_COND), (1000, "diffaug", SELF_COND), (1000, "ada", SELF_COND), (1000, "none", PLAIN),
+           (1000, "ada", PLAIN), (MNIST_IMAGES, "none", SELF_COND), (MNIST_IMAGES, "ada", SELF_COND))
 LIMITED_DRAWN = 1000  # the images whose runs' grids the section shows
-ADA_GOAL_SMALL = 0.5  # at 1,000 images ADA's FCD at most this x the unaugmented run's (and its recall above it)
+ADA_GOAL_SMALL = 0.6  # at 1,000 images ADA's FCD at most this x the unaugmented run's (and its recall above it)
 ADA_GOAL_FULL, ADA_P_FULL = 1.1, 0.1  # at 60,000: FCD within 10% of the unaugmented run's, p below this
 CPU_MINUTES = 30  # a CPU MNIST row's budget per training, evaluations included, two trainings side by side
 # samples in a picture: the 2-D protocol's; a 10 x 10 grid
 PICTURE = {"2d": 2500, "mnist": 100, "stacked": 100, "limited": 100}
 POLL_S = 2.0  # how often a running training's metrics.jsonl is checked, to time each evaluation
+STATE = "quality.json"  # in each run folder: what --resume reads back
 TAIL = 20  # lines of a failed training's log shown
 INTRO = """# Results
 
@@ -97,13 +107,14 @@ class Job:
     config: Path
     seed: int
     dir: Path
-    overrides: tuple[str, ...] = ()  # a variant's keys (the `limited` suite's data.limit and aug.kind)
+    overrides: tuple[str, ...] = ()  # a variant's keys (the `limited` suite's)
     name: str = ""  # the run's name in folders and pictures: the config's stem, and the variant
     rows: list[dict] = field(default_factory=list)  # every eval row, with `wall_s`: when it appeared
     aug_p: list[float] = field(default_factory=list)  # ADA's p at every log
     wall: float = 0.0
     code: int | None = None
     drs: dict | None = None  # scripts/evaluate.py --sampler drs on final/
+    resumed: bool = False  # went on from (or read back) an earlier call's attempt (--resume)
 
 
 def _show(path: Path) -> str:
@@ -122,35 +133,84 @@ def _is_eval(row: dict) -> bool:
     return any(k.startswith("eval/") for k in row)
 
 
-def train(job: Job, sets: list[str], threads: int, stop: threading.Event) -> Job:
-    """One training; polls its metrics.jsonl to time each evaluation, and stops early when `stop` is set."""
+def _state_file(job: Job) -> Path:
+    return job.dir / STATE
+
+
+def _save_state(job: Job, command: list[str], config: str, done: bool) -> None:
+    """What `--resume` reads back: the training's command and config file's hash, its wall time and eval rows so
+    far, whether it ended."""
+    state = {"command": command, "config": config, "wall": job.wall, "rows": job.rows, "done": done, "drs": job.drs}
+    write_atomic(_state_file(job), (json.dumps(state) + "\n").encode())
+
+
+def _resumable(job: Job, command: list[str], config: str) -> dict | None:
+    """The state an earlier attempt left for this same training, or None (none, unreadable, another command or
+    config file content)."""
+    try:
+        state = json.loads(_state_file(job).read_text())
+    except (OSError, ValueError):
+        return None
+    kinds = {"command": list, "wall": (int, float), "rows": list, "done": bool, "drs": (dict, type(None))}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in kinds.items()):
+        return None
+    same = state["command"] == command and state.get("config") == config
+    return state if same and all(isinstance(r, dict) and isinstance(r.get("wall_s"), (int, float))
+                                 for r in state["rows"]) else None
+
+
+def _read_rows(job: Job, now: float) -> None:
+    """Reread the run's metrics.jsonl: its eval rows, each timed when first seen (a row the trainer drops after a
+    rollback and writes again keeps its time if it is the same row), and ADA's p at every log."""
+    try:
+        rows = read_metrics(job.dir)
+    except FileNotFoundError:
+        return
+    seen = {json.dumps({k: v for k, v in r.items() if k != "wall_s"}, sort_keys=True): r["wall_s"] for r in job.rows}
+    job.rows = [r | {"wall_s": seen.get(json.dumps(r, sort_keys=True), now)} for r in rows if _is_eval(r)]
+    job.aug_p = [r["aug/p"] for r in rows if "aug/p" in r]
+
+
+def train(job: Job, sets: list[str], threads: int, stop: threading.Event, resume: bool) -> Job:
+    """One training; polls its metrics.jsonl to time each evaluation, and stops early when `stop` is set. With
+    `resume`, a training an earlier call finished is read back, and one it left unfinished goes on from its last
+    checkpoint, its wall time added to the earlier attempts'."""
     if stop.is_set():
         return job
-    shutil.rmtree(job.dir, ignore_errors=True)  # so that resume cannot pick up an older run
-    job.dir.mkdir(parents=True)
-    cmd = [sys.executable, "train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
-           "wandb.mode=disabled", *job.overrides, *sets]
+    command = ["train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
+               "wandb.mode=disabled", *job.overrides, *sets]
+    config = hashlib.sha256(job.config.read_bytes()).hexdigest()
+    state = _resumable(job, command, config) if resume else None
+    if state is None:
+        shutil.rmtree(job.dir, ignore_errors=True)  # so that the trainer's own resume cannot pick up an older run
+        job.dir.mkdir(parents=True)
+    else:
+        job.wall, job.rows, job.drs = state["wall"], state["rows"], state["drs"]
+        job.resumed = True
+        if state["done"]:
+            job.code = 0
+            _read_rows(job, job.wall)
+            return job
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    start, offset = time.monotonic(), 0
-    with (job.dir / "train.log").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    start = time.monotonic() - job.wall
+    with (job.dir / "train.log").open("a") as log:
+        proc = subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         while job.code is None:
             try:
                 job.code = proc.wait(timeout=POLL_S)
             except subprocess.TimeoutExpired:
                 if stop.is_set():
-                    proc.terminate()
+                    proc.terminate()  # the trainer checkpoints on SIGTERM: --resume goes on from there
             # Read after the wait, so that the rows written before the exit are all read.
-            rows, offset = metrics_since(job.dir, offset)
-            job.rows += [r | {"wall_s": time.monotonic() - start} for r in rows if _is_eval(r)]
-            job.aug_p += [r["aug/p"] for r in rows if "aug/p" in r]
-    job.wall = time.monotonic() - start
+            job.wall = time.monotonic() - start
+            _read_rows(job, job.wall)
+            _save_state(job, command, config, done=job.code == 0 and not stop.is_set())
     return job
 
 
 def score_drs(job: Job, threads: int, stop: threading.Event) -> Job:
     """The final G_ema's metrics through discriminator rejection sampling, kept in `drs.json` beside the run."""
-    if job.code != 0 or stop.is_set() or read_config(job.dir).model.self_cond:  # DRS needs the data's own labels
+    if job.code != 0 or stop.is_set() or job.drs or read_config(job.dir).model.self_cond:  # DRS needs real labels
         return job
     out = job.dir / "drs.json"
     cmd = [sys.executable, "scripts/evaluate.py", "--run", str(job.dir), "--sampler", "drs", "--out", str(out)]
@@ -159,26 +219,42 @@ def score_drs(job: Job, threads: int, stop: threading.Event) -> Job:
                                   stderr=subprocess.STDOUT).returncode
     if job.code == 0:
         job.drs = json.loads(out.read_text())
+        state = json.loads(_state_file(job).read_text())
+        write_atomic(_state_file(job), (json.dumps(state | {"drs": job.drs}) + "\n").encode())
     return job
 
 
-def run_all(jobs: list[Job], sets: list[str], parallel: int, drs: bool = True) -> None:
+def run_all(jobs: list[Job], args: argparse.Namespace, parallel: int, drs: bool = True) -> None:
     """Trains every job (and scores it with DRS), `parallel` at a time; the first failure stops the others and is
-    reported."""
+    reported. SIGTERM (or SIGINT) stops them all at their next checkpoint-safe point, for `--resume` to go on."""
     threads, stop, failed = _threads(parallel), threading.Event(), None
+    signalled = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        signalled.append(signal.Signals(signum).name)
+        stop.set()
 
     def one(job: Job) -> Job:
-        job = train(job, sets, threads, stop)
+        job = train(job, args.set, threads, stop, args.resume)
         return score_drs(job, threads, stop) if drs else job
 
-    with ThreadPoolExecutor(parallel) as pool:
-        for done in as_completed([pool.submit(one, job) for job in jobs]):
-            job = done.result()
-            if job.code == 0 and not stop.is_set():  # a training stopped by SIGTERM may exit 0 too
-                print(f"{job.name or _show(job.config)} seed {job.seed}: {_duration(job.wall)}", flush=True)
-            elif failed is None and job.code is not None:
-                failed = job
-                stop.set()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            for done in as_completed([pool.submit(one, job) for job in jobs]):
+                job = done.result()
+                if job.code == 0 and not stop.is_set():  # a training stopped by SIGTERM may exit 0 too
+                    again = " (read back)" if job.resumed else ""
+                    print(f"{job.name or _show(job.config)} seed {job.seed}: {_duration(job.wall)}{again}", flush=True)
+                elif failed is None and job.code is not None and not signalled:
+                    failed = job
+                    stop.set()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signalled:
+        raise UserError(f"stopped by {signalled[0]}; each training saved a checkpoint: run the same command with "
+                        "--resume to go on from them")
     if failed:
         log = failed.dir / ("drs.log" if (failed.dir / "drs.log").is_file() else "train.log")
         lines = [line.rsplit("\r", 1)[-1] for line in log.read_text(errors="replace").splitlines()]
@@ -223,7 +299,8 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
            args: argparse.Namespace, drs: bool) -> str:
     cuda = torch.cuda.is_available()
     seeds = sorted({job.seed for job in jobs})
-    variant = " data.limit=N aug.kind=KIND" if any(job.overrides for job in jobs) else ""
+    keys = " data.limit=N aug.kind=KIND model.self_cond=S model.cond_norm=S"
+    variant = keys if any(job.overrides for job in jobs) else ""
     template = (f"python train.py --config CONFIG seed=S run.dir={_show(args.runs)}/<name>/seedS "
                 f"wandb.mode=disabled{variant} {shlex.join(args.set)}").strip()
     lines = [f"## {title}", "",
@@ -234,7 +311,9 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
              f"- each training: `{template}`, {parallel} at a time, OMP_NUM_THREADS={_threads(parallel)}",
              *([] if not drs else ["- then, rejection sampling: `python scripts/evaluate.py --run RUN --sampler "
                                        "drs` (final G_ema; D calibrated 500 steps; gamma at the 80th percentile)"]),
-             f"- seeds: {', '.join(map(str, seeds))}; wall time of the suite: {_duration(wall)}", ""]
+             f"- seeds: {', '.join(map(str, seeds))}; wall time of the suite: {_duration(wall)}" +
+             (" in this call (`--resume`: each training's wall time adds up its attempts)"
+              if any(job.resumed for job in jobs) else ""), ""]
     for path in configs:
         text = path.read_text().strip() if path.is_file() else "# not in this checkout"
         lines += [f"`{_show(path)}`:", "", "```yaml", text, "```", ""]
@@ -415,44 +494,69 @@ def table_stacked(config: Path, jobs: list[Job], shown: str) -> str:
     return "\n".join(lines)
 
 
-def _variant(job: Job) -> tuple[int, str]:
-    """(training images, aug.kind) of a `limited` job."""
+def _variant(job: Job) -> tuple[int, str, bool]:
+    """(training images, aug.kind, model.self_cond) of a `limited` job."""
     keys = dict(o.split("=", 1) for o in job.overrides)
-    return int(keys["data.limit"]) or MNIST_IMAGES, keys["aug.kind"]
+    return int(keys["data.limit"]) or MNIST_IMAGES, keys["aug.kind"], keys["model.self_cond"] == "true"
+
+
+def _ratios(by: dict[tuple, dict[int, dict]], a: tuple, b: tuple) -> dict[int, float]:
+    """Seed by seed, variant a's last FCD over variant b's (the seeds both ran)."""
+    return {s: by[a][s]["eval/fcd"] / by[b][s]["eval/fcd"] for s in sorted(by[a]) if s in by[b]}
 
 
 def table_limited(config: Path, jobs: list[Job]) -> str:
-    """Every variant's last evaluation beside the floors, and ADA's goals against no augmentation."""
-    lines = [f"### `{_show(config)}` on a subset (`data.limit`), by `aug.kind`", "",
-             "| training images | aug.kind | FCD | KID | IS | class min % | class max % | precision | recall | "
-             "ADA's p: final (max) | wall time |", "| --- " * 11 + "|"]
-    last = {_variant(job): _last(job, "eval/fcd") for job in jobs}
+    """Every variant's last evaluation over seeds (mean, and worst in brackets) beside the floors, and ADA's goals
+    against no augmentation, seed by seed (the same seed's runs compared)."""
+    lines = [f"### `{_show(config)}` on a subset (`data.limit`), by `aug.kind` and `model.self_cond`", "",
+             "Each cell: the mean over seeds, and the worst seed's in brackets (one seed: its number).", "",
+             "| training images | aug.kind | self_cond | seeds | FCD | KID | IS | class min % | class max % | "
+             "precision | recall | ADA's p: final (max) | wall time |", "| --- " * 13 + "|"]
+    by: dict[tuple, dict[int, dict]] = {}
     for job in jobs:
-        (n, kind), p = _variant(job), job.aug_p
-        ada = f"{p[-1]:.3f} ({max(p):.3f})" if p else "–"
-        lines.append(f"| {n:,} | {kind} | {_mnist_cells(last[n, kind], '')} | {ada} | {_duration(job.wall)} |")
-    floor = next(iter(last.values()))
-    lines += [f"| real data (floor) | | {_mnist_cells(floor, '_real')} | | |", ""]
+        by.setdefault(_variant(job), {})[job.seed] = _last(job, "eval/fcd")
+
+    def cell(values: list[float], fmt: str, up: bool) -> str:
+        worst = min(values) if up else max(values)
+        return f"{statistics.mean(values):{fmt}}" + (f" ({worst:{fmt}})" if len(values) > 1 else "")
+
+    for variant, rows in by.items():
+        ran = [job for job in jobs if _variant(job) == variant]
+        cells = [cell([scale * r[f"eval/{key}"] for r in rows.values()], fmt, up)
+                 for _, key, fmt, up in SUMMARY_MNIST for scale in [100 if key in PERCENT else 1]]
+        p = [job.aug_p for job in ran if job.aug_p]
+        ada = f"{statistics.mean(q[-1] for q in p):.3f} ({max(max(q) for q in p):.3f})" if p else "–"
+        n, kind, cond = variant
+        lines.append(f"| {n:,} | {kind} | {str(cond).lower()} | {len(rows)} | {' | '.join(cells)} | {ada} | "
+                     f"{_duration(max(job.wall for job in ran))} |")
+    floor = next(iter(next(iter(by.values())).values()))
+    lines += [f"| real data (floor) | | | | {_mnist_cells(floor, '_real')} | | |", ""]
     verdicts = []
-    for n, goal in ((min(n for n, _ in last), "small"), (MNIST_IMAGES, "full")):
-        if (n, "none") not in last or (n, "ada") not in last:
-            continue
-        base, ada = last[n, "none"], last[n, "ada"]
-        if goal == "small":
-            bound = ADA_GOAL_SMALL * base["eval/fcd"]
-            verdicts += [(f"at {n:,} images ADA's FCD ≤ {ADA_GOAL_SMALL:g} × unaugmented ({bound:.4g})",
-                          ada["eval/fcd"] <= bound),
-                         (f"its recall above unaugmented ({base['eval/recall']:.3f})",
-                          ada["eval/recall"] > base["eval/recall"])]
-        else:
-            p = next(j.aug_p for j in jobs if _variant(j) == (n, "ada"))
-            bound = ADA_GOAL_FULL * base["eval/fcd"]
-            verdicts += [(f"at {n:,} images ADA's FCD ≤ {ADA_GOAL_FULL:g} × unaugmented ({bound:.4g})",
-                          ada["eval/fcd"] <= bound),
-                         (f"its p below {ADA_P_FULL:g} throughout", bool(p) and max(p) < ADA_P_FULL)]
+    small = min(n for n, _, _ in by)
+    for cond in (True, False):
+        tag, none, ada = f"self_cond={str(cond).lower()}", (small, "none", cond), (small, "ada", cond)
+        if none in by and ada in by:
+            r = _ratios(by, ada, none)
+            recall = [str(s) for s in r if by[ada][s]["eval/recall"] <= by[none][s]["eval/recall"]]
+            verdicts += [f"{tag}: at {small:,} images ADA's FCD ≤ {ADA_GOAL_SMALL:g} × unaugmented's (mean "
+                         f"{statistics.mean(r.values()):.2f}x, worst {max(r.values()):.2f}x) "
+                         f"{_verdict([str(s) for s, x in r.items() if x > ADA_GOAL_SMALL])}",
+                         f"its recall above unaugmented's {_verdict(recall)}"]
+        none, ada = (MNIST_IMAGES, "none", cond), (MNIST_IMAGES, "ada", cond)
+        if none in by and ada in by:
+            r = _ratios(by, ada, none)
+            high = [str(job.seed) for job in jobs if _variant(job) == ada and (not job.aug_p or
+                                                                               max(job.aug_p) >= ADA_P_FULL)]
+            verdicts += [f"{tag}: at {MNIST_IMAGES:,} images ADA's FCD ≤ {ADA_GOAL_FULL:g} × unaugmented's (worst "
+                         f"{max(r.values()):.2f}x) {_verdict([str(s) for s, x in r.items() if x > ADA_GOAL_FULL])}",
+                         f"its p below {ADA_P_FULL:g} throughout {_verdict(high)}"]
+    on, off = (small, "none", True), (small, "none", False)
+    if on in by and off in by:
+        r = _ratios(by, on, off)
+        verdicts.append(f"at {small:,} images without augmentation, self-conditioning's FCD is "
+                        f"{statistics.mean(r.values()):.2f}x the plain model's (worst seed {max(r.values()):.2f}x)")
     if verdicts:
-        lines += ["Goals at the last evaluation: " + "; ".join(
-            f"{goal} **{'met' if ok else 'not met'}**" for goal, ok in verdicts) + ".", ""]
+        lines += ["Goals at the last evaluation, every seed: " + "; ".join(verdicts) + ".", ""]
     return "\n".join(lines)
 
 
@@ -485,26 +589,28 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
     for path in configs:
         if not path.is_file():
             raise UserError(f"config file '{_show(path)}' not found; create it or name others with --configs")
-    seeds = range(args.seeds or (5 if suite == "2d" else 3)) if suite != "limited" else [0]
+    seeds = range(args.seeds or (5 if suite == "2d" else 3))
     if suite == "limited":
-        jobs = [Job(c, 0, args.runs / name / "seed0", (f"data.limit={n % MNIST_IMAGES}", f"aug.kind={kind}"), name)
-                for c in configs for n, kind in LIMITED for name in [f"{c.stem}-{n}-{kind}"]]
+        jobs = [Job(c, s, args.runs / name / f"seed{s}", (f"data.limit={n % MNIST_IMAGES}", f"aug.kind={kind}", *keys),
+                    name) for c in configs for n, kind, keys in LIMITED for s in seeds
+                for name in [f"{c.stem}-{n}-{kind}" + ("" if keys == SELF_COND else "-plain")]]
     else:
         jobs = [Job(c, s, args.runs / c.stem / f"seed{s}", name=c.stem) for c in configs for s in seeds]
     # An MNIST training gets every core (its wall time is a goal) unless --jobs says otherwise.
     parallel = min(parallel, len(jobs)) if suite != "mnist" or args.jobs else 1
     start = time.monotonic()
     drs = not args.no_drs and suite not in ("limited", "stacked")
-    run_all(jobs, args.set, parallel, drs)
+    run_all(jobs, args, parallel, drs)
     drs = drs and any(job.drs for job in jobs)  # self-conditioned runs are not scored through DRS
     wall = time.monotonic() - start
     if suite == "limited":
-        drawn = [job for job in jobs if _variant(job)[0] == LIMITED_DRAWN]
+        drawn = [job for job in jobs if _variant(job)[0] == LIMITED_DRAWN and job.seed == jobs[0].seed]
         grids = " ".join(picture(draw(job, suite, images_of(args.out)), args.out, f"{job.name}: samples of the final "
                                  "G_ema") for job in drawn)
         body = "\n".join(table_limited(c, [j for j in jobs if j.config == c]) for c in configs) + (
-            f"\nThe final G_ema of each {LIMITED_DRAWN:,}-image run, left to right: aug.kind "
-            f"{', '.join(_variant(j)[1] for j in drawn)}.\n\n{grids}\n" if drawn else "")
+            f"\nThe final G_ema of each {LIMITED_DRAWN:,}-image run (seed {jobs[0].seed}), left to right: "
+            f"{', '.join(f'aug.kind={v[1]} self_cond={str(v[2]).lower()}' for v in map(_variant, drawn))}.\n\n"
+            f"{grids}\n" if drawn else "")
         return header("Small datasets: augmentation", jobs, configs, parallel, wall, args, drs) + "\n" + body
     firsts = {c: next(j for j in jobs if j.config == c) for c in configs}
     shown = {c: picture(draw(job, suite, images_of(args.out)), args.out,
@@ -527,8 +633,7 @@ def run_suite(suite: str, args: argparse.Namespace, cuda: bool, parallel: int) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", required=True, choices=(*SUITES, "all"))
-    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: 5 for 2d, 3 for mnist and stacked; "
-                        "limited runs seed 0)")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: 5 for 2d, 3 for the others)")
     parser.add_argument("--jobs", type=int, help="trainings at once (default: 2 on CPU, 1 with CUDA; mnist: 1)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md",
                         help="the markdown file (default: docs/results.md)")
@@ -538,6 +643,8 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override added to every training (repeat for more)")
     parser.add_argument("--no-drs", action="store_true", help="skip the rejection-sampling scores")
+    parser.add_argument("--resume", action="store_true", help="read back the trainings an earlier call with the "
+                        "same --runs and settings finished, and go on with those it left unfinished")
     args = parser.parse_args()
     args.out, args.runs = args.out.resolve(), args.runs.resolve()
     try:
