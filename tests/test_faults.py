@@ -264,7 +264,7 @@ def fresh(run_dir: Path, pattern: str, since: float) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, trials", [(1, 9), (2, 5)])
+@pytest.mark.parametrize("nproc, trials", [(1, 6), (2, 3)])
 def test_chaos_kills_at_random_moments_and_every_rerun_resumes_bit_identical(tmp_path, shards, nproc, trials):
     """Each trial kills the whole process tree at one of three kinds of moment, then the next trial reruns the same
     command: during start-up (a random time before an uninterrupted run's first checkpoint, and before this launch
