@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 
 from gan_dist.bench import hardware
 from gan_dist.errors import UserError
@@ -159,6 +160,17 @@ def _resumable(job: Job, command: list[str], config: str) -> dict | None:
                                  for r in state["rows"]) else None
 
 
+def _settings(path: Path) -> str:
+    """A hash of a config file's settings: an edited comment keeps a finished training's results, a changed value
+    does not."""
+    text = path.read_text()
+    try:
+        settings = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
+    except yaml.YAMLError:  # the training reports it
+        settings = text
+    return hashlib.sha256(settings.encode()).hexdigest()
+
+
 def _read_rows(job: Job, now: float) -> None:
     """Reread the run's metrics.jsonl: its eval rows, each timed when first seen (a row the trainer drops after a
     rollback and writes again keeps its time if it is the same row), and ADA's p at every log."""
@@ -179,7 +191,7 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event, resume
         return job
     command = ["train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
                "wandb.mode=disabled", *job.overrides, *sets]
-    config = hashlib.sha256(job.config.read_bytes()).hexdigest()
+    config = _settings(job.config)
     state = _resumable(job, command, config) if resume else None
     if state is None:
         shutil.rmtree(job.dir, ignore_errors=True)  # so that the trainer's own resume cannot pick up an older run

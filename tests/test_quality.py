@@ -313,3 +313,13 @@ def test_resume_trusts_only_a_state_of_the_same_command_and_config(tmp_path):
         assert (quality._resumable(job, command, config) == state) == ok, state
     (tmp_path / quality.STATE).write_text('{"command": ')  # torn: a fresh training, no traceback
     assert quality._resumable(job, command, config) is None
+
+
+def test_a_config_comment_keeps_a_finished_training_and_a_changed_value_does_not(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("# pilot: 0.59\ntrain: {steps: 6000}\n")
+    before = quality._settings(config)
+    config.write_text("# pilot: 0.586 at step 6,000\ntrain:\n  steps: 6000\n")
+    assert quality._settings(config) == before
+    config.write_text("train: {steps: 6001}\n")
+    assert quality._settings(config) != before
