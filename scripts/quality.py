@@ -523,7 +523,7 @@ def table_limited(config: Path, jobs: list[Job]) -> str:
     lines = [f"### `{_show(config)}` on a subset (`data.limit`), by `aug.kind` and `model.self_cond`", "",
              "Each cell: the mean over seeds, and the worst seed's in brackets (one seed: its number).", "",
              "| training images | aug.kind | self_cond | seeds | FCD | KID | IS | class min % | class max % | "
-             "precision | recall | ADA's p: final (max) | wall time |", "| --- " * 13 + "|"]
+             "precision | recall | ADA's p: final (max) | wall time (max) |", "| --- " * 13 + "|"]
     by: dict[tuple, dict[int, dict]] = {}
     for job in jobs:
         by.setdefault(_variant(job), {})[job.seed] = _last(job, "eval/fcd")

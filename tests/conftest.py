@@ -3,13 +3,12 @@ the number of cores of the machine running them; MNIST where `runs.MNIST` says (
 written once for every end-to-end test; and the evaluation classifier (with its cached real-data statistics)
 trained once where the runs look for it."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from runs import MNIST
+from runs import MNIST, every_core
 
 from gan_dist import mnist, mnist_shards
 
@@ -40,12 +39,8 @@ def classifier() -> Path:
     from gan_dist.evaluation import Evaluator
 
     path = Path(__file__).resolve().parents[1] / DEFAULT_PATH
-    # Every core for this one-off training (a fresh clone, CI): nothing else runs while a fixture sets up.
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with every_core():  # a one-off training (a fresh clone, CI)
         Evaluator(EvalConfig(every=1, classifier=str(path)), DataConfig(mnist_dir=str(MNIST)), z_dim=8, seed=0)
-    finally:
-        torch.set_num_threads(1)
     return path
 
 

@@ -1,7 +1,8 @@
-"""Launching real training runs from tests, and reading what they leave: `accelerate launch train.py` on CPU (gloo
-for more than one process; one process runs as `python train.py`), the final weights, `metrics.jsonl`, a digest of
-a run.dir, and killing a launch's whole process tree. Also what a hostile checkpoint is made of: a pickle that runs a command, with meta.json's digests made
-to match, as someone handing it over would."""
+"""Launching real training runs from tests, and reading what they leave: `accelerate launch train.py` on CPU (gloo for
+more than one process; one process runs as `python train.py`), the final weights, `metrics.jsonl`, a digest of a
+run.dir, and killing a launch's whole process tree; every core for one-off work inside a test. Also what a hostile
+checkpoint is made of: a pickle that runs a command, with meta.json's digests made to match, as someone handing it
+over would."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import torch
 from safetensors.torch import load_file
 
 from gan_dist.files import sha256_file
@@ -34,6 +38,18 @@ def _mnist() -> Path:
 
 MNIST = _mnist()
 WEIGHTS = ("generator", "generator_ema", "discriminator")
+
+
+@contextmanager
+def every_core() -> Iterator[None]:
+    """torch's intra-op threads on every core for a one-off computation (conftest keeps one otherwise): nothing
+    else runs while a single test or fixture does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
