@@ -20,7 +20,8 @@ variant's keys] [--set overrides]` (name: the config's stem, and `limited`'s var
 kept in `train.log` there; `--jobs` of them run at once (default: 2-D, `stacked` and `limited` 2 on a CPU with 2+
 cores, else 1), each with OMP_NUM_THREADS = cores // jobs. SIGTERM or Ctrl-C stops every training at a checkpoint;
 `--resume` then reads back the trainings already finished (`quality.json` in each run folder) and goes on with the
-others from their checkpoints. `--configs` replaces the suite's configs (the tests train short runs with it). The
+others from their checkpoints; one it cannot continue (another command, or its config's settings changed) trains
+afresh, the earlier run kept in `<run>.replaced`. `--configs` replaces the suite's configs (the tests train short runs with it). The
 suite's section of `--out` is replaced, the rest of the file kept, and the same text printed. Beside it,
 `images/<name>.png` shows what the final G_ema of each config's first seed (`limited`: of its 1,000-image runs)
 draws: 100 samples in a grid (a conditional run's column k is class k), or 2,500 points of a 2-D run over the
@@ -145,19 +146,23 @@ def _save_state(job: Job, command: list[str], config: str, done: bool) -> None:
     write_atomic(_state_file(job), (json.dumps(state) + "\n").encode())
 
 
-def _resumable(job: Job, command: list[str], config: str) -> dict | None:
-    """The state an earlier attempt left for this same training, or None (none, unreadable, another command or
-    config file content)."""
+def _resumable(job: Job, command: list[str], config: str) -> tuple[dict | None, str]:
+    """The state an earlier attempt left for this same training, or None and why not ("" where it left none)."""
     try:
         state = json.loads(_state_file(job).read_text())
+    except FileNotFoundError:
+        return None, ""
     except (OSError, ValueError):
-        return None
+        return None, f"its {STATE} does not parse"
     kinds = {"command": list, "wall": (int, float), "rows": list, "done": bool, "drs": (dict, type(None))}
-    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in kinds.items()):
-        return None
-    same = state["command"] == command and state.get("config") == config
-    return state if same and all(isinstance(r, dict) and isinstance(r.get("wall_s"), (int, float))
-                                 for r in state["rows"]) else None
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in kinds.items()) or not all(
+            isinstance(r, dict) and isinstance(r.get("wall_s"), (int, float)) for r in state["rows"]):
+        return None, f"its {STATE} is not one quality.py wrote"
+    if state["command"] != command:
+        return None, "another command trained it"
+    if state.get("config") != config:
+        return None, f"{_show(job.config)}'s settings changed since"
+    return state, ""
 
 
 def _settings(path: Path) -> str:
@@ -192,8 +197,13 @@ def train(job: Job, sets: list[str], threads: int, stop: threading.Event, resume
     command = ["train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
                "wandb.mode=disabled", *job.overrides, *sets]
     config = _settings(job.config)
-    state = _resumable(job, command, config) if resume else None
+    state, why = _resumable(job, command, config) if resume else (None, "")
     if state is None:
+        if why:  # an earlier run this call will not continue: kept aside, not lost
+            kept = job.dir.with_name(job.dir.name + ".replaced")
+            shutil.rmtree(kept, ignore_errors=True)
+            job.dir.rename(kept)
+            print(f"quality.py: {job.dir} trains afresh ({why}); the earlier run is kept in {kept}", flush=True)
         shutil.rmtree(job.dir, ignore_errors=True)  # so that the trainer's own resume cannot pick up an older run
         job.dir.mkdir(parents=True)
     else:
@@ -656,7 +666,8 @@ def main() -> int:
                         help="an override added to every training (repeat for more)")
     parser.add_argument("--no-drs", action="store_true", help="skip the rejection-sampling scores")
     parser.add_argument("--resume", action="store_true", help="read back the trainings an earlier call with the "
-                        "same --runs and settings finished, and go on with those it left unfinished")
+                        "same --runs and settings finished, and go on with those it left unfinished (any other earlier run is kept "
+                        "aside in RUN.replaced)")
     args = parser.parse_args()
     args.out, args.runs = args.out.resolve(), args.runs.resolve()
     try:

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -304,15 +305,34 @@ def test_sigterm_stops_at_a_checkpoint_and_resume_goes_on(tmp_path):
 def test_resume_trusts_only_a_state_of_the_same_command_and_config(tmp_path):
     job = quality.Job(config=REPO / "configs" / "ring8.yaml", seed=0, dir=tmp_path)
     command, config = ["train.py", "--config", str(job.config), "seed=0"], "abc"
+    assert quality._resumable(job, command, config) == (None, "")  # nothing to resume, nothing to say
     good = {"command": command, "config": config, "wall": 12.5, "rows": [{"eval/hq": 90.0, "wall_s": 3.0}],
             "done": True, "drs": None}
-    for state, ok in [(good, True), (good | {"config": "other"}, False), (good | {"command": command[:-1]}, False),
-                      (good | {"wall": "12"}, False), (good | {"rows": [{"eval/hq": 1}]}, False), ([good], False),
-                      ({k: v for k, v in good.items() if k != "done"}, False)]:
-        (tmp_path / quality.STATE).write_text(json.dumps(state))
-        assert (quality._resumable(job, command, config) == state) == ok, state
-    (tmp_path / quality.STATE).write_text('{"command": ')  # torn: a fresh training, no traceback
-    assert quality._resumable(job, command, config) is None
+    for state, why in [(good, ""), (good | {"config": "other"}, "configs/ring8.yaml's settings changed since"),
+                       (good | {"command": command[:-1]}, "another command trained it"),
+                       (good | {"wall": "12"}, "not one quality.py wrote"),
+                       (good | {"rows": [{"eval/hq": 1}]}, "not one quality.py wrote"), ([good], "not one quality.py"),
+                       ({k: v for k, v in good.items() if k != "done"}, "not one quality.py wrote"),
+                       ('{"command": ', "does not parse")]:  # a torn file: a fresh training, no traceback
+        (tmp_path / quality.STATE).write_text(state if isinstance(state, str) else json.dumps(state))
+        kept, reason = quality._resumable(job, command, config)
+        assert (kept == state if not why else kept is None and why in reason), (state, reason)
+
+
+def test_resume_keeps_a_run_it_cannot_continue_aside(tmp_path, capsys):
+    config = tmp_path / "ring8.yaml"
+    config.write_text((REPO / "configs" / "ring8.yaml").read_text())
+    job = quality.Job(config=config, seed=0, dir=tmp_path / "runs" / "seed0")
+    job.dir.mkdir(parents=True)
+    quality._save_state(job, ["train.py"], "hash of the config before an edit", done=True)
+    earlier = '{"train/step": 9000, "eval/hq": 97.0}\n'
+    (job.dir / "metrics.jsonl").write_text(earlier)
+    quality.train(job, ["train.steps=100", "eval.every=100", "model.hidden=8"], 1, threading.Event(), resume=True)
+    # The edited config trains afresh, and the finished run it replaces is kept, with a line saying where.
+    assert job.code == 0 and job.rows[-1]["train/step"] == 100 and not job.resumed
+    assert (tmp_path / "runs" / "seed0.replaced" / "metrics.jsonl").read_text() == earlier
+    assert f"trains afresh (another command trained it); the earlier run is kept in {job.dir}.replaced" in \
+        capsys.readouterr().out
 
 
 def test_a_config_comment_keeps_a_finished_training_and_a_changed_value_does_not(tmp_path):
