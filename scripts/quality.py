@@ -18,11 +18,12 @@ sampling: those numbers are a row (2-D: columns) of their own, apart from the tr
 them). Each training is `python train.py --config FILE seed=S run.dir=RUNS/<name>/seed<S> wandb.mode=disabled [the
 variant's keys] [--set overrides]` (name: the config's stem, and `limited`'s variant), started afresh, its output
 kept in `train.log` there; `--jobs` of them run at once (default: 2-D, `stacked` and `limited` 2 on a CPU with 2+
-cores, else 1), each with OMP_NUM_THREADS = cores // jobs. SIGTERM or Ctrl-C stops every training at a checkpoint;
-`--resume` then reads back the trainings already finished (`quality.json` in each run folder) and goes on with the
-others from their checkpoints; one it cannot continue (another command, or its config's settings changed) trains
-afresh, the earlier run kept in `<run>.replaced`. `--configs` replaces the suite's configs (the tests train short runs with it). The
-suite's section of `--out` is replaced, the rest of the file kept, and the same text printed. Beside it,
+cores, else 1), each with OMP_NUM_THREADS = cores // jobs (a suite of one training gives it every core). SIGTERM or
+Ctrl-C stops every training at a checkpoint; `--resume` then reads back the trainings already finished
+(`quality.json` in each run folder) and goes on with the others from their checkpoints; one it cannot continue
+(another command, or its config's settings changed) trains afresh, the earlier run kept in `<run>.replaced`.
+`--configs` replaces the suite's configs (the tests train short runs with it). The suite's section of `--out` is
+replaced, the rest of the file kept, and the same text printed. Beside it,
 `images/<name>.png` shows what the final G_ema of each config's first seed (`limited`: of its 1,000-image runs)
 draws: 100 samples in a grid (a conditional run's column k is class k), or 2,500 points of a 2-D run over the
 mixture's modes (`scripts/sample.py --seed 0`); the section shows them.
@@ -378,14 +379,15 @@ def table_2d(config: Path, jobs: list[Job]) -> str:
     if dataset in GOALS_2D:
         want, least = GOALS_2D[dataset]
         missed = [str(job.seed) for job, r in zip(jobs, rows) if r["eval/modes"] < want or r["eval/hq"] < least]
-        verdict = f"**not met** (seeds {', '.join(missed)})" if missed else "**met**"
-        lines += [f"Goal, every seed {want}/{want} modes and at least {least:g}% high quality: {verdict}."]
+        short = _gaps(modes, want, least - min(hq), "{:.2f} points")
+        lines += [f"Goal, every seed {want}/{want} modes and at least {least:g}% high quality: "
+                  f"{_verdict(missed, short)}."]
         if drs:
             least = GOALS_DRS[dataset]
             missed = [str(j.seed) for j in jobs if j.drs["modes"] < want or j.drs["hq"] < least]
-            verdict = f"**not met** (seeds {', '.join(missed)})" if missed else "**met**"
+            short = _gaps([j.drs["modes"] for j in jobs], want, least - min(j.drs["hq"] for j in jobs), "{:.2f} points")
             lines += [f"With DRS (`scripts/evaluate.py --sampler drs`, final G_ema, default 80th percentile), every "
-                      f"seed {want}/{want} modes and at least {least:g}%: {verdict}."]
+                      f"seed {want}/{want} modes and at least {least:g}%: {_verdict(missed, short)}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -472,18 +474,34 @@ def summary_mnist(config: Path, jobs: list[Job]) -> str:
     verdicts = []
     for label, key, bound, up in GOALS_MNIST["cond" if cond else "uncond"]:
         limit = -bound * last[0][f"eval/{key}_real"] if bound < 0 else bound
-        failing = [str(job.seed) for job, r in zip(jobs, last) if (r[f"eval/{key}"] < limit if up else
-                                                                  r[f"eval/{key}"] > limit)]
-        verdicts.append(f"{label} ({limit:.4g}): {_verdict(failing)}")
-    slow = [str(job.seed) for job in jobs if job.wall > 60 * CPU_MINUTES]
-    verdicts.append(f"training ≤ {CPU_MINUTES} minutes: {_verdict(slow)}")
+        short = {str(job.seed): limit - r[f"eval/{key}"] if up else r[f"eval/{key}"] - limit
+                 for job, r in zip(jobs, last)}
+        failing = [seed for seed, gap in short.items() if gap > 0]
+        verdicts.append(f"{label} ({limit:.4g}): {_verdict(failing, f'{max(short.values()):.3g}')}")
+    verdicts.append(f"training ≤ {CPU_MINUTES} minutes: {_late(jobs, CPU_MINUTES)}")
     lines += ["Goals on every seed (training-time numbers, without DRS): " + "; ".join(verdicts) + ".", ""]
     return "\n".join(lines)
 
 
-def _verdict(failing: list[str]) -> str:
-    """A goal's verdict over seeds, naming the seeds that miss it."""
-    return f"**not met** (seeds {', '.join(failing)})" if failing else "**met**"
+def _verdict(failing: list[str], by: str = "") -> str:
+    """A goal's verdict over seeds, naming the seeds that miss it and, where given, by how much the worst does."""
+    if not failing:
+        return "**met**"
+    return f"**not met** (seeds {', '.join(failing)}{f'; the worst by {by}' if by else ''})"
+
+
+def _late(jobs: list[Job], minutes: float) -> str:
+    """The verdict on a wall-time goal: the seeds over it, and the longest's excess."""
+    slow = [job for job in jobs if job.wall > 60 * minutes]
+    return _verdict([str(job.seed) for job in slow],
+                    _duration(max(job.wall for job in slow) - 60 * minutes) if slow else "")
+
+
+def _gaps(modes: list[float], want: int, gap: float, other: str) -> str:
+    """How far the worst seeds are from every one of `want` modes, and by `gap` on the other metric (`other`
+    formats it)."""
+    return ", ".join(([f"{want - min(modes):.0f} modes"] if min(modes) < want else []) +
+                     ([other.format(gap)] if gap > 0 else []))
 
 
 def table_stacked(config: Path, jobs: list[Job], shown: str) -> str:
@@ -504,9 +522,9 @@ def table_stacked(config: Path, jobs: list[Job], shown: str) -> str:
               (" |" if clusters else ""), ""]
     want, most = GOAL_STACKED
     missed = [str(job.seed) for job, r in zip(jobs, rows) if r["eval/modes"] < want or r["eval/kl"] > most]
-    slow = [str(job.seed) for job in jobs if job.wall > 60 * STACKED_MINUTES]
-    lines += [f"Goals: every seed {want}/{want} modes and KL ≤ {most:g}: {_verdict(missed)}; every training ≤ "
-              f"{STACKED_MINUTES} minutes: {_verdict(slow)}.",
+    short = _gaps([r["eval/modes"] for r in rows], want, max(r["eval/kl"] for r in rows) - most, "KL {:.4f}")
+    lines += [f"Goals: every seed {want}/{want} modes and KL ≤ {most:g}: {_verdict(missed, short)};"
+              f" every training ≤ {STACKED_MINUTES} minutes: {_late(jobs, STACKED_MINUTES)}.",
               "", f"{shown} (seed {jobs[0].seed}: 100 samples of the final G_ema)", "",
               "Published, modes / KL (26,000 samples, a pretrained MNIST classifier per channel):", "",
               "| method | modes | KL | source |", "| --- | --- | --- | --- |",
@@ -666,8 +684,8 @@ def main() -> int:
                         help="an override added to every training (repeat for more)")
     parser.add_argument("--no-drs", action="store_true", help="skip the rejection-sampling scores")
     parser.add_argument("--resume", action="store_true", help="read back the trainings an earlier call with the "
-                        "same --runs and settings finished, and go on with those it left unfinished (any other earlier run is kept "
-                        "aside in RUN.replaced)")
+                        "same --runs and settings finished, and go on with those it left unfinished (any other "
+                        "earlier run is kept aside in RUN.replaced)")
     args = parser.parse_args()
     args.out, args.runs = args.out.resolve(), args.runs.resolve()
     try:
