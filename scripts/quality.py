@@ -189,15 +189,19 @@ def _read_rows(job: Job, now: float) -> None:
     job.aug_p = [r["aug/p"] for r in rows if "aug/p" in r]
 
 
+def _command(job: Job, sets: list[str]) -> list[str]:
+    """The training's command line, less the interpreter: what `quality.json` records and `--resume` compares."""
+    return ["train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}", "wandb.mode=disabled",
+            *job.overrides, *sets]
+
+
 def train(job: Job, sets: list[str], threads: int, stop: threading.Event, resume: bool) -> Job:
     """One training; polls its metrics.jsonl to time each evaluation, and stops early when `stop` is set. With
     `resume`, a training an earlier call finished is read back, and one it left unfinished goes on from its last
     checkpoint, its wall time added to the earlier attempts'."""
     if stop.is_set():
         return job
-    command = ["train.py", "--config", str(job.config), f"seed={job.seed}", f"run.dir={job.dir}",
-               "wandb.mode=disabled", *job.overrides, *sets]
-    config = _settings(job.config)
+    command, config = _command(job, sets), _settings(job.config)
     state, why = _resumable(job, command, config) if resume else (None, "")
     if state is None:
         if why:  # an earlier run this call will not continue: kept aside, not lost
@@ -335,8 +339,8 @@ def header(title: str, jobs: list[Job], configs: list[Path], parallel: int, wall
              *([] if not drs else ["- then, rejection sampling: `python scripts/evaluate.py --run RUN --sampler "
                                        "drs` (final G_ema; D calibrated 500 steps; gamma at the 80th percentile)"]),
              f"- seeds: {', '.join(map(str, seeds))}; wall time of the suite: {_duration(wall)}" +
-             (" in this call (`--resume`: each training's wall time adds up its attempts)"
-              if any(job.resumed for job in jobs) else ""), ""]
+             (f" in this call (`--resume`); the trainings' own, every attempt added up: "
+              f"{_duration(sum(job.wall for job in jobs))} in all" if any(job.resumed for job in jobs) else ""), ""]
     for path in configs:
         text = path.read_text().strip() if path.is_file() else "# not in this checkout"
         lines += [f"`{_show(path)}`:", "", "```yaml", text, "```", ""]

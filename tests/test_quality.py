@@ -280,7 +280,10 @@ def test_resume_reads_finished_trainings_back(two_seeds):
     after = (tmp / "results.md").read_text()
     for first in ("0", "1", "mean ± std (worst)"):
         assert table_row(after, first) == table_row(before, first)
-    assert "in this call (`--resume`: each training's wall time adds up its attempts)" in after
+    # This call trained nothing; the header still says what the trainings took, every attempt added up.
+    walls = sum(json.loads((tmp / "runs" / "ring8" / f"seed{s}" / quality.STATE).read_text())["wall"] for s in (0, 1))
+    assert (f"in this call (`--resume`); the trainings' own, every attempt added up: {quality._duration(walls)} in all"
+            in after)
 
 
 def test_sigterm_stops_at_a_checkpoint_and_resume_goes_on(tmp_path):
@@ -332,15 +335,18 @@ def test_resume_keeps_a_run_it_cannot_continue_aside(tmp_path, capsys):
     config.write_text((REPO / "configs" / "ring8.yaml").read_text())
     job = quality.Job(config=config, seed=0, dir=tmp_path / "runs" / "seed0")
     job.dir.mkdir(parents=True)
-    quality._save_state(job, ["train.py"], "hash of the config before an edit", done=True)
+    sets = ["train.steps=100", "eval.every=100", "model.hidden=8"]
+    # A finished training of this very command, whose config was edited since.
+    quality._save_state(job, quality._command(job, sets), quality._settings(config), done=True)
     earlier = '{"train/step": 9000, "eval/hq": 97.0}\n'
     (job.dir / "metrics.jsonl").write_text(earlier)
-    quality.train(job, ["train.steps=100", "eval.every=100", "model.hidden=8"], 1, threading.Event(), resume=True)
-    # The edited config trains afresh, and the finished run it replaces is kept, with a line saying where.
+    config.write_text(config.read_text().replace("halflife_kimg: 5.0", "halflife_kimg: 10.0"))
+    quality.train(job, sets, 1, threading.Event(), resume=True)
+    # The edited config trains afresh, and the finished run it replaces is kept, with a line saying where and why.
     assert job.code == 0 and job.rows[-1]["train/step"] == 100 and not job.resumed
     assert (tmp_path / "runs" / "seed0.replaced" / "metrics.jsonl").read_text() == earlier
-    assert f"trains afresh (another command trained it); the earlier run is kept in {job.dir}.replaced" in \
-        capsys.readouterr().out
+    assert (f"trains afresh ({config}'s settings changed since); the earlier run is kept in {job.dir}.replaced"
+            in capsys.readouterr().out)
 
 
 def test_a_config_comment_keeps_a_finished_training_and_a_changed_value_does_not(tmp_path):
