@@ -12,7 +12,7 @@ record when every dependency sits at its bound, else as the `latest` one. To che
 
     python3.10 -m venv /tmp/lowest && . /tmp/lowest/bin/activate
     python scripts/versions.py lowest > /tmp/lowest.txt
-    pip install -c /tmp/lowest.txt -e . pytest psutil 'tomli; python_version < "3.11"'
+    pip install -c /tmp/lowest.txt -e . pytest pytest-xdist psutil 'tomli; python_version < "3.11"'
     python scripts/versions.py test
 
 (torch's oldest allowed release exists on PyPI only as a CUDA build, several GB.) The `report` extra's
@@ -43,7 +43,9 @@ BOUND = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*>=\s*([^\s,;]+)")
 # A package the oldest record runs without, and why (its bound cannot be installed beside the core's bounds).
 WITHOUT_IN_OLDEST = {"wandb-workspaces": "needs wandb>=0.28.2; tested in the latest record",
                      "torchmetrics": "added after the oldest record (tests/test_metrics.py checks FID and KID against "
-                                     "it); tested in the latest record"}
+                                     "it); tested in the latest record",
+                     "pytest-xdist": "added after the oldest record (the suite's two workers); tested in the latest "
+                                     "record"}
 
 
 def requirements(pyproject: Path = REPO / "pyproject.toml") -> dict[str, tuple[str | None, str]]:

@@ -1,14 +1,15 @@
 """Shared pytest setup: one intra-op thread, so test results and timings do not depend on OMP_NUM_THREADS or on
-the number of cores of the machine running them; MNIST where `runs.MNIST` says (downloaded if missing), its shards
-written once for every end-to-end test; and the evaluation classifier (with its cached real-data statistics)
-trained once where the runs look for it."""
+the number of cores of the machine running them (the suite runs on two workers: pyproject.toml's addopts); MNIST
+where `runs.MNIST` says (downloaded if missing), its shards written once per worker for every end-to-end test; and
+the evaluation classifier (with its cached real-data statistics) trained once where the runs look for it."""
 
+import fcntl
 from pathlib import Path
 
 import pytest
 import torch
 
-from runs import MNIST, every_core
+from runs import MNIST, worker_cores
 
 from gan_dist import mnist, mnist_shards
 
@@ -39,7 +40,10 @@ def classifier() -> Path:
     from gan_dist.evaluation import Evaluator
 
     path = Path(__file__).resolve().parents[1] / DEFAULT_PATH
-    with every_core():  # a one-off training (a fresh clone, CI)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One worker trains it (a fresh clone, CI); the other waits on the lock, then loads it.
+    with open(path.parent / ".train.lock", "w") as lock, worker_cores():
+        fcntl.flock(lock, fcntl.LOCK_EX)
         Evaluator(EvalConfig(every=1, classifier=str(path)), DataConfig(mnist_dir=str(MNIST)), z_dim=8, seed=0)
     return path
 

@@ -1,8 +1,8 @@
 """Launching real training runs from tests, and reading what they leave: `accelerate launch train.py` on CPU (gloo for
 more than one process; one process runs as `python train.py`), the final weights, `metrics.jsonl`, a digest of a
-run.dir, and killing a launch's whole process tree; every core for one-off work inside a test. Also what a hostile
-checkpoint is made of: a pickle that runs a command, with meta.json's digests made to match, as someone handing it
-over would."""
+run.dir, and killing a launch's whole process tree; this pytest worker's cores for one-off work inside a test. Also
+what a hostile checkpoint is made of: a pickle that runs a command, with meta.json's digests made to match, as
+someone handing it over would."""
 
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ WEIGHTS = ("generator", "generator_ema", "discriminator")
 
 
 @contextmanager
-def every_core() -> Iterator[None]:
-    """torch's intra-op threads on every core for a one-off computation (conftest keeps one otherwise): nothing
-    else runs while a single test or fixture does."""
+def worker_cores() -> Iterator[None]:
+    """torch's intra-op threads on this pytest worker's share of the cores for a one-off computation (conftest
+    keeps one otherwise)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ from gan_dist import mnist, stacked
 from gan_dist.config import DataConfig, EvalConfig, PerfConfig
 from gan_dist.data import DataState, open_batches
 from gan_dist.evaluation import Evaluator, stacked_floor
-from runs import MNIST, every_core
+from runs import MNIST, worker_cores
 
 DATA = DataConfig(dataset="stacked_mnist", channels=3, mnist_dir=str(MNIST))
 
@@ -73,7 +73,7 @@ def test_the_mode_metrics_score_real_triples_near_the_floor_and_one_triple_at_on
     assert scores["modes"] == 1 and math.isclose(scores["kl"], math.log(1000))
     # Real digit triples (26,000 of the table, read by the same classifier): every mode, and the KL that a finite
     # uniform sample shows, (1000 - 1) / (2 x 26,000) = 0.019, plus the classifier's few misreadings.
-    with every_core():  # 78,000 classifier passes
+    with worker_cores():  # 78,000 classifier passes
         real = stacked_floor(evaluator.net, str(MNIST), 26_000, 1000, torch.device("cpu"))
     assert real["modes"] == 1000 and 0.015 < real["kl"] < 0.035
     assert scores["modes_real"] < 500 and scores["kl_real"] > 0.3  # the floor of 500 samples, as the run's
