@@ -245,7 +245,8 @@ def test_the_header_names_rejection_sampling_only_where_the_suite_ran_it(tmp_pat
                       overrides=("data.limit=1000", "aug.kind=ada"))
     limited = quality.header("Small datasets", [job], [job.config], 2, 60.0, args, drs=False)
     assert "rejection sampling" not in limited and \
-        "wandb.mode=disabled data.limit=N aug.kind=KIND model.self_cond=S model.cond_norm=S`" in limited
+        "wandb.mode=disabled data.limit=N aug.kind=KIND [with ada: aug.target=0.4 aug.speed_kimg=100] " \
+        "model.self_cond=S model.cond_norm=S`" in limited
     assert "rejection sampling" in quality.header("MNIST", [job], [job.config], 2, 60.0, args, drs=True)
 
 
