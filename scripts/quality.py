@@ -82,8 +82,8 @@ MNIST_IMAGES = 60000
 LIMITED_CONFIG = "configs/mnist_cpu.yaml"
 SELF_COND = ("model.self_cond=true", "model.cond_norm=true")
 PLAIN = ("model.self_cond=false", "model.cond_norm=false")
-# ADA at 1,000 images: p can go from 0 to 1 in 100 of the run's 384 kimg (StyleGAN2-ADA's 500 suit runs of 25,000),
-# and holds the relativistic r_t at 0.4; unaugmented, it climbs to 0.96 there (0.6 on all 60,000 in round three).
+# ADA at 1,000 images: p can go from 0 to 1 in 100 of the run's 384 kimg (StyleGAN2-ADA's 500 kimg is for runs of
+# 25,000), and holds the relativistic r_t at 0.4; unaugmented, r_t climbs to 0.97 there (about 0.6 on all 60,000).
 ADA_SMALL = ("aug.target=0.4", "aug.speed_kimg=100")
 # (training images, aug.kind, the variant's other keys)
 LIMITED = ((1000, "none", SELF_COND), (1000, "ada", ADA_SMALL + SELF_COND), (1000, "none", PLAIN),
