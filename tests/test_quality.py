@@ -200,24 +200,18 @@ def _limited_job(tmp_path: Path, n: int, kind: str, fcd: float, recall: float, p
                        rows=[_mnist_row(9000, fcd=fcd, recall=recall)], aug_p=p)
 
 
-@pytest.mark.parametrize("ada_small, ada_full, p_full, failing", [
-    ((5.0, 0.6), (3.1, [0.0, 0.02]), "**met**", ""),  # half the FCD with more recall; no worse on all 60,000
-    ((6.5, 0.6), (3.1, [0.0, 0.02]), "**met**", "small"),  # above 0.6x the unaugmented FCD at 1,000 images
-    ((5.0, 0.6), (3.5, [0.0, 0.02]), "**met**", "full"),  # 60,000: more than 10% worse
-    ((5.0, 0.6), (3.1, [0.0, 0.3, 0.05]), "**not met** (seeds 1)", "p"),  # 60,000: p rose above 0.1 on the way
+@pytest.mark.parametrize("ada_small, failing", [
+    ((5.0, 0.6), False),  # half the FCD with more recall
+    ((6.5, 0.6), True),  # above 0.6x the unaugmented FCD at 1,000 images
 ])
-def test_limited_table_shows_every_variant_over_seeds_and_judges_ada_seed_by_seed(tmp_path, ada_small, ada_full,
-                                                                                   p_full, failing):
+def test_limited_table_shows_every_variant_over_seeds_and_judges_ada_seed_by_seed(tmp_path, ada_small, failing):
     jobs = []
     for seed in (0, 1):
         bad = seed == 1  # the second seed carries the failure under test
         jobs += [_limited_job(tmp_path, 1000, "none", 10.0, 0.5, [], seed),
                  _limited_job(tmp_path, 1000, "ada", *(ada_small if bad else (4.0, 0.6)), [0.1, 0.4 + 0.2 * seed],
                               seed),
-                 _limited_job(tmp_path, 1000, "none", 20.0 + seed, 0.4, [], seed, quality.PLAIN),
-                 _limited_job(tmp_path, quality.MNIST_IMAGES, "none", 3.0, 0.8, [], seed),
-                 _limited_job(tmp_path, quality.MNIST_IMAGES, "ada", ada_full[0] if bad else 3.0, 0.8,
-                              ada_full[1] if bad else [0.0], seed)]
+                 _limited_job(tmp_path, 1000, "none", 20.0 + seed, 0.4, [], seed, quality.PLAIN)]
     text = quality.table_limited(REPO / quality.LIMITED_CONFIG, jobs)
     rows = {tuple(cells[:3]): cells for line in text.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
@@ -226,15 +220,11 @@ def test_limited_table_shows_every_variant_over_seeds_and_judges_ada_seed_by_see
     assert rows["1,000", "none", "false"][4] == "20.5 (21)"
     assert rows["1,000", "ada", "true"][11] == "0.500 (0.600)" and rows["1,000", "none", "true"][11] == "–"
     goals = text.split("Goals at the last evaluation, every seed:")[1]
-    small = "**not met** (seeds 1)" if failing == "small" else "**met**"
-    worst = ada_small[0] / 10 if failing == "small" else 0.5
+    small = "**not met** (seeds 1)" if failing else "**met**"
+    worst = ada_small[0] / 10 if failing else 0.5
     assert f"self_cond=true: at 1,000 images ADA's FCD ≤ 0.6 × unaugmented's (mean " \
            f"{(0.4 + worst) / 2:.2f}x, worst {max(0.4, worst):.2f}x) {small}" in goals
     assert "its recall above unaugmented's **met**" in goals
-    full = "**not met** (seeds 1)" if failing == "full" else "**met**"
-    assert f"self_cond=true: at 60,000 images ADA's FCD ≤ 1.1 × unaugmented's (worst " \
-           f"{max(1, ada_full[0] / 3):.2f}x) {full}" in goals
-    assert f"its p below 0.1 throughout {p_full}" in goals
     assert "self-conditioning's FCD is 0.49x the plain model's (worst seed 0.50x)" in goals
     assert "self_cond=false: at" not in goals, "the plain model ran without ADA here"
 
